@@ -1,0 +1,194 @@
+"""Training checkpoints in the original's format (timm.bits CheckpointManager, version 3).
+
+Files in the experiment folder: ``last.pth.tar`` (every epoch), ``checkpoint-<epoch>.pth.tar`` for
+the top ``--checkpoint-hist`` epochs by ``--eval-metric``, ``best.pth.tar`` (strict improvement),
+and ``recovery-<global step>.pth.tar`` every ``--recovery-interval`` steps (the two newest kept).
+Every file is written atomically through ``src.storage``: a kill at any instant leaves the old or
+the new complete file, locally, on ``gs://`` and on ``memory://``.
+
+Dict keys (original-behaviour.md §0.4): epoch, step_count, step_count_global, model, model_ema,
+train_cfg, optimizer, [grad_scaler], version, arch, hparams, metrics, metric_name,
+metric_decreasing. Additions (ignored by the original's loaders): ``normalization`` (mean/std of a
+``--normalize-model`` run), ``checkpoint_history`` (the top-N table, so resume keeps it),
+``lr_scheduler``, ``epoch_state`` / ``epoch_done`` (mid-epoch recovery).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from src import storage
+
+_logger = logging.getLogger("robust_vits")
+
+CHECKPOINT_VERSION = 3
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP (``module``), EMA and the ``--normalize-model`` wrapper (``model``) like timm."""
+    while True:
+        inner = getattr(model, "module", None)
+        if isinstance(inner, torch.nn.Module):
+            model = inner
+            continue
+        inner = getattr(model, "model", None)
+        if isinstance(inner, torch.nn.Module) and hasattr(model, "normalize"):
+            model = inner
+            continue
+        return model
+
+
+def normalization_of(model: torch.nn.Module) -> Optional[Dict[str, List[float]]]:
+    """mean/std of the ``--normalize-model`` wrapper, if the model has one."""
+    m = model
+    while True:
+        if hasattr(m, "normalize") and hasattr(m.normalize, "mean"):
+            return {"mean": [float(v) for v in m.normalize.mean.flatten()],
+                    "std": [float(v) for v in m.normalize.std.flatten()]}
+        inner = getattr(m, "module", None)
+        if isinstance(inner, torch.nn.Module):
+            m = inner
+            continue
+        return None
+
+
+class CheckpointManager:
+    """Writes and prunes the checkpoints of one experiment folder."""
+
+    def __init__(self, output_dir: str, arch: str, hparams: Dict[str, Any], metric_name: str = "top1",
+                 max_history: int = 10, train_cfg: Optional[Dict[str, Any]] = None):
+        self.output_dir = output_dir
+        self.arch = arch
+        self.hparams = hparams
+        self.metric_name = metric_name
+        self.metric_decreasing = metric_name == "loss"
+        self.max_history = max(1, max_history)
+        self.train_cfg = train_cfg or {}
+        self.history: List[Tuple[int, float]] = []  # (epoch, metric), best first
+        self.best: Optional[Tuple[int, float]] = None
+
+    # -- state ----------------------------------------------------------------------------------
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.metric_decreasing else a > b
+
+    def _state(self, model, optimizer, epoch: int, step_count: int, step_count_global: int,
+               model_ema=None, grad_scaler=None, lr_scheduler=None, metrics=None,
+               extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        st: Dict[str, Any] = {
+            "epoch": epoch,
+            "step_count": step_count,
+            "step_count_global": step_count_global,
+            "model": unwrap(model).state_dict(),
+            "model_ema": unwrap(model_ema.module if hasattr(model_ema, "module") else model_ema).state_dict()
+            if model_ema is not None else None,
+            "train_cfg": dict(self.train_cfg),
+            "optimizer": optimizer.state_dict(),
+            "version": CHECKPOINT_VERSION,
+            "arch": self.arch,
+            "hparams": self.hparams,
+            "metrics": dict(metrics or {}),
+            "metric_name": self.metric_name,
+            "metric_decreasing": self.metric_decreasing,
+            "checkpoint_history": [list(h) for h in self.history],
+            "best": list(self.best) if self.best else None,
+        }
+        if grad_scaler is not None:
+            st["grad_scaler"] = grad_scaler.state_dict()
+        if lr_scheduler is not None:
+            st["lr_scheduler"] = lr_scheduler.state_dict()
+        norm = normalization_of(model)
+        if norm is not None:
+            st["normalization"] = norm
+        if extra:
+            st.update(extra)
+        return st
+
+    def restore_history(self, ckpt: Dict[str, Any]) -> None:
+        self.history = [(int(e), float(m)) for e, m in ckpt.get("checkpoint_history") or []]
+        b = ckpt.get("best")
+        self.best = (int(b[0]), float(b[1])) if b else None
+
+    # -- writing --------------------------------------------------------------------------------
+    def path(self, name: str) -> str:
+        return storage.join(self.output_dir, name)
+
+    def save_epoch(self, model, optimizer, epoch: int, step_count: int, step_count_global: int,
+                   metrics: Dict[str, float], **kw) -> Optional[Tuple[int, float]]:
+        """After an epoch: top-N checkpoint, best, and last (last is written last: it marks the
+        epoch as complete for resume). Returns the best (epoch, metric) so far."""
+        metric = metrics.get(self.metric_name)
+        st = None
+        if metric is not None and not (isinstance(metric, float) and math.isnan(metric)):
+            worst = self.history[-1] if len(self.history) >= self.max_history else None
+            if worst is None or self._better(metric, worst[1]):
+                self.history = [h for h in self.history if h[0] != epoch] + [(epoch, float(metric))]
+                self.history.sort(key=lambda h: h[1], reverse=not self.metric_decreasing)
+                removed = self.history[self.max_history:]
+                self.history = self.history[:self.max_history]
+                is_best = self.best is None or self._better(metric, self.best[1])
+                if is_best:
+                    self.best = (epoch, float(metric))
+                st = self._state(model, optimizer, epoch, step_count, step_count_global, metrics=metrics, **kw)
+                storage.torch_save(st, self.path(f"checkpoint-{epoch}.pth.tar"))
+                if is_best:
+                    storage.torch_save(st, self.path("best.pth.tar"))
+                for e, _ in removed:
+                    storage.remove(self.path(f"checkpoint-{e}.pth.tar"))
+        if st is None:
+            st = self._state(model, optimizer, epoch, step_count, step_count_global, metrics=metrics, **kw)
+        else:
+            st["checkpoint_history"] = [list(h) for h in self.history]
+            st["best"] = list(self.best) if self.best else None
+        st["epoch_done"] = True
+        storage.torch_save(st, self.path("last.pth.tar"))
+        self.clean_recovery(keep=0)
+        return self.best
+
+    def save_recovery(self, model, optimizer, epoch: int, step_count: int, step_count_global: int,
+                      epoch_state: Dict[str, Any], **kw) -> str:
+        """Mid-epoch recovery point: resuming from it continues the same epoch."""
+        st = self._state(model, optimizer, epoch, step_count, step_count_global,
+                         extra={"epoch_state": epoch_state, "epoch_done": False}, **kw)
+        p = self.path(f"recovery-{step_count_global}.pth.tar")
+        storage.torch_save(st, p)
+        self.clean_recovery(keep=2)
+        return p
+
+    def recovery_files(self) -> List[Tuple[int, str]]:
+        if not storage.exists(self.output_dir):
+            return []
+        out = []
+        for name in storage.listdir(self.output_dir):
+            m = re.fullmatch(r"recovery-(\d+)\.pth\.tar", name)
+            if m:
+                out.append((int(m.group(1)), self.path(name)))
+        return sorted(out)
+
+    def clean_recovery(self, keep: int = 2) -> None:
+        files = self.recovery_files()
+        for _, p in files[:max(0, len(files) - keep)]:
+            storage.remove(p)
+
+
+def find_resume_checkpoint(folder: str) -> Optional[str]:
+    """The newest of ``last.pth.tar`` and ``recovery-*.pth.tar`` in ``folder`` (for ``--resume auto``)."""
+    if not storage.exists(folder):
+        return None
+    best: Tuple[int, Optional[str]] = (-1, None)
+    for name in storage.listdir(folder):
+        if name == "last.pth.tar" or re.fullmatch(r"recovery-\d+\.pth\.tar", name):
+            p = storage.join(folder, name)
+            try:
+                with storage.open_file(p, "rb") as f:
+                    ck = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception:  # a damaged file is skipped; another one may still be good
+                _logger.warning("skipping unreadable checkpoint %s", p)
+                continue
+            step = int(ck.get("step_count_global", -1))
+            if step > best[0]:
+                best = (step, p)
+    return best[1]

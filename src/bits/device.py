@@ -1,0 +1,181 @@
+"""Device environment: CPU, CUDA (and, through a seam, XLA) behind one small object.
+
+This is what timm's unmerged ``timm.bits`` provided to the original: the device, the distributed
+rank / world size, a primary-process flag, autocast, DDP wrapping and metric reduction. The
+distributed setup comes from torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), or
+from ``--local-rank`` as passed by the older ``python -m torch.distributed.launch``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from src.errors import UsageError
+
+_logger = logging.getLogger("robust_vits")
+
+
+@dataclass
+class DeviceEnv:
+    """Where tensors live and how processes talk to each other."""
+
+    device: torch.device
+    world_size: int = 1
+    global_rank: int = 0
+    local_rank: int = 0
+    amp: bool = False
+    amp_dtype: torch.dtype = torch.bfloat16
+    channels_last: bool = False
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def type(self) -> str:
+        return self.device.type
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def primary(self) -> bool:
+        return self.global_rank == 0
+
+    @property
+    def local_primary(self) -> bool:
+        return self.local_rank == 0
+
+    def autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def create_grad_scaler(self) -> Optional["torch.amp.GradScaler"]:
+        """A grad scaler only where it is needed: float16 autocast on CUDA."""
+        if self.amp and self.amp_dtype == torch.float16 and self.device.type == "cuda":
+            return torch.amp.GradScaler("cuda")
+        return None
+
+    def to_device(self, *tensors: torch.Tensor):
+        mf = torch.channels_last if self.channels_last else None
+        out = []
+        for t in tensors:
+            if t is None:
+                out.append(None)
+                continue
+            if mf is not None and t.dim() == 4 and t.is_floating_point():
+                out.append(t.to(self.device, non_blocking=True, memory_format=mf))
+            else:
+                out.append(t.to(self.device, non_blocking=True))
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def to_model_device(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def wrap_distributed(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if self.device.type == "cuda":
+            return DDP(model, device_ids=[self.device.index])
+        return DDP(model)
+
+    def mark_step(self) -> None:
+        """Graph cut on XLA; nothing to do on CPU and CUDA."""
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce (sum or mean) across processes; identity when not distributed."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            if op == "mean":
+                tensor /= self.world_size
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else default
+
+
+def initialize_device(force_cpu: bool = False, amp: bool = False, amp_dtype: str = "bfloat16",
+                      channels_last: bool = False, local_rank: Optional[int] = None,
+                      xla: Optional[bool] = None) -> DeviceEnv:
+    """Pick the device (XLA when asked for, else CUDA when present, else CPU) and set up distribution.
+
+    ``xla=None`` uses XLA only when ``PJRT_DEVICE`` is set and torch_xla imports; the XLA device
+    environment lives in ``src.bits.device_xla`` (imported lazily, a later extension).
+    """
+    if xla is None:
+        xla = bool(os.environ.get("PJRT_DEVICE")) and not force_cpu
+    if xla:
+        try:
+            from src.bits.device_xla import initialize_xla_device  # type: ignore
+        except ImportError as e:
+            raise UsageError(f"XLA requested but not available ({e}); install requirements-tpu.txt "
+                             "in a separate venv") from None
+        return initialize_xla_device(amp=amp, channels_last=channels_last)
+
+    world_size = _env_int("WORLD_SIZE", 1)
+    global_rank = _env_int("RANK", 0)
+    if local_rank is None:
+        local_rank = _env_int("LOCAL_RANK", 0)
+    use_cuda = torch.cuda.is_available() and not force_cpu
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(amp_dtype)
+    if dtype is None:
+        raise UsageError(f"--amp-dtype must be bfloat16 or float16, got {amp_dtype}")
+    if amp and dtype == torch.float16 and not use_cuda:
+        raise UsageError("--amp-dtype float16 needs a CUDA device; use bfloat16 on the CPU")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, world_size=world_size, rank=global_rank)
+    env = DeviceEnv(device=device, world_size=world_size, global_rank=global_rank, local_rank=local_rank,
+                    amp=amp, amp_dtype=dtype, channels_last=channels_last)
+    if env.distributed:
+        _logger.info("distributed: process %d of %d on %s (%s)", global_rank, world_size, device,
+                     dist.get_backend())
+    return env
+
+
+def shutdown(dev_env: DeviceEnv) -> None:
+    if dev_env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def reduce_sums(dev_env: DeviceEnv, values: Sequence[float], device: Optional[torch.device] = None) -> list:
+    """Sum a list of numbers across processes (one collective), returned as Python floats."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                     device=device or (dev_env.device if dev_env.type != "cpu" else torch.device("cpu")))
+    dev_env.all_reduce_(t, "sum")
+    return [float(v) for v in t.tolist()]

@@ -1,0 +1,240 @@
+"""Turn parsed arguments into the training task: model, data config, optimizer, schedule, losses.
+
+Each function is a small factory over timm's own (``create_model``, ``resolve_data_config``,
+``create_optimizer_v2``, ``create_scheduler_v2``) plus what timm lacks (adversarial losses,
+normalization inside the model, fine-tuning, the pluggable loss interface).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import logging
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from src.attacks import AdvTrainingLoss, TRADESLoss, make_attack, resolve_attack_cfg  # noqa: F401
+from src.errors import UsageError
+
+_logger = logging.getLogger("robust_vits")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+def create_model(args: argparse.Namespace) -> nn.Module:
+    """``timm.create_model`` with the standard overrides; unknown names give a clear error."""
+    import timm
+
+    import src.models  # noqa: F401  (registers our models)
+
+    if not timm.is_model(args.model):
+        close = timm.list_models(f"*{args.model.split('_')[0]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise UsageError(f"unknown model '{args.model}'{hint}")
+    kwargs: Dict[str, Any] = dict(
+        pretrained=args.pretrained,
+        num_classes=args.num_classes,
+        drop_rate=args.drop,
+        drop_path_rate=args.drop_path,
+        drop_block_rate=args.drop_block,
+        global_pool=args.gp,
+        bn_momentum=args.bn_momentum,
+        bn_eps=args.bn_eps,
+        scriptable=args.torchscript or None,
+    )
+    if args.drop_connect is not None and args.drop_path is None:
+        kwargs["drop_path_rate"] = args.drop_connect
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    img_size = args.img_size or (args.input_size[-1] if args.input_size else None)
+    try:
+        try:
+            # build position embeddings etc. for the requested size (a ViT at 32 px needs it)
+            model = timm.create_model(args.model, **kwargs, **({"img_size": img_size} if img_size else {}))
+        except TypeError:
+            if not img_size:
+                raise
+            model = timm.create_model(args.model, **kwargs)
+    except TypeError as e:
+        raise UsageError(f"model '{args.model}' does not accept these options: {e}") from None
+    if args.initial_checkpoint:
+        from src.checkpoint import load_model_weights
+
+        load_model_weights(model, args.initial_checkpoint, use_ema=True, strict=True,
+                           trust=getattr(args, "trust_checkpoint", False))
+    if args.finetune:
+        from src.checkpoint import finetune_from_checkpoint
+
+        if args.num_classes is None:
+            raise UsageError("--finetune needs --num-classes (the new dataset's number of classes)")
+        finetune_from_checkpoint(model, args.finetune, num_classes=args.num_classes,
+                                 finetuning_patch_size=args.finetuning_patch_size,
+                                 reinit_patch_embedding=args.reinit_patch_embedding,
+                                 trust=getattr(args, "trust_checkpoint", False))
+    if args.num_classes is None:
+        args.num_classes = getattr(model, "num_classes", None)
+    return model
+
+
+def resolve_data_config(args: argparse.Namespace, model: nn.Module, verbose: bool = False) -> Dict[str, Any]:
+    from timm.data import resolve_data_config as timm_resolve
+
+    cfg = timm_resolve(vars(args), model=model, verbose=verbose)
+    for key in ("mean", "std"):
+        v = cfg.get(key)
+        if v is not None and len(v) == 1:
+            cfg[key] = tuple(v) * 3
+    return cfg
+
+
+def model_mean_std(args: argparse.Namespace, data_config: Dict[str, Any]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    mean = tuple(args.mean) if args.mean is not None else tuple(data_config["mean"])
+    std = tuple(args.std) if args.std is not None else tuple(data_config["std"])
+    if len(mean) == 1:
+        mean = mean * 3
+    if len(std) == 1:
+        std = std * 3
+    if len(mean) != 3 or len(std) != 3:
+        raise UsageError(f"--mean/--std need 3 values (RGB), got {len(mean)} and {len(std)}")
+    return mean, std
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ----------------------------------------------------------------------------------------------
+
+def scale_lr(args: argparse.Namespace, world_size: int) -> float:
+    """The ``--lr-base`` rule of §1.1 step 5; only applies when ``lr`` is null (None)."""
+    if args.lr is not None:
+        return args.lr
+    global_batch = args.batch_size * world_size
+    ratio = global_batch / args.lr_base_size
+    scale = args.lr_base_scale
+    if not scale:
+        on = args.opt.lower()
+        scale = "sqrt" if any(o in on for o in ("ada", "lamb")) else "linear"
+    if scale == "sqrt":
+        ratio = math.sqrt(ratio)
+    elif scale != "linear":
+        raise UsageError(f"--lr-base-scale must be linear or sqrt, got '{scale}'")
+    lr = args.lr_base * ratio
+    _logger.info("learning rate %.3g = base %.3g x %s(%d / %d)", lr, args.lr_base, scale, global_batch,
+                 args.lr_base_size)
+    return lr
+
+
+def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+
+    try:
+        return create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    except (AssertionError, ValueError) as e:
+        raise UsageError(f"cannot create optimizer '{args.opt}': {e}") from None
+
+
+def create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
+    """timm's scheduler factory; returns ``(scheduler, num_epochs)`` (cosine: epochs + cooldown)."""
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+    try:
+        return create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
+    except (AssertionError, ValueError) as e:
+        raise UsageError(f"cannot create scheduler '{args.sched}': {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+class CleanTrainingLoss(nn.Module):
+    """The loss interface for clean training: ``(loss, clean_logits, None)``."""
+
+    def __init__(self, criterion: nn.Module):
+        super().__init__()
+        self.criterion = criterion
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int):
+        logits = model(x)
+        return self.criterion(logits, y), logits, None
+
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    return args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
+
+
+def create_natural_criterion(args: argparse.Namespace) -> nn.Module:
+    """Loss selection of §1.1 step 8 (JSD / soft-target / BCE / label smoothing / CE)."""
+    from timm.loss import (BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy,
+                           SoftTargetCrossEntropy)
+
+    if args.jsd_loss:
+        return JsdCrossEntropy(num_splits=args.aug_splits, smoothing=args.smoothing)
+    if mixup_active(args):
+        if args.bce_loss:
+            return BinaryCrossEntropy(target_threshold=args.bce_target_thresh)
+        return SoftTargetCrossEntropy()
+    if args.smoothing:
+        if args.bce_loss:
+            return BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh)
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def load_loss_class(spec: str) -> type:
+    """``module.path:ClassName`` → the class (a user's custom training loss)."""
+    if ":" not in spec:
+        raise UsageError(f"--adv-training must be pgd, trades or module.path:ClassName, got '{spec}'")
+    mod_name, cls_name = spec.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise UsageError(f"cannot import the loss module '{mod_name}' of --adv-training: {e}") from None
+    cls = getattr(mod, cls_name, None)
+    if cls is None or not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
+        raise UsageError(f"--adv-training {spec}: '{cls_name}' is not an nn.Module class in {mod_name}")
+    return cls
+
+
+def create_train_loss(args: argparse.Namespace, dev_env, num_classes: int) -> nn.Module:
+    """The pluggable training loss: forward(model, x, y, epoch) -> (loss, clean_logits, adv_logits).
+
+    Built-in ``pgd`` (AdvTrainingLoss) and ``trades`` (TRADESLoss); ``module.path:ClassName`` loads
+    a user's class, constructed with the same keyword arguments as the built-ins:
+    ``attack_cfg, natural_criterion, dev_env, num_classes, eval_mode`` (+ ``beta`` when the class
+    accepts it).
+    """
+    natural = create_natural_criterion(args)
+    if not args.adv_training:
+        return CleanTrainingLoss(natural)
+    attack_cfg = resolve_attack_cfg(args, eval=False)
+    eval_mode = args.attack_mode == "eval"
+    if args.adv_training == "pgd":
+        return AdvTrainingLoss(attack_cfg, natural, dev_env=dev_env, num_classes=num_classes,
+                               eval_mode=eval_mode, clean_logits=args.adv_clean_logits)
+    if args.adv_training == "trades":
+        return TRADESLoss(attack_cfg, natural, args.trades_beta, dev_env=dev_env, num_classes=num_classes,
+                          eval_mode=eval_mode)
+    cls = load_loss_class(args.adv_training)
+    kwargs: Dict[str, Any] = dict(attack_cfg=attack_cfg, natural_criterion=natural, dev_env=dev_env,
+                                  num_classes=num_classes, eval_mode=eval_mode)
+    params = inspect.signature(cls.__init__).parameters
+    if "beta" in params:
+        kwargs["beta"] = args.trades_beta
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise UsageError(f"--adv-training {args.adv_training}: the class must accept the keyword arguments "
+                         f"{sorted(kwargs)} ({e})") from None
+
+
+def create_eval_attack(args: argparse.Namespace, dev_env, num_classes: int):
+    """Per-epoch eval attack (§1.1 item 11): untargeted, eval eps, training step count, NLL-sum."""
+    if not args.adv_training:
+        return None
+    cfg = resolve_attack_cfg(args, eval=True)
+    return make_attack(cfg.name, cfg.eps, cfg.step_size, cfg.steps, cfg.norm, cfg.boundaries,
+                       criterion=nn.NLLLoss(reduction="sum"), dev_env=dev_env, num_classes=num_classes)

@@ -1,0 +1,192 @@
+"""One place for file-system access: local paths, ``gs://`` and any other fsspec URL.
+
+Everything the project writes or reads (checkpoints, ``args.yaml``, ``summary.csv``, result files,
+evaluation state) goes through these helpers, so ``--output gs://bucket/dir`` works and tests can
+use fsspec's ``memory://`` filesystem to exercise exactly the same code.
+
+Writes that a later run reads are atomic: the data goes to a temporary name in the same folder and
+is then renamed over the final name, so a kill at any instant leaves either the old or the new
+complete file (on object stores a single upload is already all-or-nothing).
+"""
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+from typing import Any, Iterable, List
+
+import fsspec
+
+
+def is_local(path: str) -> bool:
+    """True when ``path`` is a plain local path (no ``scheme://``) or a ``file://`` URL."""
+    path = str(path)
+    return "://" not in path or path.startswith("file://")
+
+
+def _local(path: str) -> str:
+    path = str(path)
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def _fs(path: str):
+    fs, p = fsspec.core.url_to_fs(str(path))
+    return fs, p
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base)
+    if is_local(base):
+        return os.path.join(_local(base), *parts)
+    return posixpath.join(base, *parts)
+
+
+def dirname(path: str) -> str:
+    path = str(path)
+    if is_local(path):
+        return os.path.dirname(_local(path))
+    scheme, rest = path.split("://", 1)
+    return f"{scheme}://{posixpath.dirname(rest)}"
+
+
+def basename(path: str) -> str:
+    return posixpath.basename(str(path).rstrip("/"))
+
+
+def exists(path: str) -> bool:
+    if is_local(path):
+        return os.path.exists(_local(path))
+    fs, p = _fs(path)
+    return fs.exists(p)
+
+
+def isdir(path: str) -> bool:
+    if is_local(path):
+        return os.path.isdir(_local(path))
+    fs, p = _fs(path)
+    return fs.isdir(p)
+
+
+def makedirs(path: str, exist_ok: bool = True) -> None:
+    if is_local(path):
+        os.makedirs(_local(path), exist_ok=exist_ok)
+        return
+    fs, p = _fs(path)
+    fs.makedirs(p, exist_ok=exist_ok)
+
+
+def listdir(path: str) -> List[str]:
+    """Base names of the entries directly under ``path``."""
+    if is_local(path):
+        return sorted(os.listdir(_local(path)))
+    fs, p = _fs(path)
+    return sorted(posixpath.basename(e.rstrip("/")) for e in fs.ls(p, detail=False))
+
+
+def remove(path: str) -> None:
+    if is_local(path):
+        if os.path.exists(_local(path)):
+            os.remove(_local(path))
+        return
+    fs, p = _fs(path)
+    if fs.exists(p):
+        fs.rm(p)
+
+
+def open_file(path: str, mode: str = "rb", **kwargs: Any):
+    """Open ``path`` (local or any fsspec URL) like the builtin ``open``."""
+    if is_local(path):
+        return open(_local(path), mode, **kwargs)
+    return fsspec.open(str(path), mode, **kwargs).open()
+
+
+def read_bytes(path: str) -> bytes:
+    with open_file(path, "rb") as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers only ever see a complete file."""
+    path = str(path)
+    if is_local(path):
+        path = _local(path)
+        folder = os.path.dirname(path) or "."
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            try:  # make the rename itself durable
+                dfd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except OSError:
+                pass
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    fs, p = _fs(path)
+    tmp = posixpath.join(posixpath.dirname(p), f".{posixpath.basename(p)}.tmp-{uuid.uuid4().hex[:8]}")
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, p)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_append_text(path: str, text: str) -> None:
+    """Append by rewriting the whole (small) file atomically: a kill never leaves half a line."""
+    old = read_bytes(path) if exists(path) else b""
+    atomic_write_bytes(path, old + text.encode("utf-8"))
+
+
+def torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` through an in-memory buffer and an atomic write."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def copy(src: str, dst: str) -> None:
+    atomic_write_bytes(dst, read_bytes(src))
+
+
+def glob(pattern: str) -> List[str]:
+    if is_local(pattern):
+        import glob as _glob
+
+        return sorted(_glob.glob(_local(pattern)))
+    fs, p = _fs(pattern)
+    proto = str(pattern).split("://", 1)[0]
+    return sorted(f"{proto}://{m.lstrip('/')}" if proto != "memory" else f"memory://{m}" for m in fs.glob(p))
+
+
+def check_writable(folder: str) -> None:
+    """Raise ``PermissionError`` naming ``folder`` when nothing can be written there."""
+    makedirs(folder)
+    probe = join(folder, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        with open_file(probe, "wb") as f:
+            f.write(b"")
+    except OSError as e:
+        raise PermissionError(f"output folder {folder} is not writable ({e.strerror or e})") from e
+    remove(probe)
+
+
+def remove_many(paths: Iterable[str]) -> None:
+    for p in paths:
+        remove(p)
