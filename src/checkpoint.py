@@ -1,0 +1,632 @@
+"""Reading, checking, fine-tuning from and exporting checkpoints: the one place that does it.
+
+Formats understood (original-behaviour §0.4):
+
+* training checkpoints: a dict with ``model`` (state dict of the *unwrapped* network),
+  ``model_ema`` (or None), ``optimizer``, ``epoch``, ``arch``, ``hparams``, ... and, for runs with
+  ``--normalize-model``, ``normalization: {'mean': [...], 'std': [...]}`` (added by this project so
+  evaluation can rebuild the normalization layer; the state-dict layout is unchanged);
+* timm-style dicts with ``state_dict`` / ``state_dict_ema``;
+* released checkpoints: a bare state dict (``{model}-{dataset}[-eps-{eps}].pth.tar``), and its
+  ``.safetensors`` copy whose metadata may carry mean/std;
+* RobustBench-style state dicts of a normalization wrapper (``normalize.mean``, ``normalize.std``,
+  ``model.*``) and DDP / ``torch.compile`` prefixes (``module.``, ``_orig_mod.``).
+
+Files are read with ``torch.load(weights_only=True)``: a file that needs arbitrary unpickling
+(which can run code) is refused with ``UntrustedCheckpointError`` unless the caller passes
+``trust=True`` (the CLIs' ``--trust-checkpoint``). Every problem raises ``CheckpointError`` with a
+single line that names the file and says what to do, so the CLIs can print it and exit 2.
+All I/O goes through ``src.storage``: local paths, ``gs://`` and ``memory://`` behave the same.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import struct
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import storage
+from .errors import register_expected
+from .utils import adapt_model_patches, unwrap_model
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointError",
+    "UntrustedCheckpointError",
+    "FinetuneArgumentError",
+    "LoadReport",
+    "load_checkpoint_file",
+    "extract_state_dict",
+    "checkpoint_normalization",
+    "normalization_entry",
+    "load_model_weights",
+    "finetune_from_checkpoint",
+    "released_checkpoint_name",
+    "save_released_checkpoint",
+    "save_safetensors_checkpoint",
+    "export_released_checkpoint",
+    "CLASSIFIER_KEYS",
+]
+
+Normalization = Tuple[Tuple[float, ...], Tuple[float, ...]]
+PathOrCheckpoint = Union[str, os.PathLike, Mapping[str, Any]]
+
+# Classifier parameters dropped by fine-tuning when their shape differs (DeiT's list); the
+# model's own classifier (its ``pretrained_cfg['classifier']``, e.g. ``linear``) is added to it.
+CLASSIFIER_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias", "fc.weight", "fc.bias")
+
+# Where a training checkpoint keeps the weights, in order of preference.
+_EMA_KEYS = ("model_ema", "state_dict_ema")
+_MODEL_KEYS = ("model", "state_dict")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit the model; the message is one clear line."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """The file needs arbitrary (code-running) unpickling and the caller did not trust it."""
+
+
+class FinetuneArgumentError(ValueError):
+    """Fine-tuning options that cannot work (no class count, a patch size the model cannot take)."""
+
+
+# The CLIs print these as one line and exit 2 (src/errors.py); a ValueError stays a ValueError.
+register_expected(CheckpointError, FinetuneArgumentError)
+
+
+@dataclass
+class LoadReport:
+    """What a load did: where the weights came from and which keys did not line up."""
+    source: str
+    state_key: str
+    missing_keys: List[str] = field(default_factory=list)
+    unexpected_keys: List[str] = field(default_factory=list)
+    normalization: Optional[Normalization] = None
+
+
+# --------------------------------------------------------------------------------------------
+# reading files
+
+
+def _describe(path_or_ckpt: Any) -> str:
+    return str(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else "<in-memory checkpoint>"
+
+
+def _numpy_safe_globals() -> list:
+    """numpy scalars and dtypes: plain data that older checkpoints carry in ``metrics``/``hparams``.
+
+    They cannot run code (an object-dtype scalar would still go through the restricted
+    unpickler), so they are allowed without ``trust``; numpy arrays are not.
+    """
+    try:
+        import numpy as np
+        from numpy._core.multiarray import scalar  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x or no numpy
+        try:
+            import numpy as np
+            from numpy.core.multiarray import scalar
+        except ImportError:
+            return []
+    dtypes = {type(np.dtype(c)) for c in "?bhilqBHILQefdgFDG"}
+    return [scalar, np.dtype, *sorted(dtypes, key=lambda t: t.__name__)]
+
+
+def _global_name(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _is_safetensors(path: str, head: bytes, size: int) -> bool:
+    """By extension, or by content: an 8-byte little-endian header length followed by JSON."""
+    if str(path).endswith(".safetensors"):
+        return True
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return 0 < header_len <= size - 8 and head[8:9] == b"{"
+
+
+def _load_safetensors(path: str, data: bytes) -> Dict[str, Any]:
+    from safetensors.torch import load as st_load
+
+    try:
+        (header_len,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + header_len])
+        state_dict = st_load(data)
+    except Exception as e:  # noqa: BLE001 - any decoding failure means a damaged file
+        raise CheckpointError(f"cannot read checkpoint {path}: the safetensors file is truncated or corrupt "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
+    metadata = dict(header.get("__metadata__") or {})
+    out: Dict[str, Any] = {"state_dict": state_dict, "safetensors_metadata": metadata}
+    if "mean" in metadata and "std" in metadata:
+        out["normalization"] = {"mean": json.loads(metadata["mean"]), "std": json.loads(metadata["std"])}
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    """First sentence of an exception message, without terminal escapes (for one-line errors)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    first = text[0] if text else ""
+    return first.split(". ")[0][:200]
+
+
+def load_checkpoint_file(path: Union[str, os.PathLike], trust: bool = False) -> Any:
+    """Read a checkpoint (``.pth.tar``/``.pth``/``.safetensors``; local, ``gs://``, ``memory://``).
+
+    ``torch.load`` runs with ``weights_only=True`` (plus numpy scalars): tensors, containers and
+    plain values only. A file that needs more (pickled classes or functions, which can execute
+    code while loading) raises ``UntrustedCheckpointError``; ``trust=True`` loads it anyway.
+    A ``.safetensors`` file gives ``{'state_dict': ..., 'safetensors_metadata': {...}}`` plus
+    ``normalization`` when the metadata carries mean/std.
+    """
+    path = str(path)
+    try:
+        if storage.is_local(path):
+            # Local files are read through a file handle: a multi-GB training checkpoint is not
+            # held twice in memory. Remote files are fetched once (no small random-access reads).
+            local = path[len("file://"):] if path.startswith("file://") else path
+            size = os.path.getsize(local)
+            with open(local, "rb") as f:
+                head = f.read(16)
+            opener = lambda: open(local, "rb")  # noqa: E731
+            read_all = lambda: storage.read_bytes(local)  # noqa: E731
+        else:
+            data = storage.read_bytes(path)
+            size, head = len(data), data[:16]
+            opener = lambda: io.BytesIO(data)  # noqa: E731
+            read_all = lambda: data  # noqa: E731
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or _first_line(e)}") from None
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was probably not written completely")
+    if _is_safetensors(path, head, size):
+        return _load_safetensors(path, read_all())
+
+    corrupt = f"cannot read checkpoint {path}: the file is truncated or corrupt"
+    if trust:
+        try:
+            with opener() as f:
+                return torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{corrupt} ({type(e).__name__}: {_first_line(e)})") from None
+
+    allowed = _numpy_safe_globals()
+    try:
+        with opener() as f, torch.serialization.safe_globals(allowed):
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        with opener() as f:
+            unsafe = _unsafe_globals(f, {_global_name(g) for g in allowed})
+        if unsafe is None:  # legacy (non-zip) file: the error names the first offending global
+            unsafe = re.findall(r"GLOBAL ([\w.]+)", str(e))
+        # A name that cannot exist in an already imported module is a damaged file, not a payload.
+        unsafe = [n for n in unsafe if _plausible_global(n)]
+        if unsafe:
+            shown = ", ".join(unsafe[:5]) + (", ..." if len(unsafe) > 5 else "")
+            raise UntrustedCheckpointError(
+                f"checkpoint {path} needs arbitrary code to load ({shown}); pass --trust-checkpoint "
+                f"(trust=True) only if you trust its source") from None
+        raise CheckpointError(f"{corrupt} (damaged pickle data)") from None
+    except Exception as e:  # noqa: BLE001 - zip/stream errors of damaged files
+        raise CheckpointError(f"{corrupt} ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _plausible_global(name: str) -> bool:
+    """False only when ``name`` certainly does not exist (its module is loaded, the attribute is not).
+
+    Nothing is imported: names of modules that are not loaded yet count as plausible, so a real
+    payload is always reported as untrusted rather than as damage.
+    """
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        module = sys.modules.get(".".join(parts[:i]))
+        if module is None:
+            continue
+        obj: Any = module
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return True
+
+
+def _unsafe_globals(f: Any, allowed: set) -> Optional[List[str]]:
+    """Globals the file's pickle references beyond the weights-only allowlist (None: unknown)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+    except Exception:  # noqa: BLE001 - legacy (non-zip) format or a damaged archive
+        return None
+    return [n for n in names if n not in allowed]
+
+
+# --------------------------------------------------------------------------------------------
+# state dicts and metadata
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _to_normalization(mean: Any, std: Any) -> Normalization:
+    def as_tuple(v: Any) -> Tuple[float, ...]:
+        if isinstance(v, torch.Tensor):
+            return tuple(float(x) for x in v.flatten().tolist())
+        return tuple(float(x) for x in v)
+    return as_tuple(mean), as_tuple(std)
+
+
+def _strip_wrappers(state_dict: Mapping[str, torch.Tensor]) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, Any]]:
+    """Remove DDP / compile / normalization-wrapper prefixes; return the mean/std found on the way."""
+    sd = OrderedDict(state_dict)
+    meta: Dict[str, Any] = {}
+    for _ in range(8):  # wrappers nest a few levels at most
+        keys = list(sd)
+        if any(k.startswith(("module.", "_orig_mod.")) for k in keys):
+            sd = OrderedDict((k.split(".", 1)[1] if k.startswith(("module.", "_orig_mod.")) else k, v)
+                             for k, v in sd.items())
+            continue
+        if "normalize.mean" in sd and "normalize.std" in sd and \
+                all(k.startswith("model.") for k in keys if not k.startswith("normalize.")):
+            meta["normalization"] = _to_normalization(sd["normalize.mean"], sd["normalize.std"])
+            sd = OrderedDict((k[len("model."):], v) for k, v in sd.items() if not k.startswith("normalize."))
+            continue
+        if keys and all(k.startswith("model.") for k in keys):
+            sd = OrderedDict((k[len("model."):], v) for k, v in sd.items())
+            continue
+        break
+    return sd, meta
+
+
+def extract_state_dict(ckpt: Any, use_ema: bool = False,
+                       source: str = "<in-memory checkpoint>") -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, Any]]:
+    """The network's state dict inside any supported checkpoint, plus metadata.
+
+    Training checkpoints give ``model`` (or ``model_ema`` / ``state_dict_ema`` when ``use_ema``
+    and present and not None, like timm's loader), ``state_dict``; anything else must be a bare
+    state dict. Wrapper prefixes are removed. Metadata: ``state_key`` (where the weights came
+    from: ``model``, ``model_ema``, ``state_dict``, ... or ``bare``) and ``normalization``
+    (``(mean, std)``) when the checkpoint records one.
+    """
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"checkpoint {source} holds a {type(ckpt).__name__}, not a state dict or a "
+                              f"training checkpoint")
+    state_key = "bare"
+    weights: Any = ckpt
+    candidates = (_EMA_KEYS if use_ema else ()) + _MODEL_KEYS
+    for key in candidates:
+        if isinstance(ckpt.get(key), Mapping):
+            state_key, weights = key, ckpt[key]
+            break
+    if not _is_state_dict(weights):
+        keys = ", ".join(sorted(map(str, ckpt))[:8])
+        raise CheckpointError(f"checkpoint {source} contains no model weights (top-level keys: {keys})")
+    sd, meta = _strip_wrappers(weights)
+    meta["state_key"] = state_key
+    norm = checkpoint_normalization(ckpt)
+    if norm is not None:
+        meta["normalization"] = norm
+    return sd, meta
+
+
+def checkpoint_normalization(ckpt: Any) -> Optional[Normalization]:
+    """``(mean, std)`` recorded in a checkpoint, or None.
+
+    Looks at the ``normalization`` entry that ``--normalize-model`` training runs (and the
+    safetensors export) write, then at ``normalize.mean`` / ``normalize.std`` buffers of a
+    RobustBench-style wrapped state dict.
+    """
+    if not isinstance(ckpt, Mapping):
+        return None
+    entry = ckpt.get("normalization")
+    if isinstance(entry, Mapping) and entry.get("mean") is not None and entry.get("std") is not None:
+        return _to_normalization(entry["mean"], entry["std"])
+    for key in ("bare",) + _MODEL_KEYS + _EMA_KEYS:
+        weights = ckpt if key == "bare" else ckpt.get(key)
+        if not isinstance(weights, Mapping):
+            continue
+        for prefix in ("", "module.", "module.module.", "_orig_mod."):
+            mean, std = weights.get(prefix + "normalize.mean"), weights.get(prefix + "normalize.std")
+            if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
+                return _to_normalization(mean, std)
+    return None
+
+
+def normalization_entry(model: nn.Module) -> Optional[Dict[str, List[float]]]:
+    """``{'mean': [...], 'std': [...]}`` for a normalization-wrapped model (None otherwise).
+
+    Training checkpoint writers store it under the ``normalization`` key, next to the unwrapped
+    weights, so ``checkpoint_normalization`` can give it back to evaluation.
+    """
+    from .utils import model_normalization
+
+    norm = model_normalization(model)
+    if norm is None:
+        return None
+    return {"mean": list(norm[0]), "std": list(norm[1])}
+
+
+# --------------------------------------------------------------------------------------------
+# loading into models
+
+
+def _arch_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _compare(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]
+             ) -> Tuple[List[str], List[str], List[str]]:
+    """Missing keys, unexpected keys and shape mismatches (``'key: checkpoint (..) vs model (..)'``)."""
+    missing = [k for k in model_sd if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in model_sd]
+    shapes = [f"{k} shape {_shape(sd[k])} in checkpoint vs {_shape(v)} in model"
+              for k, v in model_sd.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    return missing, unexpected, shapes
+
+
+def _mismatch_message(source: str, arch: str, missing: Sequence[str], unexpected: Sequence[str],
+                      shapes: Sequence[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
+    return (f"checkpoint {source} does not match model {arch}: {'; '.join(parts)}; check the model name, "
+            f"--num-classes and model options (--finetune starts from a checkpoint with another head)")
+
+
+def _resolve(path_or_ckpt: PathOrCheckpoint, trust: bool) -> Tuple[Any, str]:
+    if isinstance(path_or_ckpt, (str, os.PathLike)):
+        return load_checkpoint_file(path_or_ckpt, trust=trust), str(path_or_ckpt)
+    return path_or_ckpt, _describe(path_or_ckpt)
+
+
+def load_model_weights(model: nn.Module, path_or_ckpt: PathOrCheckpoint, use_ema: bool = False,
+                       strict: bool = True, trust: bool = False) -> LoadReport:
+    """Load checkpoint weights into ``model`` (plain, normalization-wrapped, DDP or EMA-wrapped).
+
+    The weights go into ``unwrap_model(model)``, the module checkpoints store. A checkpoint for
+    another architecture or class count raises ``CheckpointError`` naming the first differences.
+    With ``strict=False`` missing / unexpected keys are allowed (and reported), shape
+    mismatches are not. The normalization layer is left alone: the recorded mean/std come back
+    in ``LoadReport.normalization`` for the caller to use.
+    """
+    ckpt, source = _resolve(path_or_ckpt, trust)
+    sd, meta = extract_state_dict(ckpt, use_ema=use_ema, source=source)
+    net = unwrap_model(model)
+    missing, unexpected, shapes = _compare(net.state_dict(), sd)
+    if shapes or (strict and (missing or unexpected)):
+        raise CheckpointError(_mismatch_message(source, _arch_name(net), missing, unexpected, shapes))
+    net.load_state_dict(sd, strict=strict)
+    return LoadReport(source=source, state_key=meta["state_key"], missing_keys=missing,
+                      unexpected_keys=unexpected, normalization=meta.get("normalization"))
+
+
+def _interpolate_pos_embed(net: nn.Module, sd: "OrderedDict[str, torch.Tensor]") -> None:
+    """Resize a checkpoint's absolute position embedding to the model's token grid (DeiT recipe).
+
+    Prefix (class / distillation) tokens are kept; the square grid of patch tokens is resized
+    bicubically (align_corners=False). Models without a ``pos_embed`` tensor (XCiT computes its
+    encoding) are left alone.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    own = getattr(net, "pos_embed", None)
+    if "pos_embed" not in sd or not isinstance(own, torch.Tensor):
+        return
+    old = sd["pos_embed"]
+    if tuple(old.shape) == tuple(own.shape):
+        return
+    patch_embed = getattr(net, "patch_embed", None)
+    num_patches = int(getattr(patch_embed, "num_patches", own.shape[-2]))
+    num_extra = own.shape[-2] - num_patches
+    grid = getattr(patch_embed, "grid_size", None)
+    new_size = list(grid) if grid is not None else [int(math.sqrt(num_patches))] * 2
+    old_grid = int(math.sqrt(old.shape[-2] - num_extra))
+    if old_grid * old_grid != old.shape[-2] - num_extra:
+        raise CheckpointError(f"cannot interpolate pos_embed of shape {_shape(old)}: its patch tokens do not "
+                              f"form a square grid")
+    sd["pos_embed"] = resample_abs_pos_embed(old, new_size=new_size, old_size=[old_grid, old_grid],
+                                             num_prefix_tokens=num_extra, interpolation="bicubic",
+                                             antialias=False, align_corners=False)
+    _logger.info("interpolated pos_embed from %dx%d to %dx%d patches", old_grid, old_grid, *new_size)
+
+
+def finetune_from_checkpoint(model: nn.Module, path_or_ckpt: PathOrCheckpoint, num_classes: Optional[int],
+                             global_pool: Optional[str] = None, finetuning_patch_size: Optional[int] = None,
+                             reinit_patch_embedding: bool = False, trust: bool = False,
+                             use_ema: bool = False) -> LoadReport:
+    """Start a fine-tuning run from a checkpoint of another task (``--finetune``, DeiT recipe).
+
+    1. ``finetuning_patch_size``: when the model's patch size differs, ``adapt_model_patches`` is
+       applied first (the original declared this flag but ignored it; the configs set it).
+    2. ``model.reset_classifier(num_classes[, global_pool])`` gives a fresh head; classifier
+       weights whose shape differs from it are dropped from the checkpoint.
+    3. An absolute ``pos_embed`` is interpolated to the model's grid.
+    4. ``reinit_patch_embedding`` keeps the model's fresh ``patch_embed.*`` weights (the original
+       declared the flag and ignored it; by default they are loaded, i.e. "keep").
+    5. Everything else is loaded non-strictly; what was not loaded is logged and returned.
+       Other shape mismatches (another architecture) raise ``CheckpointError``.
+    """
+    if num_classes is None:
+        raise FinetuneArgumentError("fine-tuning needs the number of classes of the new task: pass --num-classes")
+    ckpt, source = _resolve(path_or_ckpt, trust)
+    sd, meta = extract_state_dict(ckpt, use_ema=use_ema, source=source)
+    net = unwrap_model(model)
+
+    if finetuning_patch_size is not None:
+        patch_embed = getattr(net, "patch_embed", None)
+        if patch_embed is None or not hasattr(patch_embed, "proj"):
+            raise FinetuneArgumentError(f"--finetuning-patch-size applies to XCiT-style models with a "
+                                        f"convolutional patch embedding; {_arch_name(net)} has none")
+        current = patch_embed.patch_size
+        current = current[0] if isinstance(current, (tuple, list)) else current
+        if current != finetuning_patch_size:
+            try:
+                adapt_model_patches(net, finetuning_patch_size)
+            except AssertionError as e:
+                raise FinetuneArgumentError(f"--finetuning-patch-size {finetuning_patch_size}: {e}") from None
+            _logger.info("adapted patch size of %s from %s to %s", _arch_name(net), current, finetuning_patch_size)
+
+    if hasattr(net, "reset_classifier"):
+        if global_pool is None:
+            net.reset_classifier(num_classes)
+        else:
+            net.reset_classifier(num_classes, global_pool=global_pool)
+    else:
+        _logger.warning("%s has no reset_classifier(); its classifier is kept as built", _arch_name(net))
+
+    model_sd = net.state_dict()
+    classifier_keys = set(CLASSIFIER_KEYS)
+    classifier = (getattr(net, "pretrained_cfg", None) or {}).get("classifier")
+    for name in ([classifier] if isinstance(classifier, str) else list(classifier or ())):
+        classifier_keys.update({f"{name}.weight", f"{name}.bias"})
+    for key in sorted(classifier_keys):
+        if key in sd and key in model_sd and tuple(sd[key].shape) != tuple(model_sd[key].shape):
+            _logger.info("removing %s of shape %s from the checkpoint (model has %s)", key, _shape(sd[key]),
+                         _shape(model_sd[key]))
+            del sd[key]
+    _interpolate_pos_embed(net, sd)
+    if reinit_patch_embedding:
+        dropped = [k for k in sd if k.startswith("patch_embed.")]
+        for key in dropped:
+            del sd[key]
+        _logger.info("--reinit-patch-embedding: keeping the new patch embedding (%d tensors not loaded)", len(dropped))
+
+    missing, unexpected, shapes = _compare(model_sd, sd)
+    if shapes:
+        raise CheckpointError(_mismatch_message(source, _arch_name(net), missing, unexpected, shapes))
+    net.load_state_dict(sd, strict=False)
+    _logger.info("fine-tuning from %s (%s): loaded %d tensors; not in checkpoint (newly initialised): %s; "
+                 "ignored from checkpoint: %s", source, meta["state_key"], len(sd) - len(unexpected),
+                 ", ".join(missing) or "none", ", ".join(unexpected) or "none")
+    return LoadReport(source=source, state_key=meta["state_key"], missing_keys=missing,
+                      unexpected_keys=unexpected, normalization=meta.get("normalization"))
+
+
+# --------------------------------------------------------------------------------------------
+# released checkpoints (export)
+
+
+def _format_eps(eps: Union[int, float, str]) -> str:
+    value = float(eps)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps}")
+    return f"{value:g}"
+
+
+def released_checkpoint_name(model_name: str, dataset: str, eps: Optional[Union[int, float, str]] = None) -> str:
+    """``{model}-{dataset}[-eps-{eps}]`` (no extension): the original's release naming."""
+    for what, value in (("model", model_name), ("dataset", dataset)):
+        if not value or "/" in value or "\\" in value or value.startswith("."):
+            raise ValueError(f"{what} name {value!r} cannot be used in a file name (no '/', not empty)")
+    name = f"{model_name}-{dataset}"
+    if eps is not None:
+        name += f"-eps-{_format_eps(eps)}"
+    return name
+
+
+def _plain_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    # Own, contiguous CPU copies: no views into a larger training checkpoint, no shared storage
+    # (safetensors refuses shared tensors).
+    return OrderedDict((k, v.detach().to("cpu").contiguous().clone()) for k, v in state_dict.items())
+
+
+def save_released_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str) -> None:
+    """Write the released format: the bare unwrapped state dict, atomically."""
+    storage.torch_save(_plain_state_dict(state_dict), path)
+
+
+def save_safetensors_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str,
+                                normalization: Optional[Normalization] = None,
+                                metadata: Optional[Mapping[str, Any]] = None) -> None:
+    """Write ``state_dict`` as safetensors; mean/std and other facts go in its string metadata."""
+    from safetensors.torch import save as st_save
+
+    md = {str(k): str(v) for k, v in (metadata or {}).items() if v is not None}
+    md["format"] = "pt"
+    if normalization is not None:
+        md["mean"] = json.dumps(list(normalization[0]))
+        md["std"] = json.dumps(list(normalization[1]))
+    storage.atomic_write_bytes(path, st_save(dict(_plain_state_dict(state_dict)), metadata=md))
+
+
+def _verify_architecture(model_name: str, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Check the weights fit ``model_name`` (built on the meta device: no memory, no compute)."""
+    import timm
+
+    from . import models  # noqa: F401 - registers the project's models
+
+    if not timm.is_model(model_name):
+        raise ValueError(f"unknown model '{model_name}' (not in timm's registry, nor a robust-vits model)")
+    kwargs: Dict[str, Any] = {}
+    classifier = timm.models.get_pretrained_cfg_value(model_name, "classifier")
+    classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+    if classifier and f"{classifier}.weight" in state_dict:
+        kwargs["num_classes"] = int(state_dict[f"{classifier}.weight"].shape[0])
+    with torch.device("meta"):
+        net = timm.create_model(model_name, **kwargs)
+    missing, unexpected, shapes = _compare(net.state_dict(), state_dict)
+    if missing or unexpected or shapes:
+        raise CheckpointError(_mismatch_message(source, model_name, missing, unexpected, shapes))
+
+
+def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, dataset: str, output_dir: str,
+                               eps: Optional[Union[int, float, str]] = None, use_ema: bool = False,
+                               trust: bool = False, verify: bool = True) -> Dict[str, str]:
+    """Turn a training checkpoint into the released files; returns ``{'pth': path, 'safetensors': path}``.
+
+    ``{output_dir}/{model}-{dataset}[-eps-{eps}].pth.tar`` holds the bare unwrapped state dict
+    (the original's release format) and the ``.safetensors`` twin carries the same tensors plus
+    metadata (arch, dataset, eps, which weights, and mean/std when the run recorded them).
+    With ``verify`` the weights are checked against ``model_name`` first, so a checkpoint is never
+    released under the wrong architecture name.
+    """
+    from .models import MODEL_ALIASES
+
+    model_name = MODEL_ALIASES.get(model_name, model_name)  # README spellings -> registered names
+    stem = storage.join(output_dir, released_checkpoint_name(model_name, dataset, eps))  # bad names fail first
+    ckpt, source = _resolve(checkpoint, trust)
+    state_dict, meta = extract_state_dict(ckpt, use_ema=use_ema, source=source)
+    if use_ema and meta["state_key"] not in _EMA_KEYS:
+        raise CheckpointError(f"checkpoint {source} has no EMA weights (model_ema is missing or None); "
+                              f"export without --use-ema")
+    if verify:
+        _verify_architecture(model_name, state_dict, source)
+    arch = ckpt.get("arch") if isinstance(ckpt, Mapping) else None
+    if isinstance(arch, str) and arch != model_name:
+        _logger.warning("checkpoint %s was trained as '%s' and is exported as '%s'", source, arch, model_name)
+
+    storage.makedirs(output_dir)
+    paths = {"pth": stem + ".pth.tar", "safetensors": stem + ".safetensors"}
+    save_released_checkpoint(state_dict, paths["pth"])
+    metadata = {"arch": model_name, "dataset": dataset, "eps": None if eps is None else _format_eps(eps),
+                "weights": meta["state_key"]}
+    save_safetensors_checkpoint(state_dict, paths["safetensors"], normalization=meta.get("normalization"),
+                                metadata=metadata)
+    return paths
