@@ -346,6 +346,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} needs 1 or 3 values (one per RGB channel), got {len(v)}")
     if args.std is not None and any(s <= 0 for s in args.std):
         raise UsageError(f"--std values must be > 0, got {args.std}")
+    if args.input_size is not None and args.input_size[0] != 3:
+        raise UsageError(f"--input-size {' '.join(map(str, args.input_size))}: this tool trains on 3-channel (RGB) "
+                         f"images, so C must be 3")
     if args.batch_size is None or args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.epochs is None or args.epochs < 1:

@@ -74,27 +74,35 @@ class DigitsDataset(Dataset):
         return img, int(self.targets[i])
 
 
+_DATASET_PREFIXES = ("torch/", "tfds/", "hfds/", "hfids/", "wds/")
+
+
+def check_dataset_name(name: Optional[str]) -> None:
+    """Reject an unknown dataset name before anything asks for its data dir or builds a model."""
+    name = name or ""
+    if name and name.lower() != "digits" and not name.lower().startswith(_DATASET_PREFIXES):
+        raise UsageError(f"unknown dataset '{name}': use digits, torch/<name>, tfds/<name>, hfds/<name> "
+                         "or '' for an image folder")
+
+
 def create_dataset(name: str, root: Optional[str], split: str, is_training: bool,
                    batch_size: int = 1, repeats: float = 0, seed: int = 42):
     """timm's dataset factory plus ``digits``; bad names and missing folders become ``UsageError``."""
     name = name or ""
+    check_dataset_name(name)
     if name.lower() == "digits":
         return DigitsDataset(split)
     if name.lower().startswith("tfds/"):
         # TensorFlow must be imported after torch / torchvision / timm, or the process segfaults
         import timm  # noqa: F401
         import torchvision  # noqa: F401
-    if name.lower().startswith(("tfds/", "hfds/", "hfids/", "wds/")):
+    if name.lower().startswith(_DATASET_PREFIXES[1:]):
         pass
     elif not root:
         raise UsageError(f"dataset '{name or 'image folder'}' needs a data dir (positional DIR or data_dir "
                          "in the config); the embedded demo dataset is --dataset digits")
     elif "://" not in str(root) and not os.path.isdir(root):
         raise UsageError(f"data dir {root} does not exist")
-    known = ("", "torch/", "tfds/", "hfds/", "hfids/", "wds/")
-    if name and not any(name.lower().startswith(k) for k in known if k):
-        raise UsageError(f"unknown dataset '{name}': use digits, torch/<name>, tfds/<name>, hfds/<name> "
-                         "or '' for an image folder")
     from timm.data import create_dataset as timm_create_dataset
 
     try:

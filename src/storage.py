@@ -6,13 +6,23 @@ use fsspec's ``memory://`` filesystem to exercise exactly the same code.
 
 Writes that a later run reads are atomic: the data goes to a temporary name in the same folder and
 is then renamed over the final name, so a kill at any instant leaves either the old or the new
-complete file (on object stores a single upload is already all-or-nothing).
+complete file (on object stores a single upload is already all-or-nothing). A kill can leave a
+temporary ``.<name>.tmp-<hex>`` file behind; readers never open such names and
+``remove_stale_temp`` deletes them when a run starts writing to the folder again.
+
+Fault injection for the crash tests: when the environment variable
+``ROBUST_VITS_TEST_KILL_BEFORE_RENAME`` holds a glob (e.g. ``last.pth.tar``), the first atomic write
+of a matching file name SIGKILLs the process after its temporary file is complete and before the
+rename, the moment a real crash would be most harmful. Unset (always, outside tests), it does nothing.
 """
 from __future__ import annotations
 
+import fnmatch
 import io
 import os
 import posixpath
+import re
+import signal
 import uuid
 from typing import Any, Iterable, List
 
@@ -110,18 +120,39 @@ def read_text(path: str) -> str:
     return read_bytes(path).decode("utf-8")
 
 
+FAULT_ENV = "ROBUST_VITS_TEST_KILL_BEFORE_RENAME"
+_TEMP_NAME = re.compile(r"\..+\.tmp-[0-9a-f]{8}|\.write-probe-[0-9a-f]{8}")
+
+
+def _temp_name(name: str) -> str:
+    return f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the temporary names of ``atomic_write_bytes`` and ``check_writable``."""
+    return _TEMP_NAME.fullmatch(basename(name)) is not None
+
+
+def _fault_point(path: str) -> None:
+    """Test-only crash between the temporary file and the rename (see the module docstring)."""
+    pattern = os.environ.get(FAULT_ENV)
+    if pattern and fnmatch.fnmatch(basename(path), pattern):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers only ever see a complete file."""
     path = str(path)
     if is_local(path):
         path = _local(path)
         folder = os.path.dirname(path) or "."
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = os.path.join(folder, _temp_name(os.path.basename(path)))
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            _fault_point(path)
             os.replace(tmp, path)
             try:  # make the rename itself durable
                 dfd = os.open(folder, os.O_RDONLY)
@@ -136,9 +167,10 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
                 os.remove(tmp)
         return
     fs, p = _fs(path)
-    tmp = posixpath.join(posixpath.dirname(p), f".{posixpath.basename(p)}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = posixpath.join(posixpath.dirname(p), _temp_name(posixpath.basename(p)))
     with fs.open(tmp, "wb") as f:
         f.write(data)
+    _fault_point(path)
     fs.mv(tmp, p)
 
 
@@ -185,6 +217,19 @@ def check_writable(folder: str) -> None:
     except OSError as e:
         raise PermissionError(f"output folder {folder} is not writable ({e.strerror or e})") from e
     remove(probe)
+
+
+def remove_stale_temp(folder: str) -> List[str]:
+    """Delete the temporary files a killed write left in ``folder``; returns their paths.
+
+    Only call it from the one process that writes to ``folder`` (a concurrent writer's temporary
+    file would be deleted under it).
+    """
+    if not isdir(folder):
+        return []
+    stale = [join(folder, n) for n in listdir(folder) if is_temp_name(n)]
+    remove_many(stale)
+    return stale
 
 
 def remove_many(paths: Iterable[str]) -> None:

@@ -9,9 +9,10 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from datetime import datetime
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,12 +30,25 @@ register_expected(NonFiniteLossError)
 _logger = logging.getLogger("robust_vits")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr``, not the one of the first run: in-process runs (tests,
+    notebooks) that redirect stderr in between would otherwise log into a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(primary: bool = True) -> None:
     level = logging.INFO if primary else logging.WARNING
     logger = logging.getLogger("robust_vits")
     logger.setLevel(level)
     if not logger.handlers:
-        h = logging.StreamHandler()
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(h)
         logger.propagate = False
@@ -51,13 +65,24 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return seed + rank + 10007 * (epoch + 1)
 
 
-def set_deterministic(enabled: bool) -> None:
-    if not enabled:
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+def set_deterministic(enabled: bool) -> Callable[[], None]:
+    """Turn on deterministic algorithms; returns a function restoring the previous settings.
+
+    The settings are process-wide, so an in-process run (tests, notebooks) must not leave them on.
+    """
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+    def restore() -> None:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2], prev[3]
+
+    return restore
 
 
 def default_experiment_name(args: argparse.Namespace, data_config: Dict[str, Any]) -> str:
@@ -165,15 +190,29 @@ def run_training(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
     dev_env = initialize_device(force_cpu=args.force_cpu, amp=args.amp, amp_dtype=args.amp_dtype,
                                 channels_last=args.channels_last, local_rank=args.local_rank)
     setup_logging(dev_env.primary)
+    restore_determinism = set_deterministic(args.deterministic)
     try:
         return _run(args, args_text, dev_env, T, normalize_model)
     finally:
+        restore_determinism()
         shutdown(dev_env)
 
 
+def _check_finite_weights(model: nn.Module, epoch: int, where: str) -> None:
+    """Refuse to checkpoint weights that overflowed (a finite loss with a huge step can do that)."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise NonFiniteLossError(f"the weights became non-finite in epoch {epoch} ({where}); the last good "
+                                 "checkpoint is kept. Lower the learning rate or enable --clip-grad")
+
+
 def _run(args, args_text, dev_env: DeviceEnv, T, normalize_model) -> Dict[str, Any]:
-    set_deterministic(args.deterministic)
+    """Everything that can fail on bad input runs before the first write to the output folder."""
+    from src.data import check_dataset_name
+
     seed_everything(args.seed)  # identical initial weights on every process
+    check_dataset_name(args.dataset)
+    if args.combine_dataset:
+        check_dataset_name(args.combine_dataset)
     if args.data_dir is None and str(args.dataset).lower() != "digits" and not str(args.dataset).startswith(
             ("tfds/", "hfds/", "hfids/", "wds/")):
         raise UsageError("no data dir given: pass DIR (or data_dir in the config), or use --dataset digits")
@@ -192,15 +231,15 @@ def _run(args, args_text, dev_env: DeviceEnv, T, normalize_model) -> Dict[str, A
     resume_path = args.resume
     if args.resume == "auto":
         resume_path = find_resume_checkpoint(output_dir) if continuing else None
+        if resume_path is None and continuing and any(
+                n == "last.pth.tar" or n.startswith("recovery-") for n in storage.listdir(output_dir)):
+            # starting over would drop the summary rows and the checkpoints of the earlier run
+            raise UsageError(f"--resume auto: no readable last/recovery checkpoint in {output_dir}; resume one "
+                             "explicitly with --resume PATH (e.g. a checkpoint-<epoch>.pth.tar there) or use "
+                             "another --experiment")
         if resume_path is None:
             _logger.info("--resume auto: nothing to resume in %s, starting from scratch", output_dir)
     resume_ckpt = _load_resume(resume_path, args) if resume_path else None
-
-    if dev_env.primary:
-        try:
-            storage.check_writable(output_dir)
-        except OSError as e:
-            raise UsageError(f"cannot write to the output folder {output_dir}: {e.strerror or e}") from None
 
     if args.split_bn:
         from timm.models import convert_splitbn_model
@@ -228,9 +267,12 @@ def _run(args, args_text, dev_env: DeviceEnv, T, normalize_model) -> Dict[str, A
                                 train_cfg=dict(num_epochs=num_epochs, log_interval=args.log_interval,
                                                recovery_interval=args.recovery_interval, accumulate_steps=1))
     if resume_ckpt is not None:
-        from src.checkpoint import load_model_weights
+        from src.checkpoint import CheckpointError, load_model_weights
 
-        load_model_weights(model, resume_ckpt, use_ema=False, strict=True)
+        try:
+            load_model_weights(model, resume_ckpt, use_ema=False, strict=True)
+        except CheckpointError as e:  # name the file, not the in-memory dict it was read into
+            raise CheckpointError(str(e).replace("<in-memory checkpoint>", f"--resume {resume_path}")) from None
         if model_ema is not None and resume_ckpt.get("model_ema") is not None:
             unwrap(model_ema.module).load_state_dict(resume_ckpt["model_ema"])
         if not args.no_resume_opt:
@@ -272,7 +314,13 @@ def _run(args, args_text, dev_env: DeviceEnv, T, normalize_model) -> Dict[str, A
     summary = SummaryCsv(storage.join(output_dir, "summary.csv"))
     wandb_run = None
     if dev_env.primary:
-        storage.makedirs(output_dir)
+        # first write of the run: every check on the user's input has passed by now
+        try:
+            storage.check_writable(output_dir)
+        except OSError as e:
+            raise UsageError(f"cannot write to the output folder {output_dir}: {e.strerror or e}") from None
+        manager.prepare_folder(start_epoch, int(resume_ckpt.get("step_count_global", 0))
+                               if resume_ckpt is not None else None)
         if not (continuing and storage.exists(storage.join(output_dir, "args.yaml"))):
             storage.atomic_write_text(storage.join(output_dir, "args.yaml"), args_text)
         summary.truncate_from(start_epoch)
@@ -281,6 +329,7 @@ def _run(args, args_text, dev_env: DeviceEnv, T, normalize_model) -> Dict[str, A
         _logger.info("output folder %s; training epochs %d..%d", output_dir, start_epoch, num_epochs - 1)
 
     def save_recovery(epoch: int, step: int, st: EpochState) -> None:
+        _check_finite_weights(model, epoch, f"global step {step}")  # every rank: all stop together
         if dev_env.primary:
             manager.save_recovery(model, optimizer, epoch, st.batches_done, step, st.to_dict(),
                                   model_ema=model_ema, grad_scaler=grad_scaler, lr_scheduler=lr_scheduler)
@@ -321,6 +370,7 @@ def _run(args, args_text, dev_env: DeviceEnv, T, normalize_model) -> Dict[str, A
                 save_recovery=save_recovery, state=epoch_state, skip_nonfinite=args.skip_nonfinite,
                 on_first_batch=save_first_batch if epoch == start_epoch else None)
             epoch_state = None
+            _check_finite_weights(model, epoch, "end of the epoch")
             num_updates = out["num_updates"]
             train_metrics = out["metrics"]
             if dev_env.distributed and args.dist_bn in ("broadcast", "reduce"):
@@ -368,7 +418,7 @@ def _init_wandb(args, output_dir: str):
     dir_ = output_dir if storage.is_local(output_dir) else None
     run = wandb.init(project=args.experiment or os.path.basename(output_dir), config=config, notes=notes,
                      dir=dir_, name=os.path.basename(output_dir))
-    url = run.get_url() if hasattr(run, "get_url") else getattr(run, "url", None)
+    url = getattr(run, "url", None)
     storage.atomic_append_text(storage.join(output_dir, "args.yaml"),
                                f"wandb_run: {url or 'offline:' + run.id}\n")
     return run

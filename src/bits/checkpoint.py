@@ -122,6 +122,7 @@ class CheckpointManager:
         epoch as complete for resume). Returns the best (epoch, metric) so far."""
         metric = metrics.get(self.metric_name)
         st = None
+        removed: List[Tuple[int, float]] = []
         if metric is not None and not (isinstance(metric, float) and math.isnan(metric)):
             worst = self.history[-1] if len(self.history) >= self.max_history else None
             if worst is None or self._better(metric, worst[1]):
@@ -136,8 +137,6 @@ class CheckpointManager:
                 storage.torch_save(st, self.path(f"checkpoint-{epoch}.pth.tar"))
                 if is_best:
                     storage.torch_save(st, self.path("best.pth.tar"))
-                for e, _ in removed:
-                    storage.remove(self.path(f"checkpoint-{e}.pth.tar"))
         if st is None:
             st = self._state(model, optimizer, epoch, step_count, step_count_global, metrics=metrics, **kw)
         else:
@@ -145,6 +144,10 @@ class CheckpointManager:
             st["best"] = list(self.best) if self.best else None
         st["epoch_done"] = True
         storage.torch_save(st, self.path("last.pth.tar"))
+        # Pruned only after last.pth.tar commits the new history: a kill before this point resumes
+        # with the old history, whose files must all still exist.
+        for e, _ in removed:
+            storage.remove(self.path(f"checkpoint-{e}.pth.tar"))
         self.clean_recovery(keep=0)
         return self.best
 
@@ -157,6 +160,38 @@ class CheckpointManager:
         storage.torch_save(st, p)
         self.clean_recovery(keep=2)
         return p
+
+    def prepare_folder(self, start_epoch: int, resume_step: Optional[int] = None) -> None:
+        """Make the folder agree with the restored history before the run writes to it again.
+
+        A run killed between ``checkpoint-<epoch>`` and ``last.pth.tar`` leaves files of an epoch
+        the resumed run trains again, and maybe a ``best.pth.tar`` that the restored history does
+        not know; an explicit ``--resume`` from an older checkpoint leaves newer recovery files that
+        ``--resume auto`` would otherwise prefer. Also deletes temporary files of killed writes.
+        """
+        if not storage.exists(self.output_dir):
+            return
+        for p in storage.remove_stale_temp(self.output_dir):
+            _logger.info("removed %s (temporary file of an interrupted write)", p)
+        kept = {e for e, _ in self.history}
+        stale = []
+        for name in storage.listdir(self.output_dir):
+            m = re.fullmatch(r"checkpoint-(\d+)\.pth\.tar", name)
+            if m and int(m.group(1)) >= start_epoch and int(m.group(1)) not in kept:
+                stale.append(self.path(name))
+        if stale:
+            _logger.info("removing checkpoints of epochs that will be trained again: %s", stale)
+            storage.remove_many(stale)
+            # best.pth.tar is written right after checkpoint-<epoch>: it may be from the lost epoch too
+            if self.best is not None and storage.exists(self.path(f"checkpoint-{self.best[0]}.pth.tar")):
+                storage.copy(self.path(f"checkpoint-{self.best[0]}.pth.tar"), self.path("best.pth.tar"))
+            elif self.best is None:
+                storage.remove(self.path("best.pth.tar"))
+        if resume_step is not None:
+            for step, p in self.recovery_files():
+                if step > resume_step:
+                    _logger.info("removing %s (newer than the resumed checkpoint)", p)
+                    storage.remove(p)
 
     def recovery_files(self) -> List[Tuple[int, str]]:
         if not storage.exists(self.output_dir):
