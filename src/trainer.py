@@ -19,11 +19,12 @@ import torch
 import torch.nn as nn
 
 from src import storage
-from src.bits.checkpoint import CheckpointManager, find_resume_checkpoint, unwrap
+from src.bits.checkpoint import CheckpointManager, find_resume_checkpoint
 from src.bits.device import DeviceEnv, initialize_device, shutdown
 from src.bits.summary import SummaryCsv, summary_row
 from src.engine import EpochState, NonFiniteLossError, evaluate, train_one_epoch
 from src.errors import UsageError, register_expected
+from src.utils import unwrap_model
 
 register_expected(NonFiniteLossError)
 
@@ -274,7 +275,7 @@ def _run(args, args_text, dev_env: DeviceEnv, T, normalize_model) -> Dict[str, A
         except CheckpointError as e:  # name the file, not the in-memory dict it was read into
             raise CheckpointError(str(e).replace("<in-memory checkpoint>", f"--resume {resume_path}")) from None
         if model_ema is not None and resume_ckpt.get("model_ema") is not None:
-            unwrap(model_ema.module).load_state_dict(resume_ckpt["model_ema"])
+            unwrap_model(model_ema).load_state_dict(resume_ckpt["model_ema"])
         if not args.no_resume_opt:
             optimizer.load_state_dict(resume_ckpt["optimizer"])
         if grad_scaler is not None and resume_ckpt.get("grad_scaler") is not None:

@@ -33,6 +33,18 @@ def run_train(argv):
     return run_training(args, text)
 
 
+@pytest.fixture(scope="module")
+def single_cpu_thread():
+    """Tiny CPU forwards run far faster on one thread when the cores are shared (restored after).
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("single_cpu_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_train_args():
     return list(TINY_TRAIN)

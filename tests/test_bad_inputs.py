@@ -22,13 +22,7 @@ import torch
 from tests.conftest import ROOT, TINY_TRAIN, run_train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_cpu_thread():
-    """Tiny CPU ops run far faster on one thread when the cores are shared (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_cpu_thread")
 
 
 class MakeMarker:

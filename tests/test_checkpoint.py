@@ -33,13 +33,7 @@ TINY = dict(depth=1, embed_dim=64, num_heads=4)
 S12_SHALLOW = dict(depth=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_cpu_thread():
-    """Tiny CPU forwards run far faster on one thread when the cores are shared (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_cpu_thread")
 
 
 def _tiny(num_classes: int = 10, seed: int = 0) -> nn.Module:

@@ -80,13 +80,7 @@ XCIT_32_PATCHES = {"xcit_small_12_p8_32": 8, "xcit_small_12_p4_32": 4, "xcit_med
                    "xcit_large_12_p4_32": 4, "xcit_small_12_p2_32": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_cpu_thread():
-    """Tiny CPU forwards run far faster on one thread when the cores are shared (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_cpu_thread")
 
 
 def _meta(name: str, **kwargs) -> nn.Module:

@@ -67,13 +67,7 @@ def make_digits_folder(root, per_class_train: int = 12, per_class_val: int = 4) 
     return str(root)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_cpu_thread():
-    """Tiny CPU ops run far faster on one thread when the cores are shared (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_cpu_thread")
 
 
 @pytest.fixture(scope="module")

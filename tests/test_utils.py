@@ -24,13 +24,7 @@ def _stem_strides(model: nn.Module) -> list:
     return [tuple(model.patch_embed.proj[i][0].stride) for i in (0, 2, 4, 6)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_cpu_thread():
-    """Tiny CPU forwards run far faster on one thread when the cores are shared (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_cpu_thread")
 
 
 @pytest.fixture

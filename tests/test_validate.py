@@ -44,13 +44,7 @@ ADV_TRAIN = ["--adv-training", "pgd", "--attack-eps", "8", "--attack-steps", "1"
 EXPECTED_CSV = list(V.RESULT_KEYS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_cpu_thread():
-    """Tiny CPU forwards run far faster on one thread when the cores are shared (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,38 +22,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from src import storage
+from src.checkpoint import normalization_entry
+from src.utils import unwrap_model
 
 _logger = logging.getLogger("robust_vits")
 
 CHECKPOINT_VERSION = 3
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP (``module``), EMA and the ``--normalize-model`` wrapper (``model``) like timm."""
-    while True:
-        inner = getattr(model, "module", None)
-        if isinstance(inner, torch.nn.Module):
-            model = inner
-            continue
-        inner = getattr(model, "model", None)
-        if isinstance(inner, torch.nn.Module) and hasattr(model, "normalize"):
-            model = inner
-            continue
-        return model
-
-
-def normalization_of(model: torch.nn.Module) -> Optional[Dict[str, List[float]]]:
-    """mean/std of the ``--normalize-model`` wrapper, if the model has one."""
-    m = model
-    while True:
-        if hasattr(m, "normalize") and hasattr(m.normalize, "mean"):
-            return {"mean": [float(v) for v in m.normalize.mean.flatten()],
-                    "std": [float(v) for v in m.normalize.std.flatten()]}
-        inner = getattr(m, "module", None)
-        if isinstance(inner, torch.nn.Module):
-            m = inner
-            continue
-        return None
 
 
 class CheckpointManager:
@@ -82,8 +56,8 @@ class CheckpointManager:
             "epoch": epoch,
             "step_count": step_count,
             "step_count_global": step_count_global,
-            "model": unwrap(model).state_dict(),
-            "model_ema": unwrap(model_ema.module if hasattr(model_ema, "module") else model_ema).state_dict()
+            "model": unwrap_model(model).state_dict(),
+            "model_ema": unwrap_model(model_ema).state_dict()
             if model_ema is not None else None,
             "train_cfg": dict(self.train_cfg),
             "optimizer": optimizer.state_dict(),
@@ -100,7 +74,7 @@ class CheckpointManager:
             st["grad_scaler"] = grad_scaler.state_dict()
         if lr_scheduler is not None:
             st["lr_scheduler"] = lr_scheduler.state_dict()
-        norm = normalization_of(model)
+        norm = normalization_entry(model)
         if norm is not None:
             st["normalization"] = norm
         if extra:
