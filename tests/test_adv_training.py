@@ -97,3 +97,18 @@ def test_bad_loss_spec(tmp_path, spec, match):
     with pytest.raises(UsageError, match=match):
         run_train(TINY_TRAIN + ["--model", "tiny_cnn_test", "--epochs", "1", "--adv-training", spec,
                                 "--output", str(tmp_path)])
+
+
+def test_finetune_through_train_py(tmp_path):
+    """--finetune: every feature weight is loaded, the 12-class head is replaced by a 10-class one."""
+    common = TINY_TRAIN + ["--model", "tiny_cnn_test", "--epochs", "1", "--output", str(tmp_path)]
+    src_run = run_train(common + ["--num-classes", "12", "--experiment", "pre"])
+    pre = torch.load(os.path.join(src_run["output_dir"], "last.pth.tar"), weights_only=True)["model"]
+    # lr 0: the parameters after one epoch are exactly the loaded ones
+    ft = run_train(common + ["--num-classes", "10", "--finetune", os.path.join(src_run["output_dir"], "last.pth.tar"),
+                             "--lr", "0", "--warmup-lr", "0", "--min-lr", "0", "--experiment", "ft"])
+    post = torch.load(os.path.join(ft["output_dir"], "last.pth.tar"), weights_only=True)["model"]
+    assert post["fc.weight"].shape == (10, 64) and pre["fc.weight"].shape == (12, 64)
+    for k, v in pre.items():
+        if k.startswith("features.") and "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, post[k]), k

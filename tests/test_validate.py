@@ -164,13 +164,23 @@ def test_apgd_ce_matches_direct_pyautoattack(adv_ckpt, capsys):
     assert 0 < res["robust_top1"] <= res["top1"]  # an intermediate, non-trivial comparison
 
 
-def test_autoattack_standard_runs(adv_ckpt, capsys):
-    rc, out, _ = _cli(EVAL + ["--checkpoint", adv_ckpt, "--no-normalize", "-b", "8", "--num-examples", "8",
-                              "--attack", "autoattack", "--attack-eps", "32"], capsys)
+def test_autoattack_standard_matches_direct_pyautoattack(adv_ckpt, capsys):
+    from pyautoattack import AutoAttack
+
+    n, eps = 4, 8  # a few survivors: all four attacks run, so keep n small
+    rc, out, _ = _cli(EVAL + ["--checkpoint", adv_ckpt, "--no-normalize", "-b", str(n), "--num-examples", str(n),
+                              "--attack", "autoattack", "--attack-eps", str(eps), "--seed", "0"], capsys)
     assert rc == 0
     res = _result(out)
     assert res["robust_top1"] <= res["top1"]
     assert not any("AutoAttack check" in w for w in res["warnings"])
+    x, y = _digits(n)
+    model = _net(adv_ckpt)
+    adversary = AutoAttack(model, norm="Linf", eps=eps / 255, version="standard", seed=0, device="cpu")
+    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=n)
+    with torch.no_grad():
+        direct = 100.0 * (model(x_adv).argmax(1) == y).float().mean().item()
+    assert res["robust_top1"] == pytest.approx(direct, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
