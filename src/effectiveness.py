@@ -1,0 +1,565 @@
+"""Attack effectiveness over training: the engine behind ``attack_effectiveness.py``.
+
+How much weaker is a few-step PGD than PGD-200 at each stage of training (the paper's
+"is PGD-1 enough?" study, original-behaviour.md §1.5 and §6.1)? For every saved checkpoint
+``<checkpoints-dir>/checkpoint-<epoch>.pth.tar`` (and ``checkpoint-standard.pth.tar`` with
+``--validate-standard``), every seed and every PGD step count, one evaluation with the evaluation
+core of ``validate.py`` gives one CSV row: validate's result keys in the original's order
+(``cropt_pct`` sic) followed by ``attack``, ``attack_steps``, ``model``, ``epoch``, ``seed``
+(:data:`COLUMNS`, the schema the notebook reads). ``--run-apgd-ce`` adds an APGD-CE row per
+checkpoint and seed (``attack_steps`` empty).
+
+Differences from the original, all deliberate:
+
+* The CSV is its own file, ``<checkpoints-dir>/attack-effectiveness.csv`` by default (the
+  original appended to ``<checkpoints-dir>/summary.csv``, the training run's summary). A path
+  named ``summary.csv`` in a training folder is refused.
+* The whole (small) file is rewritten atomically after every row, so it is always complete, and
+  a run is **resumable**: rows already in the file for ``(epoch, seed, attack, attack_steps)`` are
+  not recomputed. The evaluation settings the rows depend on (model, data, eps, normalization,
+  ...) are recorded next to the CSV in ``<csv>.settings.json``; a restart with other settings is
+  refused instead of mixing numbers of two configurations in one file.
+* Every checkpoint that still has work is checked for existence before any evaluation starts.
+* Each row is seeded on its own (``seed + rank``, like validate), so its numbers do not depend on
+  which rows ran before it: a resumed run writes the same file as an uninterrupted one.
+* validate.py flags that this tool sets per row (``--checkpoint``, ``--attack-steps``, ``--seed``,
+  ``--results-file``, ``--attack`` other than pgd) are refused with the flag to use instead,
+  rather than silently overridden.
+
+Test hook: ``ROBUST_VITS_TEST_KILL_AFTER_ROWS=k`` makes the process SIGKILL itself right after its
+k-th row has been written (simulated pre-emption). Unset outside tests.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+from src import storage
+from src import validation as V
+from src.errors import UsageError
+
+_logger = logging.getLogger("robust_vits")
+
+__all__ = [
+    "COLUMNS",
+    "KEY_COLUMNS",
+    "DEFAULT_OUTPUT_NAME",
+    "STANDARD",
+    "KILL_AFTER_ROWS_ENV",
+    "Job",
+    "ResultsCsv",
+    "EffectivenessRun",
+    "build_parser",
+    "parse_args",
+    "checkpoint_path",
+    "plan_jobs",
+    "output_path",
+    "settings_of",
+    "run_effectiveness",
+    "summary_table",
+    "run",
+]
+
+# The original's CSV schema (notebooks/data/attack-effectiveness-*.csv).
+COLUMNS: Tuple[str, ...] = tuple(V.RESULT_KEYS) + ("attack", "attack_steps", "model", "epoch", "seed")
+# What identifies a row for resuming.
+KEY_COLUMNS = ("epoch", "seed", "attack", "attack_steps")
+DEFAULT_OUTPUT_NAME = "attack-effectiveness.csv"
+SETTINGS_SUFFIX = ".settings.json"
+SETTINGS_FORMAT = "robust-vits-attack-effectiveness"
+STANDARD = "standard"
+DEFAULT_STEPS = (1, 2, 5, 10, 200)
+DEFAULT_EPOCHS = tuple(range(9, 100, 10))  # 0-based: the 10th, 20th, ... 100th epoch
+DEFAULT_SEEDS = (0, 1, 2)
+KILL_AFTER_ROWS_ENV = "ROBUST_VITS_TEST_KILL_AFTER_ROWS"
+
+# validate.py flags this tool sets itself for every row: dest -> (flag, what to use instead)
+_REPLACED = OrderedDict([
+    ("checkpoint", ("--checkpoint", "--checkpoints-dir (a folder of checkpoint-<epoch>.pth.tar files)")),
+    ("attack_steps", ("--attack-steps", "--steps-to-try")),
+    ("seed", ("--seed", "--seeds")),
+    ("results_file", ("--results-file", "--output-file")),
+    ("log_wandb", ("--log-wandb", None)),
+])
+
+# Settings that change the numbers of a row besides its (epoch, seed, attack, attack_steps) key.
+_SETTING_KEYS = ("model", "dataset", "split", "class_map", "valid_labels", "num_examples", "batch_size", "img_size",
+                 "input_size", "crop_pct", "mean", "std", "interpolation", "gp", "test_pool", "patch_size",
+                 "num_classes", "no_normalize", "normalize_model", "use_ema", "attack_eps", "attack_lr",
+                 "attack_norm", "attack_boundaries", "amp", "amp_dtype", "checkpoints_dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """validate.py's parser (data, model, normalization, attack budget) plus the sweep flags."""
+    p = V.build_parser()
+    p.prog = "attack_effectiveness.py"
+    p.description = ("Robust accuracy and loss of PGD with several step counts (and APGD-CE) for the checkpoints "
+                     "saved during training, over several seeds: how effective are few-step attacks?")
+    for action in p._actions:  # argparse has no public API to edit inherited arguments
+        if action.dest in _REPLACED:
+            action.default = None  # None = not given, so a given value can be refused by name
+            action.help = argparse.SUPPRESS
+        elif action.dest == "attack":
+            action.default = "pgd"
+            action.help = "attack of the sweep: only pgd (APGD-CE rows: --run-apgd-ce)"
+        elif action.dest == "use_ema":
+            action.default = True
+            action.help = "use the checkpoints' EMA weights when they have them (the default here, as the original)"
+        elif action.dest == "attack_lr":
+            action.help = "PGD step size in /255 units for every step count (unset: 1.5 * eps / steps)"
+    g = p.add_argument_group("Attack effectiveness")
+    g.add_argument("--checkpoints-dir", default=None, metavar="DIR",
+                   help="required: folder (local, gs://, memory://) with the training run's "
+                        "checkpoint-<epoch>.pth.tar files")
+    g.add_argument("--epochs-to-try", type=int, nargs="+", default=list(DEFAULT_EPOCHS), metavar="E",
+                   help="0-based epochs whose checkpoint-<E>.pth.tar to evaluate")
+    g.add_argument("--validate-standard", action="store_true", default=False,
+                   help="also evaluate checkpoint-standard.pth.tar (epoch label 'standard')")
+    g.add_argument("--steps-to-try", type=int, nargs="+", default=list(DEFAULT_STEPS), metavar="K",
+                   help="PGD step counts (one row each)")
+    g.add_argument("--run-apgd-ce", action="store_true", default=False,
+                   help="also run APGD-CE once per checkpoint and seed (attack_steps empty)")
+    g.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), metavar="S",
+                   help="seeds (each row's RNG is reset to seed + rank)")
+    g.add_argument("--no-ema", dest="use_ema", action="store_false", default=argparse.SUPPRESS,
+                   help="evaluate the checkpoints' model weights even when they also hold EMA weights")
+    g.add_argument("--output-file", default=None, metavar="PATH",
+                   help=f"results CSV (default <checkpoints-dir>/{DEFAULT_OUTPUT_NAME}); rows already in it are "
+                        "kept and not recomputed")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse and check the command line (``argv`` instead of ``sys.argv[1:]`` when given)."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    check_args(args)
+    return args
+
+
+def _repeated(values: Sequence[Any]) -> List[Any]:
+    return sorted({v for v in values if list(values).count(v) > 1})
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what cannot work, before any checkpoint or dataset is touched."""
+    for dest, (flag, instead) in _REPLACED.items():
+        if getattr(args, dest, None) is not None:
+            if instead is None:
+                raise UsageError(f"{flag} is not supported by attack_effectiveness.py")
+            raise UsageError(f"attack_effectiveness.py sets {flag} itself for every row; use {instead}")
+    if args.attack != "pgd":
+        hint = "; for APGD-CE rows add --run-apgd-ce" if args.attack == "apgd-ce" else ""
+        raise UsageError(f"attack_effectiveness.py sweeps PGD step counts (--steps-to-try); --attack "
+                         f"'{args.attack}' is not supported{hint}")
+    if not args.checkpoints_dir:
+        raise UsageError("--checkpoints-dir is required: the training run's folder with checkpoint-<epoch>.pth.tar")
+    for flag, values, low in (("--steps-to-try", args.steps_to_try, 0), ("--epochs-to-try", args.epochs_to_try, 0),
+                              ("--seeds", args.seeds, 0)):
+        bad = [v for v in values if v < low]
+        if bad:
+            raise UsageError(f"{flag} values must be >= {low}, got {bad[0]}")
+        rep = _repeated(values)
+        if rep:
+            raise UsageError(f"{flag} has repeated values: {rep}")
+    # the shared checks of validate.py (eps, step size, boundaries, batch size, mean/std, ...)
+    V.check_args(argparse.Namespace(**{**vars(args), "attack_steps": list(args.steps_to_try)}))
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------
+
+EpochLabel = Union[int, str]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row to compute: a checkpoint (epoch label), a seed, an attack and its step count."""
+    epoch: EpochLabel
+    seed: int
+    attack: str  # 'pgd' | 'apgd-ce'
+    steps: Optional[int]  # None for APGD-CE
+
+    @property
+    def key(self) -> Tuple[str, str, str, str]:
+        """The row's identity as it reads in the CSV (strings; empty attack_steps for APGD-CE)."""
+        return str(self.epoch), str(self.seed), self.attack, "" if self.steps is None else str(self.steps)
+
+    @property
+    def name(self) -> str:
+        return f"{self.attack}-{self.steps}" if self.steps is not None else self.attack
+
+
+def checkpoint_path(checkpoints_dir: str, epoch: EpochLabel) -> str:
+    return storage.join(checkpoints_dir, f"checkpoint-{epoch}.pth.tar")
+
+
+def plan_jobs(epochs: Sequence[int], seeds: Sequence[int], steps: Sequence[int], run_apgd_ce: bool = False,
+              validate_standard: bool = False) -> List[Job]:
+    """Every row of the sweep in the original's order: checkpoint, then seed, then step count (then APGD-CE)."""
+    labels: List[EpochLabel] = list(epochs) + ([STANDARD] if validate_standard else [])
+    jobs = []
+    for epoch in labels:
+        for seed in seeds:
+            jobs += [Job(epoch, seed, "pgd", k) for k in steps]
+            if run_apgd_ce:
+                jobs.append(Job(epoch, seed, "apgd-ce", None))
+    return jobs
+
+
+def _norm_dir(path: str) -> str:
+    return os.path.abspath(path) if storage.is_local(path) else str(path).rstrip("/")
+
+
+def output_path(args: argparse.Namespace) -> str:
+    """``--output-file`` or ``<checkpoints-dir>/attack-effectiveness.csv``; never a training summary.csv."""
+    path = args.output_file or storage.join(args.checkpoints_dir, DEFAULT_OUTPUT_NAME)
+    if storage.basename(path) == "summary.csv":
+        folder = storage.dirname(path) or "."
+        if _norm_dir(folder) == _norm_dir(args.checkpoints_dir) or storage.exists(storage.join(folder, "args.yaml")):
+            raise UsageError(f"--output-file {path} is the training run's summary.csv; attack effectiveness writes "
+                             f"its own file (default {DEFAULT_OUTPUT_NAME} in --checkpoints-dir)")
+    return path
+
+
+def settings_of(args: argparse.Namespace, world_size: int = 1) -> Dict[str, Any]:
+    """The settings every row depends on besides its key (JSON-able, canonical)."""
+    settings = {k: getattr(args, k, None) for k in _SETTING_KEYS}
+    settings["checkpoints_dir"] = _norm_dir(args.checkpoints_dir)
+    settings["world_size"] = int(world_size)  # shards and per-rank seeds change the numbers
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+# ----------------------------------------------------------------------------------------------
+# The results file
+# ----------------------------------------------------------------------------------------------
+
+def _cell(value: Any) -> str:
+    """A value as csv.DictWriter writes it (None -> empty), so rows read back compare equal."""
+    return "" if value is None else str(value)
+
+
+class ResultsCsv:
+    """The results CSV: existing rows (as read), new rows appended, whole file rewritten atomically."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.settings_path = self.path + SETTINGS_SUFFIX
+        self.rows: List[List[str]] = []
+
+    def load(self) -> "ResultsCsv":
+        """Read the existing file (if any); refuse one with another header or broken rows."""
+        self.rows = []
+        if not storage.exists(self.path):
+            return self
+        try:
+            text = storage.read_text(self.path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read the results file {self.path} ({type(e).__name__}); pass another "
+                             f"--output-file") from None
+        if not text.strip():
+            return self
+        reader = csv.reader(io.StringIO(text))
+        header = next(reader)
+        if tuple(header) != COLUMNS:
+            raise UsageError(f"{self.path} exists and is not an attack-effectiveness results file (its header starts "
+                             f"{','.join(header[:4])}..., expected {','.join(COLUMNS[:4])}...); refusing to touch it: "
+                             f"pass another --output-file")
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(COLUMNS):
+                raise UsageError(f"{self.path} line {line} has {len(row)} fields, expected {len(COLUMNS)}; fix or "
+                                 f"delete that line (it will be recomputed), or pass another --output-file")
+            self.rows.append(list(row))
+        return self
+
+    def keys(self) -> set:
+        idx = [COLUMNS.index(c) for c in KEY_COLUMNS]
+        return {tuple(r[i] for i in idx) for r in self.rows}
+
+    def dicts(self) -> List[Dict[str, str]]:
+        return [dict(zip(COLUMNS, r)) for r in self.rows]
+
+    def text(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        writer.writerows(self.rows)
+        return buf.getvalue()
+
+    def append(self, row: Mapping[str, Any], write: bool = True) -> None:
+        """Add one row (all of :data:`COLUMNS`) and rewrite the file atomically."""
+        self.rows.append([_cell(row[c]) for c in COLUMNS])
+        if write:
+            storage.atomic_write_text(self.path, self.text())
+
+    # -- settings of the rows ---------------------------------------------------------------------
+
+    def read_settings(self) -> Optional[Dict[str, Any]]:
+        if not storage.exists(self.settings_path):
+            return None
+        try:
+            doc = json.loads(storage.read_text(self.settings_path))
+            if doc.get("format") != SETTINGS_FORMAT or not isinstance(doc.get("settings"), dict):
+                raise ValueError("not a settings file")
+        except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+            raise UsageError(f"{self.settings_path} (the settings of the rows of {self.path}) is damaged; delete it "
+                             f"to accept the existing rows as they are, or pass another --output-file") from None
+        return doc["settings"]
+
+    def check_settings(self, settings: Mapping[str, Any]) -> None:
+        """Existing rows must come from the same settings: refuse to mix two configurations."""
+        if not self.rows:
+            return
+        theirs = self.read_settings()
+        if theirs is None:
+            _logger.warning("%s has %d rows but no %s: their evaluation settings cannot be checked; assuming they "
+                            "match this run (%s)", self.path, len(self.rows), storage.basename(self.settings_path),
+                            ", ".join(f"{k}={settings[k]}" for k in ("model", "attack_eps", "num_examples")))
+            return
+        diff = [k for k in sorted(set(theirs) | set(settings)) if theirs.get(k) != settings.get(k)]
+        if diff:
+            shown = "; ".join(f"{k}: {json.dumps(theirs.get(k))} there vs {json.dumps(settings.get(k))} now"
+                              for k in diff[:3])
+            raise UsageError(f"{self.path} holds rows computed with other settings ({shown}); refusing to mix them: "
+                             f"pass another --output-file, or delete {storage.basename(self.settings_path)} to accept "
+                             f"the existing rows as they are")
+
+    def write_settings(self, settings: Mapping[str, Any]) -> None:
+        doc = {"format": SETTINGS_FORMAT, "version": 1, "columns": list(COLUMNS), "settings": dict(settings)}
+        storage.atomic_write_text(self.settings_path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the sweep
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class EffectivenessRun:
+    """What a run did: the file, all its rows, the rows computed now and those found already done."""
+    path: str
+    rows: List[Dict[str, str]]
+    computed: List[Job] = field(default_factory=list)
+    skipped: int = 0
+    warnings: List[str] = field(default_factory=list)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: Sequence[str]):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def _ema_preferred(active: bool) -> Iterator[None]:
+    """With EMA *preferred* (not demanded), a checkpoint without EMA weights is normal: no warning."""
+    flt = _DropMessages(["--use-ema: checkpoint"])
+    if active:
+        _logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        _logger.removeFilter(flt)
+
+
+def _missing_checkpoints_message(checkpoints_dir: str, missing: Sequence[EpochLabel]) -> str:
+    present: List[str] = []
+    try:
+        if storage.isdir(checkpoints_dir):
+            names = storage.listdir(checkpoints_dir)
+            present = [n[len("checkpoint-"):-len(".pth.tar")] for n in names
+                       if n.startswith("checkpoint-") and n.endswith(".pth.tar")]
+    except OSError:
+        pass
+    from timm.utils import natural_key
+
+    present = sorted(present, key=natural_key)
+    have = (f"; it has checkpoints for epochs {' '.join(present)}" if present
+            else "; it has no checkpoint-<epoch>.pth.tar")
+    names = ", ".join(f"checkpoint-{m}.pth.tar" for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
+    return (f"{len(missing)} requested checkpoint(s) not found in {checkpoints_dir}: {names}{have} (training keeps "
+            f"only the best --checkpoint-hist epochs); pass --epochs-to-try with epochs that have checkpoints"
+            + (" (and drop --validate-standard)" if STANDARD in missing else ""))
+
+
+def _note(warnings: List[str], new: Sequence[str]) -> None:
+    """Collect honesty warnings for the final report, logging each the first time it appears."""
+    for w in new:
+        if w not in warnings:
+            warnings.append(w)
+            _logger.warning(w)
+
+
+def _test_kill_point(written: int) -> None:
+    """Test-only simulated pre-emption (see the module docstring)."""
+    target = os.environ.get(KILL_AFTER_ROWS_ENV)
+    if target and written >= int(target):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
+    """Evaluate every pending row of the sweep on ``dev_env``; returns what was done.
+
+    Up front (before any evaluation): the results file is read (and refused when it is not
+    ours or was computed with other settings), the rows still to do are planned, and the
+    checkpoint of every epoch with work is checked to exist. The dataset is created once; each
+    checkpoint is loaded once (EMA weights preferred) for all its seeds and step counts.
+    """
+    path = output_path(args)
+    results = ResultsCsv(path).load()
+    settings = settings_of(args, dev_env.world_size)
+    results.check_settings(settings)
+    jobs = plan_jobs(args.epochs_to_try, args.seeds, args.steps_to_try, args.run_apgd_ce, args.validate_standard)
+    done = results.keys()
+    pending = [j for j in jobs if j.key not in done]
+    skipped = len(jobs) - len(pending)
+    labels = list(dict.fromkeys(j.epoch for j in pending))
+    if labels and not storage.isdir(args.checkpoints_dir):
+        raise UsageError(f"--checkpoints-dir {args.checkpoints_dir} does not exist")
+    missing = [e for e in labels if not storage.exists(checkpoint_path(args.checkpoints_dir, e))]
+    if missing:
+        raise UsageError(_missing_checkpoints_message(args.checkpoints_dir, missing))
+    if skipped:
+        _logger.info("%s already holds %d of the %d rows of this sweep; computing the other %d", path, skipped,
+                     len(jobs), len(pending))
+    run_ = EffectivenessRun(path=path, rows=results.dicts(), skipped=skipped)
+    if not pending:
+        return run_
+
+    folder = storage.dirname(path)
+    if dev_env.primary:
+        if folder:
+            try:
+                storage.check_writable(folder)
+            except PermissionError as e:
+                raise UsageError(str(e)) from None
+        results.write_settings(settings)
+    # a validate-style namespace for the shared evaluation core
+    base = argparse.Namespace(**{**vars(args), "checkpoint": "", "attack_steps": list(args.steps_to_try),
+                                 "seed": args.seeds[0], "results_file": "", "log_wandb": False})
+    dataset = V.create_eval_dataset(base)
+    warnings: List[str] = []
+    written = 0
+    for label in labels:
+        ckpt = checkpoint_path(args.checkpoints_dir, label)
+        with _ema_preferred(args.use_ema):
+            em = V.create_eval_model(base, dev_env, checkpoint=ckpt)
+        loader = V.create_eval_loader(base, em, dev_env, dataset)
+        max_batches = V.eval_batches(base, loader, dev_env)
+        _note(warnings, em.notes + V.normalization_warnings(em.normalization, "pgd", em.trained_inputs))
+        label_rows: Dict[int, List[Dict[str, Any]]] = {}
+        n_examples = 0
+        for job in (j for j in pending if j.epoch == label):
+            V.seed_everything(job.seed + dev_env.global_rank)
+            ns = argparse.Namespace(**{**vars(base), "attack": job.attack, "seed": job.seed})
+            attack = V.build_eval_attack(ns, job.steps if job.steps is not None else 0, em.num_classes, dev_env)
+            ev = V.evaluate_model(em.model, loader, dev_env, attack, max_batches=max_batches, log_freq=args.log_freq,
+                                  check_gradients=job.attack == "pgd")
+            row = V.result_row(ev, em)
+            row.update(attack=job.attack, attack_steps=job.steps, model=args.model, epoch=job.epoch, seed=job.seed)
+            n_examples = ev.num_examples
+            _note(warnings, V.robust_above_clean_warnings(row) + V.gradient_warnings(ev.zero_grad_fraction)
+                  + [f"AutoAttack check: {f}" for f in ev.attack_flags])
+            if job.attack == "pgd":
+                label_rows.setdefault(job.seed, []).append(row)
+            results.append(row, write=dev_env.primary)
+            run_.computed.append(job)
+            written += 1
+            _logger.info("[%d/%d] epoch %s seed %d %s: top1 %.2f robust_top1 %.2f loss %.4f adv_loss %.4f (%d "
+                         "examples, %.1fs)", written, len(pending), job.epoch, job.seed, job.name, row["top1"],
+                         row["robust_top1"], row["loss"], row["adv_loss"], ev.num_examples, ev.seconds)
+            if dev_env.primary:
+                _test_kill_point(written)
+        for rows in label_rows.values():
+            _note(warnings, [f"epoch {label}: {w}" for w in V.attack_strength_warnings(rows, n_examples, "pgd")])
+        del em, loader
+    run_.rows = results.dicts()
+    run_.warnings = warnings
+    return run_
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+def _float(v: str) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _mean(vals: Sequence[float]) -> float:
+    vals = [v for v in vals if math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summary_table(rows: Sequence[Mapping[str, str]]) -> str:
+    """Mean over seeds of PGD ``adv_loss`` per epoch and step count, and the notebook's relative
+    difference to the strongest attack: ``|L_max - L_k| / L_max * 100`` (in %)."""
+    from timm.utils import natural_key
+
+    pgd = [r for r in rows if r["attack"] == "pgd" and r["attack_steps"] != ""]
+    if not pgd:
+        return ""
+    steps = sorted({int(r["attack_steps"]) for r in pgd})
+    epochs = sorted({r["epoch"] for r in pgd}, key=natural_key)
+    k_max = steps[-1]
+    head = ["epoch"] + [f"pgd-{k}" for k in steps] + [f"rel.diff pgd-{k} %" for k in steps[:-1]]
+    lines = [head]
+    for e in epochs:
+        loss = {k: _mean([_float(r["adv_loss"]) for r in pgd if r["epoch"] == e and int(r["attack_steps"]) == k])
+                for k in steps}
+        rel = [abs(loss[k_max] - loss[k]) / loss[k_max] * 100 if loss[k_max] else float("nan") for k in steps[:-1]]
+        lines.append([e] + [f"{loss[k]:.4f}" for k in steps] + [f"{v:.2f}" for v in rel])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    out = ["adversarial loss (mean over seeds) and relative difference to the strongest PGD:"]
+    out += ["  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The CLI: device, sweep, report; returns the exit code."""
+    from src.bits.device import initialize_device, shutdown
+    from src.data import check_dataset_name
+    from src.trainer import setup_logging
+
+    dev_env = initialize_device(force_cpu=args.force_cpu, amp=args.amp, amp_dtype=args.amp_dtype,
+                                channels_last=args.channels_last, local_rank=args.local_rank)
+    setup_logging(dev_env.primary)
+    try:
+        check_dataset_name(args.dataset)
+        t0 = time.time()
+        result = run_effectiveness(args, dev_env)
+        if dev_env.primary:
+            for w in result.warnings:
+                print(f"WARNING: {w}")
+            table = summary_table(result.rows)
+            if table:
+                print(table)
+            print(f"results: {result.path} ({len(result.rows)} rows: {len(result.computed)} computed now in "
+                  f"{time.time() - t0:.1f}s, {result.skipped} of this sweep already present)")
+            sys.stdout.flush()
+        return 0
+    finally:
+        shutdown(dev_env)
