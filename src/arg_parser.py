@@ -326,6 +326,15 @@ def namespace_to_dict(args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
+def check_mean_std(mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> None:
+    """``--mean``/``--std``: 1 or 3 values, std > 0 (shared by every CLI)."""
+    for name, v in (("mean", mean), ("std", std)):
+        if v is not None and len(v) not in (1, 3):
+            raise UsageError(f"--{name} needs 1 or 3 values (one per RGB channel), got {len(v)}")
+    if std is not None and any(s <= 0 for s in std):
+        raise UsageError(f"--std values must be > 0, got {list(std)}")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Reject values that would otherwise give a silent wrong result or a crash deep inside."""
     if args.attack_eps is not None and args.attack_eps < 0:
@@ -340,12 +349,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--attack must be pgd or targeted_pgd for training, got '{args.attack}'")
     if args.eps_schedule_period < 0 or args.zero_eps_epochs < 0:
         raise UsageError("--eps-schedule-period and --zero-eps-epochs must be >= 0")
-    for name in ("mean", "std"):
-        v = getattr(args, name)
-        if v is not None and len(v) not in (1, 3):
-            raise UsageError(f"--{name} needs 1 or 3 values (one per RGB channel), got {len(v)}")
-    if args.std is not None and any(s <= 0 for s in args.std):
-        raise UsageError(f"--std values must be > 0, got {args.std}")
+    check_mean_std(args.mean, args.std)
     if args.input_size is not None and args.input_size[0] != 3:
         raise UsageError(f"--input-size {' '.join(map(str, args.input_size))}: this tool trains on 3-channel (RGB) "
                          f"images, so C must be 3")

@@ -592,12 +592,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.upsample_in_model and args.dataset == "imagenet":
         raise UsageError("--upsample-in-model is for CIFAR's 32x32 images; ImageNet preprocessing already "
                          "resizes and crops to the model's input size")
-    for flag in ("mean", "std"):
-        v = getattr(args, flag)
-        if v is not None and len(v) not in (1, 3):
-            raise UsageError(f"--{flag} needs 1 or 3 values, got {len(v)}")
-    if args.std is not None and any(s <= 0 for s in args.std):
-        raise UsageError(f"--std must be positive, got {args.std}")
+    from .arg_parser import check_mean_std
+
+    check_mean_std(args.mean, args.std)
     if args.patch_size is not None and args.patch_size < 1:
         raise UsageError(f"--patch-size must be >= 1, got {args.patch_size}")
 

@@ -229,12 +229,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--num-examples must be >= 1, got {args.num_examples}")
     if args.log_freq < 0:
         raise UsageError(f"--log-freq must be >= 0, got {args.log_freq}")
-    for name in ("mean", "std"):
-        v = getattr(args, name)
-        if v is not None and len(v) not in (1, 3):
-            raise UsageError(f"--{name} needs 1 or 3 values (one per RGB channel), got {len(v)}")
-    if args.std is not None and any(s <= 0 for s in args.std):
-        raise UsageError(f"--std values must be > 0, got {args.std}")
+    from src.arg_parser import check_mean_std
+
+    check_mean_std(args.mean, args.std)
     if args.real_labels:
         raise UsageError("--real-labels is not supported: ImageNet-ReaL labels give several correct classes per "
                          "image, which defines no robust accuracy (the original crashed on its robust metrics); "
