@@ -77,6 +77,12 @@ class DigitsDataset(Dataset):
 _DATASET_PREFIXES = ("torch/", "tfds/", "hfds/", "hfids/", "wds/")
 
 
+def needs_data_dir(name: Optional[str]) -> bool:
+    """Whether a dataset name needs a local root (``digits`` is embedded; tfds/hfds/wds find their data)."""
+    name = (name or "").lower()
+    return name != "digits" and not name.startswith(_DATASET_PREFIXES[1:])
+
+
 def check_dataset_name(name: Optional[str]) -> None:
     """Reject an unknown dataset name before anything asks for its data dir or builds a model."""
     name = name or ""
@@ -96,12 +102,11 @@ def create_dataset(name: str, root: Optional[str], split: str, is_training: bool
         # TensorFlow must be imported after torch / torchvision / timm, or the process segfaults
         import timm  # noqa: F401
         import torchvision  # noqa: F401
-    if name.lower().startswith(_DATASET_PREFIXES[1:]):
-        pass
-    elif not root:
+    needs_root = needs_data_dir(name)
+    if needs_root and not root:
         raise UsageError(f"dataset '{name or 'image folder'}' needs a data dir (positional DIR or data_dir "
                          "in the config); the embedded demo dataset is --dataset digits")
-    elif "://" not in str(root) and not os.path.isdir(root):
+    if needs_root and "://" not in str(root) and not os.path.isdir(root):
         raise UsageError(f"data dir {root} does not exist")
     from timm.data import create_dataset as timm_create_dataset
 

@@ -214,8 +214,9 @@ def _run(args, args_text, dev_env: DeviceEnv, T, normalize_model) -> Dict[str, A
     check_dataset_name(args.dataset)
     if args.combine_dataset:
         check_dataset_name(args.combine_dataset)
-    if args.data_dir is None and str(args.dataset).lower() != "digits" and not str(args.dataset).startswith(
-            ("tfds/", "hfds/", "hfids/", "wds/")):
+    from src.data import needs_data_dir
+
+    if args.data_dir is None and needs_data_dir(args.dataset):
         raise UsageError("no data dir given: pass DIR (or data_dir in the config), or use --dataset digits")
 
     model = T.create_model(args)
