@@ -112,3 +112,13 @@ def test_finetune_through_train_py(tmp_path):
     for k, v in pre.items():
         if k.startswith("features.") and "running" not in k and "num_batches" not in k:
             assert torch.equal(v, post[k]), k
+
+
+def test_amp_bfloat16_and_channels_last_on_cpu(tmp_path):
+    """--amp (bfloat16 autocast on the CPU) and --channels-last train and evaluate adversarially."""
+    r = run_train(TINY_TRAIN + ["--model", "tiny_cnn_test", "--epochs", "1", "--amp", "--channels-last",
+                                "--adv-training", "pgd", "--attack-eps", "8", "--attack-steps", "1",
+                                "--output", str(tmp_path)])
+    assert 0 <= r["eval"]["top1"] <= 100 and 0 <= r["eval"]["robust_top1"] <= r["eval"]["top1"]
+    ck = torch.load(os.path.join(r["output_dir"], "last.pth.tar"), weights_only=True)
+    assert all(v.dtype == torch.float32 for k, v in ck["model"].items() if v.is_floating_point())
