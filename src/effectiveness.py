@@ -390,7 +390,7 @@ def _missing_checkpoints_message(checkpoints_dir: str, missing: Sequence[EpochLa
             present = [n[len("checkpoint-"):-len(".pth.tar")] for n in names
                        if n.startswith("checkpoint-") and n.endswith(".pth.tar")]
     except OSError:
-        pass
+        present = []  # an unreadable folder: the message then lists no present checkpoints
     from timm.utils import natural_key
 
     present = sorted(present, key=natural_key)

@@ -41,7 +41,7 @@ class _StderrHandler(logging.StreamHandler):
 
     @stream.setter
     def stream(self, _value) -> None:
-        pass
+        """logging.StreamHandler.__init__ assigns a stream; the getter above always wins."""
 
 
 def setup_logging(primary: bool = True) -> None:

@@ -1,11 +1,26 @@
 """Helpers shared by the robust-vits model files."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
+import torch.nn as nn
+from timm.layers import create_classifier
 from timm.models._builder import resolve_pretrained_cfg
 
-__all__ = ["check_pretrained_available"]
+__all__ = ["check_pretrained_available", "replace_classifier"]
+
+
+def replace_classifier(model: nn.Module, attr: str, num_classes: int, global_pool: Optional[str] = None) -> None:
+    """``reset_classifier`` for models whose forward uses ``model.<attr>`` after ``model.global_pool``.
+
+    Builds a new pool + linear head for ``num_classes`` on the device of the model's parameters
+    (the original's WRN / PreAct versions set an unused ``head`` attribute instead).
+    """
+    model.num_classes = num_classes
+    pool_type = global_pool if global_pool is not None else model.global_pool.pool_type
+    device = next(model.parameters()).device
+    model.global_pool, head = create_classifier(model.num_features, num_classes, pool_type=pool_type)
+    setattr(model, attr, head.to(device))
 
 
 def check_pretrained_available(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._helpers import check_pretrained_available
+from ._helpers import check_pretrained_available, replace_classifier
 
 __all__ = ["AdvResNet", "EightBN", "GhostBN2D_Old", "Affine", "set_eval_use_different_stats"]
 
@@ -192,11 +192,7 @@ class AdvResNet(nn.Module):
         return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        pool_type = global_pool if global_pool is not None else self.global_pool.pool_type
-        device = self.conv1.weight.device
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool_type)
-        self.fc.to(device)
+        replace_classifier(self, "fc", num_classes, global_pool)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.gelu(self.bn1(self.conv1(x))))

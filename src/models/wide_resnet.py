@@ -22,7 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._helpers import check_pretrained_available
+from ._helpers import check_pretrained_available, replace_classifier
 
 __all__ = ["WideResNet"]
 
@@ -135,11 +135,7 @@ class WideResNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace ``fc`` (the layer the forward uses) for ``num_classes`` outputs."""
-        self.num_classes = num_classes
-        pool_type = global_pool if global_pool is not None else self.global_pool.pool_type
-        device = self.bn1.weight.device
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool_type)
-        self.fc.to(device)
+        replace_classifier(self, "fc", num_classes, global_pool)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
