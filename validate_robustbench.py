@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(argv: Optional[Sequence[str]] = None) -> int:
     from src.robustbench import run
-    from src.trainer import setup_logging
+    from src.cli import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(True)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from . import storage
-from .errors import register_expected
+from .errors import CheckpointError, FinetuneArgumentError, UntrustedCheckpointError
 from .utils import adapt_model_patches, unwrap_model
 
 _logger = logging.getLogger(__name__)
@@ -70,22 +70,6 @@ CLASSIFIER_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bi
 # Where a training checkpoint keeps the weights, in order of preference.
 _EMA_KEYS = ("model_ema", "state_dict_ema")
 _MODEL_KEYS = ("model", "state_dict")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read or does not fit the model; the message is one clear line."""
-
-
-class UntrustedCheckpointError(CheckpointError):
-    """The file needs arbitrary (code-running) unpickling and the caller did not trust it."""
-
-
-class FinetuneArgumentError(ValueError):
-    """Fine-tuning options that cannot work (no class count, a patch size the model cannot take)."""
-
-
-# The CLIs print these as one line and exit 2 (src/errors.py); a ValueError stays a ValueError.
-register_expected(CheckpointError, FinetuneArgumentError)
 
 
 @dataclass

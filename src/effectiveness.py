@@ -48,6 +48,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from src import storage
 from src import validation as V
+from src.cli import seed_everything
 from src.errors import UsageError
 
 _logger = logging.getLogger("robust_vits")
@@ -470,7 +471,7 @@ def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
         label_rows: Dict[int, List[Dict[str, Any]]] = {}
         n_examples = 0
         for job in (j for j in pending if j.epoch == label):
-            V.seed_everything(job.seed + dev_env.global_rank)
+            seed_everything(job.seed + dev_env.global_rank)
             ns = argparse.Namespace(**{**vars(base), "attack": job.attack, "seed": job.seed})
             attack = V.build_eval_attack(ns, job.steps if job.steps is not None else 0, em.num_classes, dev_env)
             ev = V.evaluate_model(em.model, loader, dev_env, attack, max_batches=max_batches, log_freq=args.log_freq,
@@ -542,7 +543,7 @@ def run(args: argparse.Namespace) -> int:
     """The CLI: device, sweep, report; returns the exit code."""
     from src.bits.device import initialize_device, shutdown
     from src.data import check_dataset_name
-    from src.trainer import setup_logging
+    from src.cli import setup_logging
 
     dev_env = initialize_device(force_cpu=args.force_cpu, amp=args.amp, amp_dtype=args.amp_dtype,
                                 channels_last=args.channels_last, local_rank=args.local_rank)

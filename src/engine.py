@@ -18,12 +18,9 @@ import torch
 import torch.nn as nn
 
 from src.bits.device import DeviceEnv
+from src.errors import NonFiniteLossError
 
 _logger = logging.getLogger("robust_vits")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradients became NaN/inf: training stops, the last good checkpoint stays."""
 
 
 @dataclass

@@ -1,41 +1,53 @@
 """Expected errors and the CLI wrapper that turns them into one clear line and exit code 2.
 
 Anything a user can cause with bad input (flags, configs, paths, checkpoints, datasets) raises a
-``UsageError`` (or one of the project's error classes registered in ``EXPECTED``) with a message
-that names the problem and how to fix it. ``run_cli`` prints ``error: <message>`` on stderr and
-exits with code 2, without a traceback; unexpected exceptions keep their traceback.
+subclass of ``ExpectedError`` with a message that names the problem and how to fix it. ``run_cli``
+prints ``error: <message>`` on stderr and exits with code 2, without a traceback; unexpected
+exceptions keep their traceback. Which errors are expected is decided by the class hierarchy alone,
+never by which modules happen to be imported.
 """
 from __future__ import annotations
 
 import sys
-from typing import Callable, List, Optional, Sequence, Tuple, Type
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
-
+from typing import Callable, Optional, Sequence
 
 EXIT_USAGE = 2
 
-_expected: List[Type[BaseException]] = [UsageError]
+
+class ExpectedError(Exception):
+    """Base of every error a user can cause: printed as one line, exit code 2."""
 
 
-def register_expected(*classes: Type[BaseException]) -> None:
-    """Mark exception classes defined elsewhere (e.g. checkpoint errors) as expected user errors."""
-    for c in classes:
-        if c not in _expected:
-            _expected.append(c)
+class UsageError(ExpectedError):
+    """Bad flags, config values, paths or data."""
 
 
-def expected_errors() -> Tuple[Type[BaseException], ...]:
-    return tuple(_expected)
+class CheckpointError(ExpectedError, RuntimeError):
+    """A checkpoint cannot be read or does not fit the model; the message is one clear line."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """The file needs arbitrary (code-running) unpickling and the caller did not trust it."""
+
+
+class FinetuneArgumentError(ExpectedError, ValueError):
+    """Fine-tuning options that cannot work (no class count, a patch size the model cannot take)."""
+
+
+class NonFiniteLossError(ExpectedError, RuntimeError):
+    """The loss or the gradients became NaN/inf: training stops, the last good checkpoint stays."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its class name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Run ``main(argv)``; expected errors become ``error: ...`` on stderr and exit code 2."""
     try:
         return int(main(argv) or 0)
-    except expected_errors() as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        print(f"error: {msg}", file=sys.stderr)
+    except ExpectedError as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return EXIT_USAGE

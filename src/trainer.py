@@ -19,71 +19,20 @@ import torch
 import torch.nn as nn
 
 from src import storage
-from src.bits.checkpoint import CheckpointManager, find_resume_checkpoint
+from src.bits.checkpoint_manager import CheckpointManager, find_resume_checkpoint
 from src.bits.device import DeviceEnv, initialize_device, shutdown
 from src.bits.summary import SummaryCsv, summary_row
 from src.engine import EpochState, NonFiniteLossError, evaluate, train_one_epoch
-from src.errors import UsageError, register_expected
+from src.cli import seed_everything, set_deterministic, setup_logging
+from src.errors import UsageError
 from src.utils import unwrap_model
 
-register_expected(NonFiniteLossError)
-
 _logger = logging.getLogger("robust_vits")
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to the current ``sys.stderr``, not the one of the first run: in-process runs (tests,
-    notebooks) that redirect stderr in between would otherwise log into a closed stream."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        """logging.StreamHandler.__init__ assigns a stream; the getter above always wins."""
-
-
-def setup_logging(primary: bool = True) -> None:
-    level = logging.INFO if primary else logging.WARNING
-    logger = logging.getLogger("robust_vits")
-    logger.setLevel(level)
-    if not logger.handlers:
-        h = _StderrHandler()
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(h)
-        logger.propagate = False
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32 - 1))
-    torch.manual_seed(seed)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Every epoch starts from its own seed, so a resumed run replays the same randomness."""
     return seed + rank + 10007 * (epoch + 1)
-
-
-def set_deterministic(enabled: bool) -> Callable[[], None]:
-    """Turn on deterministic algorithms; returns a function restoring the previous settings.
-
-    The settings are process-wide, so an in-process run (tests, notebooks) must not leave them on.
-    """
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-
-    def restore() -> None:
-        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2], prev[3]
-
-    return restore
 
 
 def default_experiment_name(args: argparse.Namespace, data_config: Dict[str, Any]) -> str:

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from src import storage
 from src.bits.device import DeviceEnv, initialize_device, reduce_sums, shutdown
-from src.errors import UsageError, expected_errors
+from src.cli import seed_everything
+from src.errors import ExpectedError, UsageError
 
 _logger = logging.getLogger("robust_vits")
 
@@ -488,12 +489,6 @@ class EvalModel:
     param_count: float
     trained_inputs: Optional[str] = None  # 'raw' | 'normalized' | None (unknown), from the checkpoint
     notes: List[str] = field(default_factory=list)  # extra honesty warnings found while building
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32 - 1))
-    torch.manual_seed(seed)
 
 
 def _three(v: Sequence[float]) -> Tuple[float, ...]:
@@ -1034,8 +1029,10 @@ def retry_smaller_batch(fn: Callable[[argparse.Namespace], ValidationRun], args:
     while True:
         try:
             return fn(argparse.Namespace(**{**vars(args), "batch_size": batch_size}))
-        except RuntimeError as e:
-            if isinstance(e, expected_errors()) or batch_size <= 1:
+        except ExpectedError:
+            raise
+        except torch.OutOfMemoryError as e:
+            if batch_size <= 1:
                 raise
             batch_size = max(batch_size // 2, 1)
             _logger.warning("validation failed (%s); retrying with batch size %d",
@@ -1058,7 +1055,7 @@ def validate_bulk(args: argparse.Namespace, jobs: Sequence[Tuple[str, str]], dev
                                          "pretrained": args.pretrained or not ckpt})
         try:
             run_ = retry_smaller_batch(lambda a: validate(a, dev_env), job_args)
-        except expected_errors() as e:
+        except ExpectedError as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             _logger.error("%s%s: %s", model_name, f" ({ckpt})" if ckpt else "", msg)
             failures.append(f"{model_name}{f' ({ckpt})' if ckpt else ''}: {msg}")
@@ -1193,7 +1190,7 @@ def _print_report(rows: Sequence[Mapping[str, Any]], warnings: Sequence[Sequence
 
 def run(args: argparse.Namespace) -> int:
     """Single, multi-step or bulk validation according to ``args``; returns the exit code."""
-    from src.trainer import setup_logging
+    from src.cli import setup_logging
 
     dev_env = initialize_device(force_cpu=args.force_cpu, amp=args.amp, amp_dtype=args.amp_dtype,
                                 channels_last=args.channels_last, local_rank=args.local_rank)

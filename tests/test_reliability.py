@@ -215,7 +215,7 @@ def test_sigkill_at_random_moments_then_resume(digits_folder, tmp_path):
 
 def test_stale_files_of_a_lost_epoch_are_reconciled(tmp_path):
     """Files a killed run wrote for an epoch that is trained again never outlive the resume."""
-    from src.bits.checkpoint import CheckpointManager
+    from src.bits.checkpoint_manager import CheckpointManager
 
     d = str(tmp_path)
     model = torch.nn.Linear(2, 2)
