@@ -38,7 +38,7 @@ from torch import nn
 
 from . import storage
 from .errors import CheckpointError, FinetuneArgumentError, UntrustedCheckpointError
-from .utils import adapt_model_patches, unwrap_model
+from .utils import unwrap_model
 
 _logger = logging.getLogger(__name__)
 
@@ -464,18 +464,9 @@ def finetune_from_checkpoint(model: nn.Module, path_or_ckpt: PathOrCheckpoint, n
     net = unwrap_model(model)
 
     if finetuning_patch_size is not None:
-        patch_embed = getattr(net, "patch_embed", None)
-        if patch_embed is None or not hasattr(patch_embed, "proj"):
-            raise FinetuneArgumentError(f"--finetuning-patch-size applies to XCiT-style models with a "
-                                        f"convolutional patch embedding; {_arch_name(net)} has none")
-        current = patch_embed.patch_size
-        current = current[0] if isinstance(current, (tuple, list)) else current
-        if current != finetuning_patch_size:
-            try:
-                adapt_model_patches(net, finetuning_patch_size)
-            except AssertionError as e:
-                raise FinetuneArgumentError(f"--finetuning-patch-size {finetuning_patch_size}: {e}") from None
-            _logger.info("adapted patch size of %s from %s to %s", _arch_name(net), current, finetuning_patch_size)
+        from .model_factory import set_patch_size
+
+        set_patch_size(net, finetuning_patch_size, flag="--finetuning-patch-size", error=FinetuneArgumentError)
 
     if hasattr(net, "reset_classifier"):
         if global_pool is None:

@@ -72,157 +72,214 @@ def _all_finite(params) -> bool:
     return bool(torch.isfinite(norms).all())
 
 
-def train_one_epoch(
-        epoch: int,
-        model: nn.Module,
-        loader,
-        optimizer: torch.optim.Optimizer,
-        loss_fn: nn.Module,
-        dev_env: DeviceEnv,
-        lr_scheduler=None,
-        model_ema=None,
-        grad_scaler=None,
-        mixup_fn: Optional[Callable] = None,
-        random_erasing: Optional[Callable] = None,
-        clip_grad: Optional[float] = None,
-        clip_mode: str = "norm",
-        log_interval: int = 50,
-        num_updates: int = 0,
-        eps_for_epoch: float = float("nan"),
-        recovery_interval: int = 0,
-        save_recovery: Optional[Callable[[int, int, EpochState], None]] = None,
-        state: Optional[EpochState] = None,
-        skip_nonfinite: bool = False,
-        on_first_batch: Optional[Callable[[torch.Tensor], None]] = None,
-) -> Dict[str, Any]:
-    """Train one epoch; returns the summary metrics and the updated global step.
+@dataclass
+class TrainParts:
+    """The objects one optimizer step reads and updates."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Optional[nn.Module]
+    lr_scheduler: Any = None
+    model_ema: Any = None
+    grad_scaler: Any = None
 
-    ``state`` carries the sums of a partially done epoch (mid-epoch resume); the loader must
-    already skip its ``batches_done`` batches.
-    """
+
+@dataclass
+class StepOptions:
+    """How a step treats its gradients."""
+    clip_grad: Optional[float] = None
+    clip_mode: str = "norm"
+    skip_nonfinite: bool = False
+
+
+@dataclass
+class EpochHooks:
+    """What the epoch loop reports and saves along the way."""
+    log_interval: int = 50
+    recovery_interval: int = 0
+    save_recovery: Optional[Callable[[int, int, EpochState], None]] = None
+    on_first_batch: Optional[Callable[[torch.Tensor], None]] = None
+
+
+class _Sums:
+    """Device-side running sums of an epoch (no host sync per step); flushed into an EpochState."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.float64, device=device)
+        self.robust = torch.zeros((), dtype=torch.float64, device=device)
+        self.clean_count = self.robust_count = self.count = 0
+
+    def add(self, loss: torch.Tensor, clean_logits, adv_logits, y: torch.Tensor) -> None:
+        bsz = y.shape[0]
+        y_hard = _hard_targets(y)
+        self.loss += loss.double() * bsz
+        if clean_logits is not None:
+            self.correct += _correct(clean_logits, y_hard).double()
+            self.clean_count += bsz
+        if adv_logits is not None:
+            self.robust += _correct(adv_logits, y_hard).double()
+            self.robust_count += bsz
+        self.count += bsz
+
+    def flush(self, state: EpochState) -> None:
+        state.loss_sum += float(self.loss)
+        state.correct += float(self.correct)
+        state.robust_correct += float(self.robust)
+        state.robust_count += self.robust_count
+        state.clean_count += self.clean_count
+        state.count += self.count
+        self.loss.zero_(), self.correct.zero_(), self.robust.zero_()
+        self.clean_count = self.robust_count = self.count = 0
+
+
+def _backward(parts: TrainParts, loss: torch.Tensor, params, options: StepOptions) -> None:
     from timm.utils import dispatch_clip_grad
 
+    parts.optimizer.zero_grad(set_to_none=True)
+    if parts.grad_scaler is not None:
+        parts.grad_scaler.scale(loss).backward()
+        if options.clip_grad is not None:
+            parts.grad_scaler.unscale_(parts.optimizer)
+            dispatch_clip_grad(params, options.clip_grad, mode=options.clip_mode)
+    else:
+        loss.backward()
+        if options.clip_grad is not None:
+            dispatch_clip_grad(params, options.clip_grad, mode=options.clip_mode)
+
+
+def _step_is_finite(parts: TrainParts, loss: torch.Tensor, params, options: StepOptions, where: str) -> bool:
+    """False (gradients dropped) for a non-finite step under --skip-nonfinite; raises otherwise.
+
+    With a grad scaler the scaler itself skips such steps. Without one, this costs one host sync
+    per step: the price of never writing NaN weights into a checkpoint.
+    """
+    if parts.grad_scaler is not None:
+        return True
+    if bool(torch.isfinite(loss)) and _all_finite(params):
+        return True
+    if not options.skip_nonfinite:
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at {where}; the last good checkpoint is kept. Lower the learning "
+            f"rate, enable --clip-grad, or pass --skip-nonfinite to skip such steps")
+    parts.optimizer.zero_grad(set_to_none=True)
+    return False
+
+
+def _optimizer_step(parts: TrainParts, num_updates: int) -> int:
+    if parts.grad_scaler is not None:
+        parts.grad_scaler.step(parts.optimizer)
+        parts.grad_scaler.update()
+    else:
+        parts.optimizer.step()
+    num_updates += 1
+    if parts.model_ema is not None:
+        parts.model_ema.update(parts.model, step=num_updates)
+    if parts.lr_scheduler is not None:
+        parts.lr_scheduler.step_update(num_updates=num_updates)
+    return num_updates
+
+
+def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, options: StepOptions,
+                    hooks: Optional[EpochHooks] = None, batch_transform: Optional[Callable] = None,
+                    num_updates: int = 0, eps: float = float("nan"), state: Optional[EpochState] = None,
+                    ) -> Dict[str, Any]:
+    """Train one epoch; returns the summary metrics and the updated global step.
+
+    ``batch_transform(x, y)`` runs on the device before the loss (random erasing, mixup);
+    ``state`` carries the sums of a partially done epoch (mid-epoch resume) and the loader must
+    already skip its ``batches_done`` batches. ``eps`` is only reported (the loss owns the attack).
+    """
+    hooks = hooks or EpochHooks()
     state = state or EpochState()
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    parts.model.train()
+    params = [p for p in parts.model.parameters() if p.requires_grad]
     total = len(loader) + state.batches_done if hasattr(loader, "__len__") else 0
-    bar = _progress(total, f"train {epoch}", dev_env.primary)
-    if bar is not None:
-        bar.update(state.batches_done)
-    t_start = time.time()
-    t_log, n_log = time.time(), 0
-    loss_acc = torch.zeros((), dtype=torch.float64, device=dev_env.device)
-    corr_acc = torch.zeros((), dtype=torch.float64, device=dev_env.device)
-    rob_acc = torch.zeros((), dtype=torch.float64, device=dev_env.device)
-    rob_count = 0
-    clean_count = 0
-    count = 0
+    log = _EpochLog(f"train epoch {epoch}", total, state.batches_done, dev_env, hooks.log_interval)
+    sums = _Sums(dev_env.device)
     for x, y in loader:
         x, y = dev_env.to_device(x, y)
-        if on_first_batch is not None and state.batches_done == 0 and count == 0:
-            on_first_batch(x)
-        if random_erasing is not None:
-            x = random_erasing(x)
-        if mixup_fn is not None:
-            x, y = mixup_fn(x, y)
+        if hooks.on_first_batch is not None and state.batches_done == 0 and sums.count == 0:
+            hooks.on_first_batch(x)
+        if batch_transform is not None:
+            x, y = batch_transform(x, y)
         with dev_env.autocast():
-            loss, clean_logits, adv_logits = loss_fn(model, x, y, epoch)
-        bsz = x.shape[0]
+            loss, clean_logits, adv_logits = parts.loss_fn(parts.model, x, y, epoch)
         loss_det = loss.detach().float()
-        optimizer.zero_grad(set_to_none=True)
-        if grad_scaler is not None:
-            grad_scaler.scale(loss).backward()
-            if clip_grad is not None:
-                grad_scaler.unscale_(optimizer)
-                dispatch_clip_grad(params, clip_grad, mode=clip_mode)
-        else:
-            loss.backward()
-            if clip_grad is not None:
-                dispatch_clip_grad(params, clip_grad, mode=clip_mode)
-        step_ok = True
-        if grad_scaler is None:
-            # one host sync per step: the price of never writing NaN weights into a checkpoint
-            finite = bool(torch.isfinite(loss_det)) and _all_finite(params)
-            if not finite:
-                if not skip_nonfinite:
-                    raise NonFiniteLossError(
-                        f"non-finite loss or gradient at epoch {epoch}, step {state.batches_done} of the "
-                        f"epoch (global step {num_updates}); the last good checkpoint is kept. Lower the "
-                        f"learning rate, enable --clip-grad, or pass --skip-nonfinite to skip such steps")
-                step_ok = False
-                state.skipped_steps += 1
-                optimizer.zero_grad(set_to_none=True)
+        _backward(parts, loss, params, options)
+        where = f"epoch {epoch}, step {state.batches_done} of the epoch (global step {num_updates})"
+        step_ok = _step_is_finite(parts, loss_det, params, options, where)
         if step_ok:
-            if grad_scaler is not None:
-                grad_scaler.step(optimizer)
-                grad_scaler.update()
-            else:
-                optimizer.step()
-            num_updates += 1
-            if model_ema is not None:
-                model_ema.update(model, step=num_updates)
-            if lr_scheduler is not None:
-                lr_scheduler.step_update(num_updates=num_updates)
-            y_hard = _hard_targets(y)
-            loss_acc += loss_det.double() * bsz
-            if clean_logits is not None:
-                corr_acc += _correct(clean_logits, y_hard).double()
-                clean_count += bsz
-            if adv_logits is not None:
-                rob_acc += _correct(adv_logits, y_hard).double()
-                rob_count += bsz
-            count += bsz
+            num_updates = _optimizer_step(parts, num_updates)
+            sums.add(loss_det, clean_logits, adv_logits, y)
+        else:
+            state.skipped_steps += 1
         dev_env.mark_step()
         state.batches_done += 1
-        n_log += bsz
-        if bar is not None:
-            bar.update(1)
-        if dev_env.primary and log_interval and (state.batches_done % log_interval == 0):
-            now = time.time()
-            lr = _mean_lr(optimizer)
-            msg = (f"train epoch {epoch} [{state.batches_done}/{total}] loss {float(loss_det):.4f} "
-                   f"lr {lr:.3e} {n_log * dev_env.world_size / max(now - t_log, 1e-9):.1f} img/s")
-            if bar is not None:
-                bar.set_postfix_str(f"loss {float(loss_det):.4f}")
-            else:
-                _logger.info(msg)
-            t_log, n_log = now, 0
-        if save_recovery is not None and recovery_interval and num_updates % recovery_interval == 0 and step_ok:
-            _flush(state, loss_acc, corr_acc, rob_acc, rob_count, clean_count, count)
-            loss_acc.zero_(), corr_acc.zero_(), rob_acc.zero_()
-            rob_count = clean_count = count = 0
-            save_recovery(epoch, num_updates, state)
-    if bar is not None:
-        bar.close()
-    _flush(state, loss_acc, corr_acc, rob_acc, rob_count, clean_count, count)
-    from src.bits.device import reduce_sums
-
-    loss_sum, correct, clean_n, robust_correct, robust_count, n, skipped = reduce_sums(
-        dev_env, [state.loss_sum, state.correct, state.clean_count, state.robust_correct, state.robust_count,
-                  state.count, state.skipped_steps])
-    metrics = {
-        "loss": loss_sum / n if n else float("nan"),
-        "top1": 100.0 * correct / clean_n if clean_n else float("nan"),
-        "robust_top1": 100.0 * robust_correct / robust_count if robust_count else float("nan"),
-        "eps": eps_for_epoch,
-        "lr": _mean_lr(optimizer),
-    }
-    if skipped:
-        _logger.warning("epoch %d: skipped %d optimizer steps with a non-finite loss or gradient", epoch,
-                        int(skipped))
+        log.batch(x.shape[0], state.batches_done, loss_det, parts.optimizer)
+        if hooks.save_recovery is not None and hooks.recovery_interval and step_ok \
+                and num_updates % hooks.recovery_interval == 0:
+            sums.flush(state)
+            hooks.save_recovery(epoch, num_updates, state)
+    log.close()
+    sums.flush(state)
+    metrics = _epoch_metrics(state, dev_env, eps, _mean_lr(parts.optimizer))
+    if state.skipped_steps:
+        _logger.warning("epoch %d: skipped %d optimizer steps with a non-finite loss or gradient on this process",
+                        epoch, int(state.skipped_steps))
     if dev_env.primary:
-        _logger.info("train epoch %d done in %.1fs: loss %.4f top1 %.2f robust_top1 %.2f", epoch,
-                     time.time() - t_start, metrics["loss"], metrics["top1"], metrics["robust_top1"])
+        _logger.info("train epoch %d done in %.1fs: loss %.4f top1 %.2f robust_top1 %.2f", epoch, log.seconds(),
+                     metrics["loss"], metrics["top1"], metrics["robust_top1"])
     return {"metrics": metrics, "num_updates": num_updates}
 
 
-def _flush(state: EpochState, loss_acc, corr_acc, rob_acc, rob_count, clean_count, count) -> None:
-    state.loss_sum += float(loss_acc)
-    state.correct += float(corr_acc)
-    state.robust_correct += float(rob_acc)
-    state.robust_count += rob_count
-    state.clean_count += clean_count
-    state.count += count
+class _EpochLog:
+    """A progress bar on a TTY, else a log line every ``interval`` batches (primary process only)."""
+
+    def __init__(self, desc: str, total: int, done: int, dev_env: DeviceEnv, interval: int):
+        self.desc, self.total, self.dev_env, self.interval = desc, total, dev_env, interval
+        self.bar = _progress(total, desc, dev_env.primary)
+        if self.bar is not None:
+            self.bar.update(done)
+        self.t_start = self.t_log = time.time()
+        self.n_log = 0
+
+    def batch(self, bsz: int, done: int, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        self.n_log += bsz
+        if self.bar is not None:
+            self.bar.update(1)
+        if not (self.dev_env.primary and self.interval and done % self.interval == 0):
+            return
+        now = time.time()
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {float(loss):.4f}")
+        else:
+            rate = self.n_log * self.dev_env.world_size / max(now - self.t_log, 1e-9)
+            _logger.info("%s [%d/%d] loss %.4f lr %.3e %.1f img/s", self.desc,
+                         done, self.total, float(loss), _mean_lr(optimizer), rate)
+        self.t_log, self.n_log = now, 0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def seconds(self) -> float:
+        return time.time() - self.t_start
+
+
+def _epoch_metrics(state: EpochState, dev_env: DeviceEnv, eps: float, lr: float) -> Dict[str, float]:
+    """The epoch's training metrics, summed over every process."""
+    from src.bits.device import reduce_sums
+
+    loss_sum, correct, clean_n, robust_correct, robust_count, n = reduce_sums(
+        dev_env, [state.loss_sum, state.correct, state.clean_count, state.robust_correct, state.robust_count,
+                  state.count])
+    return {
+        "loss": loss_sum / n if n else float("nan"),
+        "top1": 100.0 * correct / clean_n if clean_n else float("nan"),
+        "robust_top1": 100.0 * robust_correct / robust_count if robust_count else float("nan"),
+        "eps": eps,
+        "lr": lr,
+    }
 
 
 def _mean_lr(optimizer: torch.optim.Optimizer) -> float:

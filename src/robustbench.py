@@ -554,7 +554,7 @@ def build_report(*, merged, examples: ExampleSet, fingerprint: Dict[str, Any], a
 
 
 @dataclass
-class _Setup:
+class EvaluationSetup:
     model: nn.Module
     examples: ExampleSet
     preprocessing: Dict[str, Any]
@@ -599,85 +599,49 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--patch-size must be >= 1, got {args.patch_size}")
 
 
-def _three(v: Optional[Sequence[float]], default: float) -> Tuple[float, ...]:
-    if v is None:
-        return (default,) * 3
-    v = tuple(float(x) for x in v)
-    return v * 3 if len(v) == 1 else v
+def _build_model(args: argparse.Namespace, num_classes: int) -> Tuple[nn.Module, Any, str]:
+    """The network through model_factory: pretrained or checkpoint weights, ``--patch-size``
+    (a no-op at the model's own size). Returns ``(net, LoadedCheckpoint | None, weights source)``."""
+    from .model_factory import create_model, load_checkpoint, set_patch_size
+
+    net = create_model(args.model, pretrained=not args.checkpoint, num_classes=num_classes)
+    loaded = None
+    weights_source = "timm pretrained weights"
+    if args.checkpoint:
+        loaded = load_checkpoint(net, args.checkpoint, use_ema=args.use_ema, trust=args.trust_checkpoint)
+        weights_source = f"{args.checkpoint} ({loaded.state_key})"
+    set_patch_size(net, args.patch_size)
+    return net, loaded, weights_source
 
 
-def _current_patch_size(net: nn.Module) -> Optional[int]:
-    pe = getattr(net, "patch_embed", None)
-    if pe is None or not isinstance(getattr(pe, "proj", None), nn.Sequential):
-        return None  # not an XCiT-style convolutional patch embedding
-    p = getattr(pe, "patch_size", None)
-    return int(p[0] if isinstance(p, (tuple, list)) else p) if p is not None else None
+def _normalization_layer(args: argparse.Namespace, net: nn.Module, recorded: Any, defaults: Any
+                         ) -> Tuple[nn.Module, List[str]]:
+    """Normalization inside the model when ``--mean/--std`` are given or the checkpoint records one
+    (model_factory's precedence: flags > checkpoint > model defaults, per value)."""
+    from .model_factory import resolve_normalization, wrap_normalization
+
+    if args.mean is None and args.std is None and recorded is None:
+        return net, []
+    mean, std, source = resolve_normalization(args.mean, args.std, recorded, defaults)
+    if args.mean is None and args.std is None:
+        _logger.info("normalizing inside the model with the mean %s / std %s %s (pass --mean/--std to override)",
+                     list(mean), list(std), source)
+    return wrap_normalization(net, mean, std), [f"ImageNormalizer(mean={list(mean)}, std={list(std)}) {source}"]
 
 
-def _create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    import timm
-
-    from . import models  # noqa: F401 - registers the project's models
-
-    if not timm.is_model(args.model):
-        raise UsageError(f"unknown model '{args.model}' (not in timm's registry, nor a robust-vits model)")
-    pretrained = not args.checkpoint
-    try:
-        return timm.create_model(args.model, pretrained=pretrained, num_classes=num_classes)
-    except (RuntimeError, OSError, ValueError) as e:
-        if pretrained:
-            raise UsageError(f"cannot get pretrained weights for '{args.model}' ({str(e).splitlines()[0][:120]}); "
-                             f"pass --checkpoint") from None
-        raise UsageError(f"cannot create model '{args.model}': {str(e).splitlines()[0][:160]}") from None
-
-
-def _setup(args: argparse.Namespace) -> _Setup:
+def setup_evaluation(args: argparse.Namespace) -> EvaluationSetup:
     """Model (weights, patch size, wrappers) and examples, with the run's fingerprint."""
     from timm.data import resolve_data_config
 
-    from .checkpoint import load_model_weights
-    from .utils import adapt_model_patches, normalize_model
+    from .model_factory import patch_size_of, three
 
     num_classes = args.num_classes or DEFAULT_NUM_CLASSES[args.dataset]
-    net = _create_model(args, num_classes)
-    stored_norm = None
-    weights_source = "timm pretrained weights" if not args.checkpoint else args.checkpoint
-    if args.checkpoint:
-        report = load_model_weights(net, args.checkpoint, use_ema=args.use_ema, strict=True,
-                                    trust=args.trust_checkpoint)
-        stored_norm = report.normalization
-        weights_source = f"{args.checkpoint} ({report.state_key})"
-
-    current = _current_patch_size(net)
-    if args.patch_size is not None:
-        if current is None:
-            raise UsageError(f"--patch-size applies to XCiT-style models with a convolutional patch embedding; "
-                             f"{args.model} has none")
-        if current != args.patch_size:
-            try:
-                adapt_model_patches(net, args.patch_size)
-            except AssertionError as e:
-                raise UsageError(f"--patch-size {args.patch_size}: {e}") from None
-            _logger.info("adapted %s from patch size %d to %d", args.model, current, args.patch_size)
-    patch_size = _current_patch_size(net)
-
+    net, loaded, weights_source = _build_model(args, num_classes)
+    patch_size = patch_size_of(net)
     data_config = resolve_data_config({"crop_pct": args.crop_pct}, model=net)
-    mean_default, std_default = tuple(data_config["mean"]), tuple(data_config["std"])
-    if len(mean_default) == 1:
-        mean_default, std_default = mean_default * 3, std_default * 3
-
-    model: nn.Module = net
-    in_model: List[str] = []
-    if args.mean is not None or args.std is not None:
-        mean, std = _three(args.mean, 0.0), _three(args.std, 1.0)
-        model = normalize_model(model, mean, std)
-        in_model.append(f"ImageNormalizer(mean={list(mean)}, std={list(std)}) from --mean/--std")
-    elif stored_norm is not None:
-        mean, std = tuple(stored_norm[0]), tuple(stored_norm[1])
-        model = normalize_model(model, mean, std)
-        in_model.append(f"ImageNormalizer(mean={list(mean)}, std={list(std)}) stored in the checkpoint")
-        _logger.info("normalizing inside the model with the mean %s / std %s stored in the checkpoint "
-                     "(pass --mean/--std to override)", list(mean), list(std))
+    mean_default, std_default = three(data_config["mean"]), three(data_config["std"])
+    model, in_model = _normalization_layer(args, net, loaded.normalization if loaded else None,
+                                           (mean_default, std_default))
     size = int(data_config["input_size"][-1])
     crop_pct = float(data_config.get("crop_pct") or 1.0)
     interp = data_config.get("interpolation") or "bilinear"
@@ -685,22 +649,10 @@ def _setup(args: argparse.Namespace) -> _Setup:
         model = nn.Sequential(InModelResize(size, crop_pct, interp), model)
         in_model.insert(0, f"Resize({math.floor(size / crop_pct)}, {interp}, antialias) + CenterCrop({size})")
 
-    if args.dataset == "imagenet":
-        loader_norm = (mean_default, std_default) if args.normalize else None
-        transform, desc = imagenet_transform(data_config, loader_norm)
-        if args.normalize:
-            _logger.warning("--normalize: the loader normalizes with mean %s / std %s, so AutoAttack perturbs "
-                            "normalized values (eps and the [0, 1] box no longer mean pixels); the numbers are "
-                            "not comparable with RobustBench's", list(mean_default), list(std_default))
-            if in_model and "ImageNormalizer" in in_model[-1]:
-                _logger.warning("the inputs are normalized twice (--normalize and a normalization layer)")
-    else:
-        transform, desc = None, "ToTensor"
-    examples = load_examples(args.dataset, args.data_dir, args.n_examples, transform)
-    max_label = max(examples.labels()) if examples.n_examples else 0
-    if max_label >= num_classes:
-        raise UsageError(f"the {args.dataset} labels go up to {max_label} but the model has {num_classes} classes; "
-                         f"pass --num-classes")
+    examples, desc = _load_protocol_examples(args, data_config, (mean_default, std_default), in_model)
+    if max(examples.labels(), default=0) >= num_classes:
+        raise UsageError(f"the {args.dataset} labels go up to {max(examples.labels())} but the model has "
+                         f"{num_classes} classes; pass --num-classes")
 
     model.eval()
     preprocessing = {"loader": desc, "in_model": in_model,
@@ -709,17 +661,40 @@ def _setup(args: argparse.Namespace) -> _Setup:
     model_summary = {"model": args.model, "num_classes": num_classes, "weights": weights_source,
                      "use_ema": bool(args.use_ema), "patch_size": patch_size,
                      "weights_sha256": weights_sha256(model)}
-    fingerprint = {
+    fingerprint = _fingerprint(args, examples, model_summary, {"loader": desc, "in_model": in_model})
+    return EvaluationSetup(model=model, examples=examples, preprocessing=preprocessing, fingerprint=fingerprint,
+                           model_summary=model_summary)
+
+
+def _load_protocol_examples(args: argparse.Namespace, data_config: Dict[str, Any], defaults: Any,
+                            in_model: List[str]) -> Tuple[ExampleSet, str]:
+    """The examples and the loader's preprocessing description (ImageNet: resize + crop [+ Normalize])."""
+    if args.dataset != "imagenet":
+        return load_examples(args.dataset, args.data_dir, args.n_examples, None), "ToTensor"
+    transform, desc = imagenet_transform(data_config, defaults if args.normalize else None)
+    if args.normalize:
+        _logger.warning("--normalize: the loader normalizes with mean %s / std %s, so AutoAttack perturbs "
+                        "normalized values (eps and the [0, 1] box no longer mean pixels); the numbers are "
+                        "not comparable with RobustBench's", list(defaults[0]), list(defaults[1]))
+        if in_model and "ImageNormalizer" in in_model[-1]:
+            _logger.warning("the inputs are normalized twice (--normalize and a normalization layer)")
+    return load_examples(args.dataset, args.data_dir, args.n_examples, transform), desc
+
+
+def _fingerprint(args: argparse.Namespace, examples: ExampleSet, model_summary: Dict[str, Any],
+                 preprocessing: Dict[str, Any]) -> Dict[str, Any]:
+    """Everything the per-example results depend on: resumed or sharded state must match it."""
+    return {
         "task": "robustbench",
         "dataset": args.dataset,
         "n_examples": examples.n_examples,
         "examples_sha256": examples.examples_sha256,
         "data_file_md5": getattr(examples, "file_md5", None),
         "model": args.model,
-        "num_classes": num_classes,
-        "patch_size": patch_size,
+        "num_classes": model_summary["num_classes"],
+        "patch_size": model_summary["patch_size"],
         "weights_sha256": model_summary["weights_sha256"],
-        "preprocessing": {"loader": desc, "in_model": in_model},
+        "preprocessing": preprocessing,
         "threat_model": args.threat_model,
         "eps_255": float(args.eps),
         "autoattack": AUTOATTACK_VERSION,
@@ -727,8 +702,6 @@ def _setup(args: argparse.Namespace) -> _Setup:
         "chunk_size": int(args.chunk_size),
         "attack_batch_size": int(min(args.batch_size, args.chunk_size or examples.n_examples)),
     }
-    return _Setup(model=model, examples=examples, preprocessing=preprocessing, fingerprint=fingerprint,
-                  model_summary=model_summary)
 
 
 def _safe_name(text: str) -> str:
@@ -767,7 +740,7 @@ def _file_infos(state) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def _write_report(args, state, setup: _Setup, merged, t0: float) -> Dict[str, Any]:
+def _write_report(args, state, setup: EvaluationSetup, merged, t0: float) -> Dict[str, Any]:
     report = build_report(merged=merged, examples=setup.examples, fingerprint=setup.fingerprint,
                           args_summary=setup.model_summary, preprocessing=setup.preprocessing,
                           threat_model=args.threat_model, eps_255=float(args.eps), seed=int(args.seed),
@@ -833,7 +806,7 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         shard_id, num_shards = _shard_identity(args, dev_env)
         tag = f"[shard {shard_id}/{num_shards}] " if num_shards > 1 else ""
         torch.manual_seed(args.seed)
-        setup = _setup(args)
+        setup = setup_evaluation(args)
         n = setup.examples.n_examples
         args.output = args.output or default_output(args)
         state_dir = args.state_dir or default_state_dir(args.output)

@@ -27,40 +27,17 @@ _logger = logging.getLogger("robust_vits")
 # ----------------------------------------------------------------------------------------------
 
 def create_model(args: argparse.Namespace) -> nn.Module:
-    """``timm.create_model`` with the standard overrides; unknown names give a clear error."""
-    import timm
+    """The training model through ``src.model_factory`` (timm registry + our models, with the
+    drop-rate / BatchNorm / pooling / image-size overrides), then ``--initial-checkpoint`` or
+    ``--finetune`` weights. Sets ``args.num_classes`` to the model's when it was not given."""
+    from src.model_factory import create_model as factory_create
 
-    import src.models  # noqa: F401  (registers our models)
-
-    if not timm.is_model(args.model):
-        close = timm.list_models(f"*{args.model.split('_')[0]}*")[:5]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise UsageError(f"unknown model '{args.model}'{hint}")
-    kwargs: Dict[str, Any] = dict(
-        pretrained=args.pretrained,
-        num_classes=args.num_classes,
-        drop_rate=args.drop,
-        drop_path_rate=args.drop_path,
-        drop_block_rate=args.drop_block,
-        global_pool=args.gp,
-        bn_momentum=args.bn_momentum,
-        bn_eps=args.bn_eps,
-        scriptable=args.torchscript or None,
-    )
-    if args.drop_connect is not None and args.drop_path is None:
-        kwargs["drop_path_rate"] = args.drop_connect
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    img_size = args.img_size or (args.input_size[-1] if args.input_size else None)
-    try:
-        try:
-            # build position embeddings etc. for the requested size (a ViT at 32 px needs it)
-            model = timm.create_model(args.model, **kwargs, **({"img_size": img_size} if img_size else {}))
-        except TypeError:
-            if not img_size:
-                raise
-            model = timm.create_model(args.model, **kwargs)
-    except TypeError as e:
-        raise UsageError(f"model '{args.model}' does not accept these options: {e}") from None
+    drop_path = args.drop_path if args.drop_path is not None else args.drop_connect
+    model = factory_create(args.model, pretrained=args.pretrained, scriptable=args.torchscript or None,
+                           num_classes=args.num_classes, drop_rate=args.drop, drop_path_rate=drop_path,
+                           drop_block_rate=args.drop_block, global_pool=args.gp, bn_momentum=args.bn_momentum,
+                           bn_eps=args.bn_eps,
+                           img_size=args.img_size or (args.input_size[-1] if args.input_size else None))
     if args.initial_checkpoint:
         from src.checkpoint import load_model_weights
 
@@ -92,12 +69,10 @@ def resolve_data_config(args: argparse.Namespace, model: nn.Module, verbose: boo
 
 
 def model_mean_std(args: argparse.Namespace, data_config: Dict[str, Any]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    mean = tuple(args.mean) if args.mean is not None else tuple(data_config["mean"])
-    std = tuple(args.std) if args.std is not None else tuple(data_config["std"])
-    if len(mean) == 1:
-        mean = mean * 3
-    if len(std) == 1:
-        std = std * 3
+    """``--normalize-model``'s mean/std: the flags, else the model's defaults (model_factory's order)."""
+    from src.model_factory import resolve_normalization
+
+    mean, std, _ = resolve_normalization(args.mean, args.std, None, (data_config["mean"], data_config["std"]))
     if len(mean) != 3 or len(std) != 3:
         raise UsageError(f"--mean/--std need 3 values (RGB), got {len(mean)} and {len(std)}")
     return mean, std
@@ -127,11 +102,13 @@ def scale_lr(args: argparse.Namespace, world_size: int) -> float:
     return lr
 
 
-def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+def create_optimizer(args: argparse.Namespace, model: nn.Module, lr: Optional[float] = None) -> torch.optim.Optimizer:
+    """timm's optimizer factory; ``lr`` (e.g. from ``scale_lr``) overrides ``args.lr`` without changing args."""
     from timm.optim import create_optimizer_v2, optimizer_kwargs
 
+    cfg = args if lr is None else argparse.Namespace(**{**vars(args), "lr": lr})
     try:
-        return create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+        return create_optimizer_v2(model, **optimizer_kwargs(cfg=cfg))
     except (AssertionError, ValueError) as e:
         raise UsageError(f"cannot create optimizer '{args.opt}': {e}") from None
 
@@ -164,6 +141,17 @@ class CleanTrainingLoss(nn.Module):
 
 def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
+
+
+def create_mixup(args: argparse.Namespace, num_classes: Optional[int]):
+    """timm's Mixup (mixup / cutmix, with label smoothing) when either is active, else None."""
+    if not mixup_active(args):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=num_classes)
 
 
 def create_natural_criterion(args: argparse.Namespace) -> nn.Module:

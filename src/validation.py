@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from src import storage
 from src.bits.device import DeviceEnv, initialize_device, reduce_sums, shutdown
 from src.cli import seed_everything
-from src.errors import ExpectedError, UsageError
+from src.errors import ExpectedError, UsageError, first_line
 
 _logger = logging.getLogger("robust_vits")
 
@@ -491,144 +491,82 @@ class EvalModel:
     notes: List[str] = field(default_factory=list)  # extra honesty warnings found while building
 
 
-def _three(v: Sequence[float]) -> Tuple[float, ...]:
-    v = tuple(float(x) for x in v)
-    return v * 3 if len(v) == 1 else v
+def _build_network(args: argparse.Namespace, checkpoint: str):
+    """The network with its weights and ``--patch-size`` applied; returns ``(model, LoadedCheckpoint | None)``."""
+    from src.model_factory import create_model, load_checkpoint, set_patch_size
+
+    model = create_model(args.model, pretrained=args.pretrained or not checkpoint,
+                         scriptable=args.torchscript or None, num_classes=args.num_classes, global_pool=args.gp,
+                         in_chans=args.input_size[0] if args.input_size else None,
+                         img_size=args.img_size or (args.input_size[-1] if args.input_size else None))
+    loaded = None
+    if checkpoint:
+        loaded = load_checkpoint(model, checkpoint, use_ema=args.use_ema, trust=args.trust_checkpoint)
+        _logger.info("loaded %s weights from %s", loaded.state_key, checkpoint)
+    set_patch_size(model, args.patch_size)
+    return model, loaded
 
 
-def _timm_create(args: argparse.Namespace, pretrained: bool) -> nn.Module:
-    import timm
+def _normalize_in_model(args: argparse.Namespace, model: nn.Module, data_config: Dict[str, Any], loaded: Any
+                        ) -> Tuple[nn.Module, str, Tuple[float, ...], Tuple[float, ...], List[str]]:
+    """The normalization mode and mean/std (model_factory's precedence); returns the wrapped model.
 
-    import src.models  # noqa: F401  (registers the project's models)
+    Normalization goes inside the model with ``--normalize-model`` and whenever the checkpoint
+    records one (its network was trained behind it); else the loader normalizes, or nothing does
+    (``--no-normalize``).
+    """
+    from src.model_factory import resolve_normalization, wrap_normalization
 
-    if not timm.is_model(args.model):
-        close = timm.list_models(f"*{args.model.split('_')[0]}*")[:5]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise UsageError(f"unknown model '{args.model}'{hint}")
-    kwargs: Dict[str, Any] = dict(pretrained=pretrained, num_classes=args.num_classes, global_pool=args.gp,
-                                  scriptable=args.torchscript or None)
-    if args.input_size:
-        kwargs["in_chans"] = args.input_size[0]
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    img_size = args.img_size or (args.input_size[-1] if args.input_size else None)
-    try:
-        try:
-            # position embeddings etc. must be built for the evaluated size (a ViT trained at 32 px)
-            return timm.create_model(args.model, **kwargs, **({"img_size": img_size} if img_size else {}))
-        except TypeError:
-            if not img_size:
-                raise
-            return timm.create_model(args.model, **kwargs)
-    except TypeError as e:
-        raise UsageError(f"model '{args.model}' does not accept these options: {e}") from None
-    except (RuntimeError, OSError, ValueError) as e:
-        if not pretrained:
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot load pretrained weights for '{args.model}' ({first}); pass --checkpoint, or "
-                         "check the network connection") from None
-
-
-def _hparams_inputs(hparams: Any) -> Optional[str]:
-    """What the checkpoint's *network* was trained on: 'raw' [0, 1] or 'normalized' inputs."""
-    if not isinstance(hparams, Mapping) or "no_normalize" not in hparams:
-        return None
-    if hparams.get("normalize_model"):
-        return "normalized"  # the wrapper normalized before the network
-    return "raw" if hparams.get("no_normalize") else "normalized"
+    recorded = loaded.normalization if loaded is not None else None
+    defaults = (data_config["mean"], data_config["std"])
+    if not (args.normalize_model or recorded is not None):
+        if args.no_normalize:
+            _logger.info("raw [0, 1] inputs (--no-normalize)")
+        else:
+            _logger.info("the loader normalizes inputs with mean %s std %s", *defaults)
+        return model, "raw" if args.no_normalize else "loader", tuple(defaults[0]), tuple(defaults[1]), []
+    mean, std, source = resolve_normalization(args.mean, args.std, recorded, defaults)
+    notes = []
+    if recorded is not None and (args.mean or args.std):
+        rec_mean, rec_std, _ = resolve_normalization(None, None, recorded, defaults)
+        if (mean, std) != (rec_mean, rec_std):
+            notes.append(f"--mean/--std {mean}/{std} differ from the normalization the checkpoint was trained "
+                         f"with ({rec_mean}/{rec_std}): the model sees inputs it was not trained on")
+    if recorded is not None and not args.normalize_model:
+        _logger.info("the checkpoint was trained with normalization inside the model: evaluating it the same way "
+                     "(--normalize-model implied)")
+    _logger.info("normalizing inside the model with mean %s std %s (%s); inputs are [0, 1] pixels", mean, std,
+                 source)
+    return wrap_normalization(model, mean, std), "model", mean, std, notes
 
 
 def create_eval_model(args: argparse.Namespace, dev_env: DeviceEnv, checkpoint: Optional[str] = None) -> EvalModel:
     """Build the model ``validate.py`` evaluates, in eval mode on ``dev_env``'s device.
 
-    timm model (``pretrained`` forced without a checkpoint) -> checkpoint weights (weights-only
-    unless ``--trust-checkpoint``) -> ``--patch-size`` XCiT stem surgery -> data config ->
-    ``--test-pool`` -> normalization per mode -> ``--valid-labels`` -> device, channels-last,
-    TorchScript. Parameters are frozen (``requires_grad=False``): attacks only need input
-    gradients.
+    model_factory: timm model (``pretrained`` forced without a checkpoint) -> checkpoint weights
+    (weights-only unless ``--trust-checkpoint``) -> ``--patch-size`` (no-op when equal); then data
+    config -> ``--test-pool`` -> normalization -> ``--valid-labels`` -> device, channels-last,
+    TorchScript. Parameters are frozen (``requires_grad=False``): attacks only need input gradients.
     """
     from timm.data import resolve_data_config
 
-    from src.checkpoint import load_checkpoint_file, load_model_weights
-    from src.utils import adapt_model_patches, normalize_model, unwrap_model
+    from src.model_factory import three
 
     checkpoint = args.checkpoint if checkpoint is None else checkpoint
-    model = _timm_create(args, pretrained=args.pretrained or not checkpoint)
-    notes: List[str] = []
-    ckpt_norm: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
-    norm_source = ""
-    trained_inputs: Optional[str] = None
-    hparams: Any = None
-    if checkpoint:
-        ckpt = load_checkpoint_file(checkpoint, trust=args.trust_checkpoint)
-        report = load_model_weights(model, ckpt, use_ema=args.use_ema, strict=True)
-        if args.use_ema and report.state_key not in ("model_ema", "state_dict_ema"):
-            _logger.warning("--use-ema: checkpoint %s has no EMA weights; evaluating its model weights", checkpoint)
-        _logger.info("loaded %s weights from %s", report.state_key, checkpoint)
-        hparams = ckpt.get("hparams") if isinstance(ckpt, Mapping) else None
-        trained_inputs = _hparams_inputs(hparams)
-        if report.normalization is not None:
-            ckpt_norm, norm_source = (_three(report.normalization[0]), _three(report.normalization[1])), \
-                "recorded in the checkpoint"
-    if args.patch_size is not None:
-        patch_embed = getattr(unwrap_model(model), "patch_embed", None)
-        if not isinstance(getattr(patch_embed, "proj", None), nn.Sequential):
-            raise UsageError(f"--patch-size {args.patch_size} applies to XCiT models (a convolutional patch stem); "
-                             f"{args.model} has none")
-        try:
-            adapt_model_patches(model, args.patch_size)
-        except AssertionError as e:
-            raise UsageError(f"--patch-size {args.patch_size}: {e}") from None
-        _logger.info("adapted the XCiT stem of %s to patch size %d", args.model, args.patch_size)
-
+    model, loaded = _build_network(args, checkpoint)
     data_config = resolve_data_config(vars(args), model=model, use_test_size=True, verbose=False)
     for key in ("mean", "std"):
-        data_config[key] = _three(data_config[key])
+        data_config[key] = three(data_config[key])
     if args.test_pool:
         from timm.layers import apply_test_time_pool
 
         model, test_time_pool = apply_test_time_pool(model, data_config, use_test_size=True)
         if test_time_pool:
             data_config["crop_pct"] = 1.0
-    if ckpt_norm is None and isinstance(hparams, Mapping) and hparams.get("normalize_model"):
-        # an original-style checkpoint of a --normalize-model run: mean/std are in its training args
-        ckpt_norm = (_three(hparams.get("mean") or data_config["mean"]),
-                     _three(hparams.get("std") or data_config["std"]))
-        norm_source = "from the checkpoint's training arguments (hparams)"
-
-    user_norm = (_three(args.mean) if args.mean else None, _three(args.std) if args.std else None)
-    if args.normalize_model or ckpt_norm is not None:
-        mode = "model"
-        if args.normalize_model and (user_norm[0] or user_norm[1]):
-            mean = user_norm[0] or (ckpt_norm[0] if ckpt_norm else data_config["mean"])
-            std = user_norm[1] or (ckpt_norm[1] if ckpt_norm else data_config["std"])
-            if ckpt_norm is not None and (tuple(mean), tuple(std)) != ckpt_norm:
-                notes.append(f"--mean/--std {mean}/{std} differ from the normalization the checkpoint was trained "
-                             f"with ({ckpt_norm[0]}/{ckpt_norm[1]}): the model sees inputs it was not trained on")
-            source = "from --mean/--std"
-        elif ckpt_norm is not None:
-            mean, std = ckpt_norm
-            source = norm_source
-            if not args.normalize_model:
-                _logger.info("the checkpoint was trained with normalization inside the model: evaluating it the "
-                             "same way (--normalize-model implied)")
-        else:
-            mean, std = data_config["mean"], data_config["std"]
-            source = "the model's defaults"
-        _logger.info("normalizing inside the model with mean %s std %s (%s); inputs are [0, 1] pixels",
-                     tuple(mean), tuple(std), source)
-        model = normalize_model(model, mean, std)
-    elif args.no_normalize:
-        mode, mean, std = "raw", data_config["mean"], data_config["std"]
-        _logger.info("raw [0, 1] inputs (--no-normalize)")
-    else:
-        mode, mean, std = "loader", data_config["mean"], data_config["std"]
-        _logger.info("the loader normalizes inputs with mean %s std %s", tuple(mean), tuple(std))
-
+    model, mode, mean, std, notes = _normalize_in_model(args, model, data_config, loaded)
     if args.valid_labels:
-        valid = _read_valid_labels(args.valid_labels)
-        model = ValidLabels(model, valid)
-    num_classes = _num_outputs(model, unwrap_model)
+        model = ValidLabels(model, _read_valid_labels(args.valid_labels))
+    num_classes = _num_outputs(model)
     param_count = sum(p.numel() for p in model.parameters())
     model.requires_grad_(False)
     model = dev_env.to_model_device(model)
@@ -637,10 +575,10 @@ def create_eval_model(args: argparse.Namespace, dev_env: DeviceEnv, checkpoint: 
         try:
             model = torch.jit.script(model)
         except Exception as e:  # noqa: BLE001 - scripting failures are many kinds of error
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(f"--torchscript: cannot script {args.model} ({first})") from None
+            raise UsageError(f"--torchscript: cannot script {args.model} ({first_line(e)})") from None
     return EvalModel(model=model, data_config=data_config, normalization=mode, mean=tuple(mean), std=tuple(std),
-                     num_classes=num_classes, param_count=param_count, trained_inputs=trained_inputs, notes=notes)
+                     num_classes=num_classes, param_count=param_count,
+                     trained_inputs=loaded.trained_inputs if loaded is not None else None, notes=notes)
 
 
 def _read_valid_labels(path: str) -> List[int]:
@@ -655,7 +593,9 @@ def _read_valid_labels(path: str) -> List[int]:
     return labels
 
 
-def _num_outputs(model: nn.Module, unwrap_model: Callable[[nn.Module], nn.Module]) -> int:
+def _num_outputs(model: nn.Module) -> int:
+    from src.utils import unwrap_model
+
     if isinstance(model, ValidLabels):
         return int(model.valid.numel())
     net = unwrap_model(model)

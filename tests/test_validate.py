@@ -250,11 +250,20 @@ def test_retry_halves_batch_size_on_runtime_error():
     def fake(a):
         seen.append(a.batch_size)
         if a.batch_size > 25:
-            raise RuntimeError("out of memory")
+            raise torch.OutOfMemoryError("out of memory")
         return a.batch_size
 
     assert V.retry_smaller_batch(fake, args) == 25
     assert seen == [100, 50, 25]
+
+    def bug(a):
+        seen.append(a.batch_size)
+        raise RuntimeError("shape mismatch inside the model")
+
+    seen.clear()
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        V.retry_smaller_batch(bug, args)
+    assert seen == [100]  # only out-of-memory shrinks the batch; other errors are bugs to show
 
     def bad_checkpoint(a):
         seen.append(a.batch_size)
@@ -312,6 +321,11 @@ def test_patch_size_surgery_on_xcit(tmp_path, capsys):
     assert rc == 0 and _result(out)["img_size"] == 32
     rc, _, err = _cli(common + ["--patch-size", "6"], capsys)
     assert rc == 2 and err.strip().splitlines()[-1].startswith("error: --patch-size 6")
+    # the model's own patch size is a no-op (it exited 2 here while the other CLIs accepted it)
+    em = V.create_eval_model(V.parse_args(common + ["--patch-size", "16"]), initialize_device(force_cpu=True))
+    assert em.model.patch_embed.patch_size == 16
+    rc, out, _ = _cli(common + ["--patch-size", "16"], capsys)
+    assert rc == 0 and _result(out)["top1"] == _result(_cli(common, capsys)[1])["top1"]
 
 
 def test_patch_size_rejected_for_non_xcit(adv_ckpt, capsys):
