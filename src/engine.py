@@ -287,57 +287,266 @@ def _mean_lr(optimizer: torch.optim.Optimizer) -> float:
     return sum(lrs) / len(lrs) if lrs else 0.0
 
 
-def evaluate(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional[Callable] = None,
-             attack_mode: str = "eval", phase: str = "eval") -> Dict[str, float]:
-    """Clean loss / top-1 and, with ``attack(model, x, y)``, robust top-1 (NaN without an attack).
+# ----------------------------------------------------------------------------------------------
+# The evaluation loop (per-epoch evaluation of train.py and every evaluation CLI)
+# ----------------------------------------------------------------------------------------------
 
-    ``attack_mode='train'`` crafts in train mode (what the original did on TPU); BatchNorm buffers
-    are restored afterwards so evaluation never changes the model.
+@dataclass
+class EvalResult:
+    """Exact counts of one evaluation pass (summed over processes) and optional per-example data.
+
+    ``per_example`` (local process only) holds tensors of length ``local_examples``: ``label``,
+    ``clean_pred``, ``clean_correct``, ``clean_loss`` and, with an attack, ``adv_pred``,
+    ``robust_correct``, ``adv_loss``; ``indices`` are the dataset indices of those examples when
+    the loader's sampler exposes them (``ShardSampler`` does).
     """
-    model.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    loss_acc = torch.zeros((), dtype=torch.float64, device=dev_env.device)
-    corr_acc = torch.zeros((), dtype=torch.float64, device=dev_env.device)
-    rob_acc = torch.zeros((), dtype=torch.float64, device=dev_env.device)
-    count = 0
-    bar = _progress(len(loader) if hasattr(loader, "__len__") else 0, phase, dev_env.primary)
-    t0 = time.time()
-    for x, y in loader:
-        x, y = dev_env.to_device(x, y)
-        with torch.no_grad(), dev_env.autocast():
+    num_examples: int
+    clean_correct1: float
+    clean_correct5: float
+    loss_sum: float
+    attacked: bool
+    robust_correct1: float = 0.0
+    robust_correct5: float = 0.0
+    adv_loss_sum: float = 0.0
+    topk: int = 5
+    seconds: float = 0.0
+    local_examples: int = 0
+    zero_grad_fraction: Optional[float] = None
+    attack_flags: list = field(default_factory=list)
+    per_example: Optional[dict] = None
+    indices: Optional[torch.Tensor] = None
+
+    def _pct(self, v: float, attacked_only: bool = False) -> float:
+        if not self.num_examples or (attacked_only and not self.attacked):
+            return float("nan")
+        return 100.0 * v / self.num_examples
+
+    @property
+    def top1(self) -> float:
+        return self._pct(self.clean_correct1)
+
+    @property
+    def top5(self) -> float:
+        return self._pct(self.clean_correct5)
+
+    @property
+    def robust_top1(self) -> float:
+        return self._pct(self.robust_correct1, attacked_only=True)
+
+    @property
+    def robust_top5(self) -> float:
+        return self._pct(self.robust_correct5, attacked_only=True)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.num_examples if self.num_examples else float("nan")
+
+    @property
+    def adv_loss(self) -> float:
+        if not (self.num_examples and self.attacked):
+            return float("nan")
+        return self.adv_loss_sum / self.num_examples
+
+
+def zero_gradient_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                           dev_env: Optional[DeviceEnv] = None) -> float:
+    """Fraction of examples whose cross-entropy input gradient is exactly zero.
+
+    Non-zero means gradient masking: a non-differentiable or quantizing input step, or a softmax
+    so saturated that float32 rounds its gradient away. Gradient attacks (PGD, APGD) do not move
+    such examples, so their robust accuracy overstates robustness. A model whose output does not
+    depend differentiably on its input at all raises ``UsageError``.
+    """
+    from src.errors import UsageError
+
+    autocast = dev_env.autocast() if dev_env is not None else torch.autocast("cpu", enabled=False)
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        with autocast:
             logits = model(x)
-        loss_acc += criterion(logits.float(), y).double()
-        corr_acc += _correct(logits, y).double()
-        if attack is not None:
-            if attack_mode == "train":
-                backup = {k: v.clone() for k, v in model.state_dict().items()}
-                model.train()
-            with dev_env.autocast():
-                x_adv = attack(model, x, y)
-            if attack_mode == "train":
-                model.load_state_dict(backup)
-                model.eval()
-            with torch.no_grad(), dev_env.autocast():
-                adv_logits = model(x_adv)
-            rob_acc += _correct(adv_logits, y).double()
-        count += x.shape[0]
-        dev_env.mark_step()
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        if not loss.requires_grad:
+            raise UsageError("the model's output has no gradient with respect to its input (it detaches or "
+                             "recomputes the input outside autograd): gradient attacks cannot run on it")
+        grad, = torch.autograd.grad(loss, x, allow_unused=True)
+    if grad is None:
+        return 1.0
+    zero = grad.detach().flatten(1).abs().amax(dim=1) == 0
+    return float(zero.float().mean())
+
+
+def batchnorm_buffers(model: nn.Module) -> dict:
+    """Copies of the running statistics of every BatchNorm-style layer (modules with
+    ``track_running_stats``), keyed by module and buffer name: what crafting in train mode changes."""
+    saved = {}
+    for mod_name, module in model.named_modules():
+        if hasattr(module, "track_running_stats"):
+            for name, buf in module.named_buffers(recurse=False):
+                if buf is not None:
+                    saved[(mod_name, name)] = buf.detach().clone()
+    return saved
+
+
+def restore_batchnorm_buffers(model: nn.Module, saved: dict) -> None:
+    """Write back the statistics saved by :func:`batchnorm_buffers` (in place, no reallocation)."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for (mod_name, name), value in saved.items():
+            getattr(modules[mod_name], name).copy_(value)
+
+
+def craft_adversarial(model: nn.Module, attack: Callable, x: torch.Tensor, y: torch.Tensor, dev_env: DeviceEnv,
+                      attack_mode: str = "eval") -> torch.Tensor:
+    """``attack(model, x, y)`` with gradients on; the model is in eval mode afterwards.
+
+    ``attack_mode='train'`` crafts in train mode (what the original did on TPU: BN batch
+    statistics and dropout active); only the BatchNorm running statistics are saved and restored,
+    so evaluation never changes the model (the weights are not touched by an attack).
+    """
+    saved = None
+    if attack_mode == "train":
+        saved = batchnorm_buffers(model)
+        model.train()
+    try:
+        with torch.enable_grad(), dev_env.autocast():
+            x_adv = attack(model, x, y)
+    finally:
+        if saved is not None:
+            restore_batchnorm_buffers(model, saved)
+        model.eval()  # an attack must not leave the model in train mode
+    return x_adv.detach()
+
+
+def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> tuple:
+    """Per-example top-1 and top-k correctness, and the top-1 prediction."""
+    top = logits.topk(k, dim=1).indices
+    hit = top.eq(y.unsqueeze(1))
+    return hit[:, 0], hit.any(dim=1), top[:, 0]
+
+
+def _forward_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dev_env: DeviceEnv, topk: int) -> dict:
+    """One no-grad forward: per-example top-1/top-k correctness, prediction and float32 CE loss."""
+    with torch.no_grad(), dev_env.autocast():
+        logits = model(x)
+    logits = logits.float()
+    c1, ck, pred = _topk_correct(logits, y, min(topk, logits.shape[-1]))
+    return {"c1": c1, "ck": ck, "pred": pred, "loss": nn.functional.cross_entropy(logits, y, reduction="none"),
+            "k": min(topk, logits.shape[-1])}
+
+
+class _EvalProgress:
+    """tqdm on a TTY, else a log line every ``log_freq`` batches (primary process only)."""
+
+    def __init__(self, total: int, dev_env: DeviceEnv, log_freq: int, desc: str, attacked: bool):
+        self.total, self.dev_env, self.log_freq, self.attacked = total, dev_env, log_freq, attacked
+        self.bar = _progress(total, desc, dev_env.primary)
+        self.t_log, self.n_log = time.time(), 0
+
+    def update(self, i: int, batch: int, sums: torch.Tensor, count: int, k: int) -> None:
+        self.n_log += batch
+        if self.bar is not None:
+            self.bar.update(1)
+        due = self.log_freq and ((i + 1) % self.log_freq == 0 or i + 1 == self.total)
+        if not self.dev_env.primary or (self.bar is None and not due):
+            return
+        now = time.time()
+        s = sums.tolist()
+        rate = self.n_log * self.dev_env.world_size / max(now - self.t_log, 1e-9)
+        robust = f" robust@1 {100 * s[3] / count:.2f}" if self.attacked else ""
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{rate:.1f} img/s acc@1 {100 * s[0] / count:.2f}{robust}")
+        else:
+            _logger.info("Test: [%d/%d] %.1f img/s loss %.4f acc@1 %.2f acc@%d %.2f%s", i + 1, self.total, rate,
+                         s[2] / count, 100 * s[0] / count, k, 100 * s[1] / count, robust)
+        self.t_log, self.n_log = now, 0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _sampler_indices(loader, count: int) -> Optional[torch.Tensor]:
+    sampler = getattr(loader, "sampler", None)
+    try:
+        idx = list(iter(sampler)) if sampler is not None else None
+    except TypeError:  # a sampler that is not iterable (e.g. an iterable dataset's)
+        idx = None
+    return torch.as_tensor(idx[:count], dtype=torch.long) if idx is not None and len(idx) >= count else None
+
+
+def evaluate_loop(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional[Callable] = None, *,
+                  attack_mode: str = "eval", max_batches: Optional[int] = None, log_freq: int = 0,
+                  return_per_example: bool = False, check_gradients: bool = False, topk: int = 5,
+                  desc: str = "validate") -> EvalResult:
+    """Clean (and, with ``attack(model, x, y) -> x_adv``, adversarial) accuracy over ``loader``.
+
+    Per batch: soft labels become their argmax; clean forward without a graph; with an attack,
+    :func:`craft_adversarial` (eval mode, or ``attack_mode='train'``) and the adversarial forward.
+    Float32 cross-entropy losses, top-1 and top-``min(topk, classes)`` correctness are exact counts
+    on the device, summed over processes once at the end (each process evaluates its own shard).
+    ``max_batches`` stops early (``--num-examples``). ``check_gradients`` measures the zero input
+    gradients of the first batch before attacking (gradient masking, :func:`zero_gradient_fraction`).
+    """
     from src.bits.device import reduce_sums
 
-    loss_sum, correct, robust_correct, n = reduce_sums(dev_env, [float(loss_acc), float(corr_acc),
-                                                                 float(rob_acc), count])
-    out = {
-        "loss": loss_sum / n if n else float("nan"),
-        "top1": 100.0 * correct / n if n else float("nan"),
-        "robust_top1": 100.0 * robust_correct / n if (n and attack is not None) else float("nan"),
-    }
+    model.eval()
+    sums = torch.zeros(6, dtype=torch.float64, device=dev_env.device)  # c1, ck, loss, r1, rk, adv_loss
+    total = len(loader) if hasattr(loader, "__len__") else 0
+    if max_batches is not None:
+        total = min(total, max_batches) if total else max_batches
+    progress = _EvalProgress(total, dev_env, log_freq, desc, attack is not None)
+    per: dict = {}
+    count, k_used, zero_frac, t0 = 0, topk, None, time.time()
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = dev_env.to_device(x, y)
+        y = _hard_targets(y)
+        clean = _forward_metrics(model, x, y, dev_env, topk)
+        k_used = clean["k"]
+        items = {"label": y, "clean_pred": clean["pred"], "clean_correct": clean["c1"], "clean_loss": clean["loss"]}
+        batch = [clean["c1"].sum(), clean["ck"].sum(), clean["loss"].sum()]
+        if attack is not None:
+            if check_gradients and i == 0:
+                zero_frac = zero_gradient_fraction(model, x, y, dev_env)
+            adv = _forward_metrics(model, craft_adversarial(model, attack, x, y, dev_env, attack_mode), y, dev_env,
+                                   topk)
+            items.update(adv_pred=adv["pred"], robust_correct=adv["c1"], adv_loss=adv["loss"])
+            batch += [adv["c1"].sum(), adv["ck"].sum(), adv["loss"].sum()]
+        else:
+            batch += [torch.zeros((), device=dev_env.device)] * 3
+        sums += torch.stack([b.double() for b in batch])
+        if return_per_example:
+            for key, v in items.items():
+                per.setdefault(key, []).append(v.detach().cpu())
+        count += x.shape[0]
+        dev_env.mark_step()
+        progress.update(i, x.shape[0], sums, count, k_used)
+    progress.close()
+    c1, ck, loss_sum, r1, rk, adv_loss_sum, n = reduce_sums(dev_env, sums.tolist() + [count])
+    flags: list = []
+    if attack is not None:
+        from src.autoattack import attack_flags
+
+        flags = attack_flags(attack)
+    return EvalResult(num_examples=int(n), clean_correct1=c1, clean_correct5=ck, loss_sum=loss_sum,
+                      attacked=attack is not None, robust_correct1=r1, robust_correct5=rk,
+                      adv_loss_sum=adv_loss_sum, topk=k_used, seconds=time.time() - t0, local_examples=count,
+                      zero_grad_fraction=zero_frac, attack_flags=flags,
+                      per_example={k: torch.cat(v) for k, v in per.items()} if return_per_example else None,
+                      indices=_sampler_indices(loader, count) if return_per_example else None)
+
+
+def evaluate(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional[Callable] = None,
+             attack_mode: str = "eval", phase: str = "eval") -> Dict[str, float]:
+    """Per-epoch evaluation: ``loss``, ``top1``, ``top5`` and, with ``attack(model, x, y)``,
+    ``robust_top1`` / ``robust_top5`` (NaN without an attack), through :func:`evaluate_loop`."""
+    ev = evaluate_loop(model, loader, dev_env, attack, attack_mode=attack_mode, desc=phase)
+    out = {"loss": ev.loss, "top1": ev.top1, "top5": ev.top5, "robust_top1": ev.robust_top1,
+           "robust_top5": ev.robust_top5}
     if dev_env.primary:
         _logger.info("%s: loss %.4f top1 %.2f robust_top1 %.2f (%d images, %.1fs)", phase, out["loss"],
-                     out["top1"], out["robust_top1"], int(n), time.time() - t0)
+                     out["top1"], out["robust_top1"], ev.num_examples, ev.seconds)
     return out
 
 

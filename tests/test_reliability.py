@@ -372,3 +372,26 @@ def test_deterministic_runs_are_identical(digits_folder, tmp_path):
     for sa_, sb_ in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         for k in sa_:
             assert torch.equal(torch.as_tensor(sa_[k]), torch.as_tensor(sb_[k])), k
+
+
+def test_resume_auto_reads_steps_without_loading_tensors(tmp_path, monkeypatch):
+    """--resume auto compares checkpoints by their step without reading every tensor of each file."""
+    import torch
+
+    from src.bits import checkpoint_manager as cm
+
+    big = {"model": {"w": torch.zeros(1000)}}
+    torch.save({**big, "step_count_global": 7, "epoch": 0}, tmp_path / "last.pth.tar")
+    torch.save({**big, "step_count_global": 9, "epoch": 1}, tmp_path / "recovery-9.pth.tar")
+    (tmp_path / "recovery-3.pth.tar").write_bytes(b"garbage")
+    seen = []
+    real_load = torch.load
+
+    def spy(*a, **kw):
+        seen.append(kw.get("mmap", False))
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(torch, "load", spy)
+    assert cm.find_resume_checkpoint(str(tmp_path)) == str(tmp_path / "recovery-9.pth.tar")
+    # the two readable local files were memory-mapped (tensors not read); the garbage one was skipped
+    assert seen.count(True) >= 2

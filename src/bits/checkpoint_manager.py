@@ -183,6 +183,23 @@ class CheckpointManager:
             storage.remove(p)
 
 
+def checkpoint_step(path: str) -> int:
+    """The global step a checkpoint was written at, without reading its tensors where possible.
+
+    Local files are memory-mapped (``torch.load(mmap=True)`` reads only the small pickle; tensors
+    stay on disk); other filesystems and legacy formats are read whole.
+    """
+    if storage.is_local(path):
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return int(ck.get("step_count_global", -1))
+        except (RuntimeError, ValueError, OSError):
+            pass  # not a zip-format file: fall through to a full read (which raises if corrupt)
+    with storage.open_file(path, "rb") as f:
+        ck = torch.load(f, map_location="cpu", weights_only=True)
+    return int(ck.get("step_count_global", -1))
+
+
 def find_resume_checkpoint(folder: str) -> Optional[str]:
     """The newest of ``last.pth.tar`` and ``recovery-*.pth.tar`` in ``folder`` (for ``--resume auto``)."""
     if not storage.exists(folder):
@@ -192,12 +209,10 @@ def find_resume_checkpoint(folder: str) -> Optional[str]:
         if name == "last.pth.tar" or re.fullmatch(r"recovery-\d+\.pth\.tar", name):
             p = storage.join(folder, name)
             try:
-                with storage.open_file(p, "rb") as f:
-                    ck = torch.load(f, map_location="cpu", weights_only=True)
+                step = checkpoint_step(p)
             except Exception:  # a damaged file is skipped; another one may still be good
                 _logger.warning("skipping unreadable checkpoint %s", p)
                 continue
-            step = int(ck.get("step_count_global", -1))
             if step > best[0]:
                 best = (step, p)
     return best[1]
