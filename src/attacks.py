@@ -187,15 +187,17 @@ def pgd(model: nn.Module,
     iteration (detached; convert it once, after the attack).
     """
     _check_budget(eps, steps, step_size)
-    if eps == 0:
-        # Nothing can move: return x bit-for-bit and skip the (useless) forward/backward passes.
-        x_adv = x.detach().clone()
+    if eps == 0 and not model.training:
+        # Nothing can move and, in eval mode, the forward passes change nothing: skip them. The
+        # result is what the original's projection gives: x clamped into the boundaries.
+        x_adv = x.detach().clamp(*boundaries)
         if not return_losses:
             return x_adv
         y = _attack_targets(y, num_classes, random_targets, logits_y)
         with torch.no_grad():
             loss = _attack_loss(model, x_adv, y, criterion).detach()
         return x_adv, loss.expand(steps).clone()
+    # eps == 0 in train mode runs every forward pass, as the original did: BatchNorm statistics move.
 
     x_adv = init_fn(x, eps, project_fn, boundaries)
     y = _attack_targets(y, num_classes, random_targets, logits_y)

@@ -29,7 +29,8 @@ _logger = logging.getLogger("robust_vits")
 def create_model(args: argparse.Namespace) -> nn.Module:
     """The training model through ``src.model_factory`` (timm registry + our models, with the
     drop-rate / BatchNorm / pooling / image-size overrides), then ``--initial-checkpoint`` or
-    ``--finetune`` weights. Sets ``args.num_classes`` to the model's when it was not given."""
+    ``--finetune`` weights. ``args`` is not changed: the class count of a model built without
+    ``--num-classes`` is ``model.num_classes``."""
     from src.model_factory import create_model as factory_create
 
     drop_path = args.drop_path if args.drop_path is not None else args.drop_connect
@@ -52,8 +53,6 @@ def create_model(args: argparse.Namespace) -> nn.Module:
                                  finetuning_patch_size=args.finetuning_patch_size,
                                  reinit_patch_embedding=args.reinit_patch_embedding,
                                  trust=getattr(args, "trust_checkpoint", False))
-    if args.num_classes is None:
-        args.num_classes = getattr(model, "num_classes", None)
     return model
 
 
@@ -82,6 +81,16 @@ def model_mean_std(args: argparse.Namespace, data_config: Dict[str, Any]) -> Tup
 # Optimizer and schedule
 # ----------------------------------------------------------------------------------------------
 
+SQRT_SCALED_OPTIMIZERS = ("adam", "lamb", "adabelief")
+
+
+def default_lr_base_scale(opt: str) -> str:
+    """The original's rule: square-root scaling for optimizers whose name contains adam, lamb or
+    adabelief (adamw, nadam, radam, lambc, ...), linear for every other (sgd, adagrad, adafactor, adan)."""
+    name = opt.lower()
+    return "sqrt" if any(o in name for o in SQRT_SCALED_OPTIMIZERS) else "linear"
+
+
 def scale_lr(args: argparse.Namespace, world_size: int) -> float:
     """The ``--lr-base`` rule of §1.1 step 5; only applies when ``lr`` is null (None)."""
     if args.lr is not None:
@@ -90,8 +99,7 @@ def scale_lr(args: argparse.Namespace, world_size: int) -> float:
     ratio = global_batch / args.lr_base_size
     scale = args.lr_base_scale
     if not scale:
-        on = args.opt.lower()
-        scale = "sqrt" if any(o in on for o in ("ada", "lamb")) else "linear"
+        scale = default_lr_base_scale(args.opt)
     if scale == "sqrt":
         ratio = math.sqrt(ratio)
     elif scale != "linear":

@@ -52,8 +52,8 @@ class TrainTask:
 
     @property
     def hparams(self) -> Dict[str, Any]:
-        """The arguments as recorded in checkpoints: with the learning rate actually used."""
-        return {**vars(self.args), "lr": self.lr}
+        """The arguments as recorded in checkpoints: with the learning rate and class count actually used."""
+        return {**vars(self.args), "lr": self.lr, "num_classes": self.num_classes}
 
 
 @dataclass
@@ -428,8 +428,9 @@ def _evaluate_epoch(task: TrainTask) -> Dict[str, float]:
     return metrics
 
 
-def _batch_transform(task: TrainTask, epoch: int) -> Optional[Callable]:
-    """Random erasing and mixup/cutmix of a batch on the device, in the original's order."""
+def make_batch_transform(task: TrainTask, epoch: int) -> Optional[Callable]:
+    """Mixup/cutmix, then random erasing, of a batch on the device: the original's order (it mixed
+    in the collate function and erased the mixed batch afterwards)."""
     args, mixup_fn, erasing = task.args, task.mixup_fn, task.random_erasing
     if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         mixup_fn.mixup_enabled = False
@@ -437,10 +438,10 @@ def _batch_transform(task: TrainTask, epoch: int) -> Optional[Callable]:
         return None
 
     def transform(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if erasing is not None:
-            x = erasing(x)
         if mixup_fn is not None:
             x, y = mixup_fn(x, y)
+        if erasing is not None:
+            x = erasing(x)
         return x, y
 
     return transform
@@ -460,7 +461,7 @@ def run_epochs(task: TrainTask, plan: OutputPlan, progress: Progress, outputs: R
             eps_now = float(task.eps_schedule(epoch)) if task.eps_schedule is not None else float("nan")
             out = train_one_epoch(epoch, parts, task.train_loader, dev_env, options,
                                   hooks=_epoch_hooks(task, outputs, epoch == progress.start_epoch),
-                                  batch_transform=_batch_transform(task, epoch), num_updates=num_updates,
+                                  batch_transform=make_batch_transform(task, epoch), num_updates=num_updates,
                                   eps=eps_now, state=epoch_state)
             epoch_state = None
             _check_finite_weights(parts.model, epoch, "end of the epoch")

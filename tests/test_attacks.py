@@ -325,6 +325,29 @@ def test_pgd_eps_zero_with_losses_reports_the_clean_loss():
     assert torch.allclose(losses, torch.full((3,), summed_ce(model, x, y)))
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_eps_zero_in_train_mode_runs_the_forward_passes(norm):
+    """As the original: crafting in train mode with eps 0 still runs each step's forward pass, so
+    BatchNorm running statistics move (one update per step); the input comes back unchanged."""
+    model = conv_model(1, bn=True).train()
+    x, y = batch(1)
+    before = bn_state(model)
+    x_adv = make_attack("pgd", 0.0, 0.01, 3, norm, (0, 1), NLL_SUM)(model, x, y)
+    assert torch.equal(x_adv, x)
+    assert not same_state(before, bn_state(model))
+    assert int(model[1].num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_pgd_eps_zero_clamps_into_the_boundaries(train_mode):
+    """The original's projection clamps even a zero perturbation into [lo, hi]."""
+    model = conv_model(2, bn=True).train(train_mode)
+    x, y = batch(2)
+    x = x * 1.4 - 0.2  # partly outside [0, 1]
+    x_adv = make_attack("pgd", 0.0, 0.01, 2, "linf", (0, 1), NLL_SUM)(model, x, y)
+    assert torch.equal(x_adv, x.clamp(0, 1))
+
+
 @PROPERTY
 @given(seed=st.integers(0, 10_000), norm=st.sampled_from(["linf", "l2"]), eps=st.floats(1e-3, 0.5))
 def test_pgd_zero_steps_returns_projected_random_start(seed, norm, eps):
