@@ -140,7 +140,9 @@ def build_task(args: argparse.Namespace, dev_env: DeviceEnv) -> TrainTask:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     lr = setup_task.scale_lr(args, dev_env.world_size)
-    optimizer = setup_task.create_optimizer(args, model, lr=lr)
+    # The optimizer sees the network itself: the normalization wrapper has no parameters, and the
+    # network's no_weight_decay() names (cls_token, pos_embed, ...) keep their meaning.
+    optimizer = setup_task.create_optimizer(args, unwrap_model(model), lr=lr)
     model_ema = None
     if args.model_ema:
         from timm.utils import ModelEmaV3

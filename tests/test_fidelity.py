@@ -42,3 +42,28 @@ def test_random_erasing_runs_after_mixup():
     x, y = make_batch_transform(task, epoch=0)(torch.ones(2, 3), torch.zeros(2))
     assert calls == ["mixup", "erase"]
     assert torch.equal(x, torch.zeros(2, 3))  # the erased values survive: nothing mixes them afterwards
+
+
+def _optimizer_groups(argv):
+    from src.arg_parser import parse_args
+    from src.bits.device import initialize_device
+    from src.trainer import build_task
+    from src.utils import unwrap_model
+
+    args, _ = parse_args(argv)
+    task = build_task(args, initialize_device(force_cpu=True))
+    names = {id(p): n for n, p in unwrap_model(task.parts.model).named_parameters()}
+    groups = [(g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in task.parts.optimizer.param_groups]
+    ema = task.parts.model_ema
+    return groups, (sorted(unwrap_model(ema).state_dict()) if ema is not None else None)
+
+
+def test_weight_decay_groups_do_not_change_under_normalize_model(tiny_train_args):
+    """--normalize-model must not decay cls_token / pos_embed (the network's no_weight_decay names)."""
+    argv = tiny_train_args + ["--weight-decay", "0.5", "--model-ema"]
+    plain, plain_ema = _optimizer_groups(argv)
+    wrapped, wrapped_ema = _optimizer_groups(argv + ["--normalize-model"])
+    assert wrapped == plain
+    assert wrapped_ema == plain_ema
+    no_decay = {n for wd, ns in plain if wd == 0 for n in ns}
+    assert {"cls_token", "pos_embed"} <= no_decay
