@@ -98,6 +98,7 @@ class EpochHooks:
     recovery_interval: int = 0
     save_recovery: Optional[Callable[[int, int, EpochState], None]] = None
     on_first_batch: Optional[Callable[[torch.Tensor], None]] = None
+    should_stop: Optional[Callable[[int], bool]] = None  # asked after each step with the epoch's batch count
 
 
 class _Sums:
@@ -183,7 +184,8 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
                     hooks: Optional[EpochHooks] = None, batch_transform: Optional[Callable] = None,
                     num_updates: int = 0, eps: float = float("nan"), state: Optional[EpochState] = None,
                     ) -> Dict[str, Any]:
-    """Train one epoch; returns the summary metrics and the updated global step.
+    """Train one epoch; returns the summary metrics, the updated global step, the epoch state and
+    whether ``hooks.should_stop`` ended it early (a signal: the caller saves a recovery point).
 
     ``batch_transform(x, y)`` runs on the device before the loss (random erasing, mixup);
     ``state`` carries the sums of a partially done epoch (mid-epoch resume) and the loader must
@@ -196,6 +198,7 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
     total = len(loader) + state.batches_done if hasattr(loader, "__len__") else 0
     log = _EpochLog(f"train epoch {epoch}", total, state.batches_done, dev_env, hooks.log_interval)
     sums = _Sums(dev_env.device)
+    stopped = False
     for x, y in loader:
         x, y = dev_env.to_device(x, y)
         if hooks.on_first_batch is not None and state.batches_done == 0 and sums.count == 0:
@@ -220,6 +223,9 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
                 and num_updates % hooks.recovery_interval == 0:
             sums.flush(state)
             hooks.save_recovery(epoch, num_updates, state)
+        if hooks.should_stop is not None and hooks.should_stop(state.batches_done):
+            stopped = True
+            break
     log.close()
     sums.flush(state)
     metrics = _epoch_metrics(state, dev_env, eps, _mean_lr(parts.optimizer))
@@ -229,7 +235,7 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
     if dev_env.primary:
         _logger.info("train epoch %d done in %.1fs: loss %.4f top1 %.2f robust_top1 %.2f", epoch, log.seconds(),
                      metrics["loss"], metrics["top1"], metrics["robust_top1"])
-    return {"metrics": metrics, "num_updates": num_updates}
+    return {"metrics": metrics, "num_updates": num_updates, "stopped": stopped, "state": state}
 
 
 class _EpochLog:

@@ -8,8 +8,11 @@ never by which modules happen to be imported.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from typing import Callable, Optional, Sequence
+import threading
+from typing import Callable, Iterator, Optional, Sequence
 
 EXIT_USAGE = 2
 
@@ -38,16 +41,52 @@ class NonFiniteLossError(ExpectedError, RuntimeError):
     """The loss or the gradients became NaN/inf: training stops, the last good checkpoint stays."""
 
 
+class Interrupted(Exception):
+    """The run was stopped by a signal (Ctrl-C, SIGTERM): one line, exit code 128 + the signal number
+    (130 / 143), so ``train.py && validate.py`` pipelines stop instead of going on with a half-done run."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+
+
 def first_line(e: BaseException) -> str:
     """The first non-empty line of an exception's message, or its class name."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``main(argv)``; expected errors become ``error: ...`` on stderr and exit code 2."""
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (the pre-emption notice of cloud machines) raises ``Interrupted`` like Ctrl-C raises
+    KeyboardInterrupt, so ``finally`` blocks run and the CLI says what happened (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise Interrupted("terminated (SIGTERM)", signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        return int(main(argv) or 0)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``main(argv)``; expected errors become ``error: ...`` on stderr and exit code 2, signals
+    ``interrupted: ...`` and exit code 130 (Ctrl-C) or 143 (SIGTERM), never a traceback."""
+    try:
+        with sigterm_as_interrupt():
+            return int(main(argv) or 0)
     except ExpectedError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as e:
+        print(f"interrupted: {first_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: stopped by Ctrl-C (SIGINT)", file=sys.stderr)
+        return 128 + signal.SIGINT

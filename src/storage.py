@@ -207,6 +207,26 @@ def glob(pattern: str) -> List[str]:
     return sorted(f"{proto}://{m.lstrip('/')}" if proto != "memory" else f"memory://{m}" for m in fs.glob(p))
 
 
+def create_exclusive(path: str, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` only if it does not exist; False when it already does.
+
+    Atomic on local filesystems (``O_CREAT | O_EXCL``); on object stores (``gs://``, ``memory://``)
+    it is a check followed by a write, which narrows but cannot close the race between two writers.
+    """
+    if is_local(path):
+        try:
+            fd = os.open(_local(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    if exists(path):
+        return False
+    atomic_write_bytes(path, data)
+    return True
+
+
 def check_writable(folder: str) -> None:
     """Raise ``PermissionError`` naming ``folder`` when nothing can be written there."""
     makedirs(folder)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,7 +25,8 @@ from src.bits.device import DeviceEnv
 from src.bits.summary import SummaryCsv, summary_row
 from src.cli import device_session, seed_everything, set_deterministic
 from src.engine import EpochHooks, EpochState, StepOptions, TrainParts, evaluate, train_one_epoch
-from src.errors import CheckpointError, NonFiniteLossError, UsageError
+from src.bits.run_lock import RunLock
+from src.errors import CheckpointError, Interrupted, NonFiniteLossError, UsageError
 from src.utils import unwrap_model
 
 _logger = logging.getLogger("robust_vits")
@@ -87,7 +90,11 @@ class RunOutputs:
 # ----------------------------------------------------------------------------------------------
 
 def run_training(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
-    """Train according to ``args``; returns the final metrics and where the outputs are."""
+    """Train according to ``args``; returns the final metrics and where the outputs are.
+
+    Raises ``Interrupted`` (exit 130 / 143 through ``run_cli``) when Ctrl-C or SIGTERM stopped the
+    run, after saving a checkpoint to resume from.
+    """
     with device_session(force_cpu=args.force_cpu, amp=args.amp, amp_dtype=args.amp_dtype,
                         channels_last=args.channels_last, local_rank=args.local_rank) as dev_env:
         restore_determinism = set_deterministic(args.deterministic)
@@ -96,11 +103,50 @@ def run_training(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
             seed_everything(args.seed)  # identical initial weights on every process
             task = build_task(args, dev_env)
             plan = plan_output(task)
-            progress = restore(task, plan)
-            outputs = prepare_output(task, plan, progress, args_text)
-            return run_epochs(task, plan, progress, outputs)
+            lock = RunLock(plan.output_dir) if dev_env.primary else None
+            if lock is not None:
+                lock.acquire()  # before the first write: one run per experiment folder
+            try:
+                progress = restore(task, plan)
+                outputs = prepare_output(task, plan, progress, args_text)
+                with StopSignals() as stop:
+                    return run_epochs(task, plan, progress, outputs, stop)
+            finally:
+                if lock is not None:
+                    lock.release()
         finally:
             restore_determinism()
+
+
+class StopSignals:
+    """Ctrl-C / SIGTERM during the epochs ask the loop to stop at the next step boundary (where a
+    recovery checkpoint is consistent); a second signal stops at once without saving."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(f"{signal.Signals(signum).name} received twice: stopped at once, without a "
+                              "recovery checkpoint", signum)
+        self.signum = signum
+        _logger.warning("%s received: stopping after this step and saving a recovery checkpoint (send it again "
+                        "to stop at once)", signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +291,10 @@ def resolve_output_dir(args: argparse.Namespace, data_config: Dict[str, Any]) ->
     name = args.experiment or default_experiment_name(args, data_config)
     path = storage.join(root, name)
     if args.resume and storage.exists(path):
-        return path, True
+        if args.resume == "auto" or _same_folder(storage.dirname(args.resume), path):
+            return path, True
+        # Another run's checkpoint: its resume must not rewind or prune this folder's files.
+        _logger.info("--resume %s is not in %s: continuing it as a new run in a new folder", args.resume, path)
     if storage.exists(path):
         for i in range(1, 100):
             cand = f"{path}-{i}"
@@ -253,6 +302,12 @@ def resolve_output_dir(args: argparse.Namespace, data_config: Dict[str, Any]) ->
                 return cand, False
         raise UsageError(f"experiment folders {path}-1 .. -99 all exist; choose another --experiment")
     return path, False
+
+
+def _same_folder(a: str, b: str) -> bool:
+    if storage.is_local(a) and storage.is_local(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a.rstrip("/") == b.rstrip("/")
 
 
 def plan_output(task: TrainTask) -> OutputPlan:
@@ -371,6 +426,23 @@ def _check_finite_weights(model: nn.Module, epoch: int, where: str) -> None:
                                  "checkpoint is kept. Lower the learning rate or enable --clip-grad")
 
 
+def _stop_check(task: TrainTask, stop: "StopSignals") -> Callable[[int], bool]:
+    """Whether every process agrees to stop: checked each step on one process, and every
+    ``--log-interval`` steps with an all-reduce in distributed runs (all ranks must stop together)."""
+    from src.bits.device import reduce_sums
+
+    dev_env, interval = task.dev_env, max(1, task.args.log_interval or 1)
+
+    def should_stop(batches_done: int) -> bool:
+        if not dev_env.distributed:
+            return stop.requested
+        if batches_done % interval:
+            return False
+        return reduce_sums(dev_env, [1.0 if stop.requested else 0.0])[0] > 0
+
+    return should_stop
+
+
 def _epoch_hooks(task: TrainTask, outputs: RunOutputs, first_epoch: bool) -> EpochHooks:
     """Recovery checkpoints and the first-batch image of the epoch loop."""
     args, dev_env, parts = task.args, task.dev_env, task.parts
@@ -449,9 +521,11 @@ def make_batch_transform(task: TrainTask, epoch: int) -> Optional[Callable]:
     return transform
 
 
-def run_epochs(task: TrainTask, plan: OutputPlan, progress: Progress, outputs: RunOutputs) -> Dict[str, Any]:
-    """Train, evaluate and checkpoint each epoch; Ctrl-C stops after the last complete epoch."""
+def run_epochs(task: TrainTask, plan: OutputPlan, progress: Progress, outputs: RunOutputs,
+               stop: Optional[StopSignals] = None) -> Dict[str, Any]:
+    """Train, evaluate and checkpoint each epoch; a stop signal saves a recovery point and raises."""
     args, dev_env, parts = task.args, task.dev_env, task.parts
+    stop = stop or StopSignals()
     options = StepOptions(clip_grad=args.clip_grad, clip_mode=args.clip_mode, skip_nonfinite=args.skip_nonfinite)
     best, eval_metrics, train_metrics = outputs.manager.best, {}, {}
     num_updates, epoch_state = progress.num_updates, progress.epoch_state
@@ -461,20 +535,25 @@ def run_epochs(task: TrainTask, plan: OutputPlan, progress: Progress, outputs: R
             seed_everything(epoch_seed(args.seed, epoch, dev_env.global_rank))
             _position_loader(task.train_loader, epoch, epoch_state)
             eps_now = float(task.eps_schedule(epoch)) if task.eps_schedule is not None else float("nan")
-            out = train_one_epoch(epoch, parts, task.train_loader, dev_env, options,
-                                  hooks=_epoch_hooks(task, outputs, epoch == progress.start_epoch),
+            hooks = _epoch_hooks(task, outputs, epoch == progress.start_epoch)
+            hooks.should_stop = _stop_check(task, stop)
+            out = train_one_epoch(epoch, parts, task.train_loader, dev_env, options, hooks=hooks,
                                   batch_transform=make_batch_transform(task, epoch), num_updates=num_updates,
                                   eps=eps_now, state=epoch_state)
             epoch_state = None
-            _check_finite_weights(parts.model, epoch, "end of the epoch")
             num_updates, train_metrics = out["num_updates"], out["metrics"]
+            if out["stopped"]:
+                hooks.save_recovery(epoch, num_updates, out["state"])
+                _stopped(stop, plan, f"in epoch {epoch} at global step {num_updates}",
+                         outputs.manager.path(f"recovery-{num_updates}.pth.tar"))
+            _check_finite_weights(parts.model, epoch, "end of the epoch")
             eval_metrics = _evaluate_epoch(task)
             parts.lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
             if dev_env.primary:
                 best = _record_epoch(task, outputs, epoch, num_updates, train_metrics, eval_metrics)
             dev_env.barrier()
-    except KeyboardInterrupt:
-        _logger.warning("interrupted: stopping after the last complete epoch")
+            if stop.requested and epoch + 1 < task.num_epochs:
+                _stopped(stop, plan, f"after epoch {epoch}", outputs.manager.path("last.pth.tar"))
     finally:
         if outputs.wandb_run is not None:
             outputs.wandb_run.finish()
@@ -482,6 +561,13 @@ def run_epochs(task: TrainTask, plan: OutputPlan, progress: Progress, outputs: R
         _logger.info("*** Best metric: %s (epoch %d)", best[1], best[0])
     return {"output_dir": plan.output_dir, "eval": eval_metrics, "train": train_metrics, "best": best,
             "num_epochs": task.num_epochs, "seconds": time.time() - t0}
+
+
+def _stopped(stop: StopSignals, plan: OutputPlan, where: str, checkpoint: str) -> None:
+    signum = stop.signum or signal.SIGINT
+    raise Interrupted(f"{signal.Signals(signum).name}: training stopped {where}; saved {checkpoint}. Resume with "
+                      f"the same command and --resume {checkpoint} (or --resume auto with the same --output/"
+                      f"--experiment)", signum)
 
 
 def _record_epoch(task: TrainTask, outputs: RunOutputs, epoch: int, num_updates: int,
