@@ -180,15 +180,40 @@ def create_natural_criterion(args: argparse.Namespace) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def load_loss_class(spec: str) -> type:
-    """``module.path:ClassName`` → the class (a user's custom training loss)."""
-    if ":" not in spec:
-        raise UsageError(f"--adv-training must be pgd, trades or module.path:ClassName, got '{spec}'")
-    mod_name, cls_name = spec.split(":", 1)
+def _import_loss_module(mod_name: str, spec: str):
+    """A module by dotted name, or a ``.py`` file by path (relative to the current directory)."""
+    import importlib.util
+    import os
+
+    if mod_name.endswith(".py") or os.sep in mod_name or "/" in mod_name:
+        path = os.path.abspath(os.path.expanduser(mod_name))
+        if not os.path.isfile(path):
+            raise UsageError(f"--adv-training {spec}: no such file {path}")
+        name = "robust_vits_loss_" + os.path.splitext(os.path.basename(path))[0]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:  # the user's file: say which one failed and why, in one line
+            raise UsageError(f"--adv-training {spec}: importing {path} failed: {type(e).__name__}: {e}") from None
+        return module
     try:
-        mod = importlib.import_module(mod_name)
+        return importlib.import_module(mod_name)
     except ImportError as e:
-        raise UsageError(f"cannot import the loss module '{mod_name}' of --adv-training: {e}") from None
+        import sys
+
+        raise UsageError(f"--adv-training {spec}: cannot import the module '{mod_name}' ({e}); searched the "
+                         f"Python path {sys.path[:4]}...; give a dotted module name on the path or a file "
+                         f"path like path/to/loss.py:ClassName") from None
+
+
+def load_loss_class(spec: str) -> type:
+    """``module.path:ClassName`` or ``path/to/file.py:ClassName`` -> the class (a user's training loss)."""
+    if ":" not in spec:
+        raise UsageError(f"--adv-training must be pgd, trades, module.path:ClassName or path/to/file.py:ClassName, "
+                         f"got '{spec}'")
+    mod_name, cls_name = spec.rsplit(":", 1)
+    mod = _import_loss_module(mod_name, spec)
     cls = getattr(mod, cls_name, None)
     if cls is None or not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
         raise UsageError(f"--adv-training {spec}: '{cls_name}' is not an nn.Module class in {mod_name}")

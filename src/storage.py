@@ -197,6 +197,24 @@ def copy(src: str, dst: str) -> None:
     atomic_write_bytes(dst, read_bytes(src))
 
 
+def link_or_copy(src: str, dst: str) -> bool:
+    """Make ``dst`` a hard link to ``src`` (atomically replacing ``dst``) where the filesystem allows,
+    else an atomic copy. Returns True for a link. Safe with atomic writes: files are never rewritten
+    in place, so a later write to either name replaces that name only."""
+    if is_local(src) and is_local(dst):
+        s, d = _local(src), _local(dst)
+        tmp = os.path.join(os.path.dirname(d) or ".", _temp_name(os.path.basename(d)))
+        try:
+            os.link(s, tmp)
+            os.replace(tmp, d)
+            return True
+        except OSError:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    copy(src, dst)
+    return False
+
+
 def glob(pattern: str) -> List[str]:
     if is_local(pattern):
         import glob as _glob

@@ -324,7 +324,11 @@ def plan_output(task: TrainTask) -> OutputPlan:
             raise UsageError(f"--resume auto: no readable last/recovery checkpoint in {output_dir}; resume one "
                              "explicitly with --resume PATH (e.g. a checkpoint-<epoch>.pth.tar there) or use "
                              "another --experiment")
-        if plan.resume_path is None:
+        if plan.resume_path is None and not args.experiment:
+            _logger.warning("--resume auto without --experiment starts a new run in %s: the default experiment "
+                            "name is new for every run (date and time), so there is nothing to resume. Pass the "
+                            "--experiment NAME (and --output) of the run to resume it", output_dir)
+        elif plan.resume_path is None:
             _logger.info("--resume auto: nothing to resume in %s, starting from scratch", output_dir)
     if plan.resume_path:
         plan.resume_ckpt = _load_resume(plan.resume_path, args)

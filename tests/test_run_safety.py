@@ -122,3 +122,31 @@ def test_resume_from_another_run_never_touches_an_existing_folder(digits_dir, tm
     assert file_hashes(os.path.join(tmp_path, "a")) == before
     rows = summary_rows(os.path.join(tmp_path, "a-1"))
     assert [int(r["epoch"]) for r in rows] == [1]  # continued B's run (epoch 1) in a new folder
+
+
+def test_best_checkpoint_is_a_link_not_a_copy(digits_dir, tmp_path, capsys):
+    """best.pth.tar holds the same bytes as the top checkpoint: a hard link on local disks."""
+    assert train_cli(base_argv(digits_dir, tmp_path, "run"), capsys)[0] == 0
+    folder = os.path.join(tmp_path, "run")
+    assert os.path.samefile(os.path.join(folder, "best.pth.tar"), os.path.join(folder, "checkpoint-0.pth.tar"))
+
+
+def test_loss_plugin_by_file_path(tmp_path):
+    """--adv-training path/to/file.py:Class loads a loss from a file; failures name what was searched."""
+    import shutil
+
+    from src.errors import UsageError
+    from src.setup_task import load_loss_class
+
+    plugin = tmp_path / "my_losses.py"
+    shutil.copy(os.path.join(ROOT, "tests", "plugin_losses.py"), plugin)
+    cls = load_loss_class(f"{plugin}:FGSMLoss")
+    assert cls.__name__ == "FGSMLoss" and cls.__module__.endswith("my_losses")
+    with pytest.raises(UsageError, match="no such file"):
+        load_loss_class(f"{tmp_path}/missing.py:FGSMLoss")
+    with pytest.raises(UsageError, match="searched the Python path"):
+        load_loss_class("no_such_pkg.losses:FGSMLoss")
+    bad = tmp_path / "broken.py"
+    bad.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(UsageError, match="importing .*broken.py failed: RuntimeError: boom"):
+        load_loss_class(f"{bad}:FGSMLoss")

@@ -109,8 +109,8 @@ class CheckpointManager:
                     self.best = (epoch, float(metric))
                 st = self._state(model, optimizer, epoch, step_count, step_count_global, metrics=metrics, **kw)
                 storage.torch_save(st, self.path(f"checkpoint-{epoch}.pth.tar"))
-                if is_best:
-                    storage.torch_save(st, self.path("best.pth.tar"))
+                if is_best:  # the same bytes: a hard link where the filesystem allows
+                    storage.link_or_copy(self.path(f"checkpoint-{epoch}.pth.tar"), self.path("best.pth.tar"))
         if st is None:
             st = self._state(model, optimizer, epoch, step_count, step_count_global, metrics=metrics, **kw)
         else:
@@ -158,7 +158,7 @@ class CheckpointManager:
             storage.remove_many(stale)
             # best.pth.tar is written right after checkpoint-<epoch>: it may be from the lost epoch too
             if self.best is not None and storage.exists(self.path(f"checkpoint-{self.best[0]}.pth.tar")):
-                storage.copy(self.path(f"checkpoint-{self.best[0]}.pth.tar"), self.path("best.pth.tar"))
+                storage.link_or_copy(self.path(f"checkpoint-{self.best[0]}.pth.tar"), self.path("best.pth.tar"))
             elif self.best is None:
                 storage.remove(self.path("best.pth.tar"))
         if resume_step is not None:
