@@ -503,7 +503,8 @@ def _evaluate_epoch(task: TrainTask) -> Dict[str, float]:
     if args.eval_metric not in metrics:
         raise UsageError(f"--eval-metric {args.eval_metric} is not measured by the per-epoch evaluation "
                          f"(it measures {', '.join(sorted(metrics))})")
-    return metrics
+    # checkpoints and the summary keep the original's metric keys (+ the selection metric if another)
+    return {k: v for k, v in metrics.items() if k in ("loss", "top1", "robust_top1", args.eval_metric)}
 
 
 def make_batch_transform(task: TrainTask, epoch: int) -> Optional[Callable]:

@@ -139,3 +139,14 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     rows_ddp = _rows(os.path.join(str(tmp_path), "ddp", "summary.csv"))
     for col in ("train_loss", "train_top1", "eval_loss", "eval_top1"):
         assert float(rows_ddp[0][col]) == pytest.approx(float(rows_single[0][col]), rel=1e-5, abs=1e-6), col
+
+
+def test_eval_metric_top5_selects_checkpoints(tmp_path):
+    """--eval-metric top5 is measured, so the top-N checkpoints and best.pth.tar are written."""
+    res = run_train(TINY_TRAIN + ["--epochs", "1", "--output", str(tmp_path), "--experiment", "t5",
+                                  "--eval-metric", "top5"])
+    d = res["output_dir"]
+    assert {"best.pth.tar", "checkpoint-0.pth.tar"} <= set(os.listdir(d))
+    ck = _load(os.path.join(d, "best.pth.tar"))
+    assert ck["metric_name"] == "top5" and set(ck["metrics"]) == {"loss", "top1", "robust_top1", "top5"}
+    assert ck["metrics"]["top5"] >= ck["metrics"]["top1"]
