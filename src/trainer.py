@@ -75,49 +75,9 @@ def _mixup(args, num_classes: int):
 
 
 def build_loaders(args, data_config, dev_env: DeviceEnv, num_classes: Optional[int]):
-    from src import data as D
+    from src.data import create_train_loaders
 
-    if args.aug_splits:
-        transform = D.build_train_transform(args, data_config, separate=True)
-    else:
-        transform = D.build_train_transform(args, data_config)
-    eval_transform = D.build_eval_transform(data_config)
-
-    def make_train_ds(name, root):
-        ds = D.create_dataset(name, root, args.train_split, is_training=True, batch_size=args.batch_size,
-                              repeats=args.epoch_repeats, seed=args.seed)
-        if args.aug_splits:
-            return D.AugSplitsDataset(ds, transform, args.aug_splits)
-        D.set_transform(ds, transform)
-        return ds
-
-    train_ds = make_train_ds(args.dataset, args.data_dir)
-    eval_ds = D.create_dataset(args.dataset, args.data_dir, args.val_split, is_training=False,
-                               batch_size=args.validation_batch_size or args.batch_size)
-    D.set_transform(eval_ds, eval_transform)
-    D.check_three_channels(eval_ds, data_config["input_size"][0])
-    ds_classes = D.dataset_num_classes(train_ds.dataset if args.aug_splits else train_ds)
-    if ds_classes is not None and num_classes is not None and ds_classes > num_classes:
-        raise UsageError(f"dataset has {ds_classes} classes but the model has {num_classes} outputs; "
-                         f"pass --num-classes {ds_classes}")
-    common = dict(world_size=dev_env.world_size, rank=dev_env.global_rank, pin_memory=args.pin_mem,
-                  seed=args.seed, persistent_workers=args.use_multi_epochs_loader)
-    if args.combine_dataset:
-        comb_bs = int(args.batch_size * args.combined_dataset_ratio)
-        main_bs = args.batch_size - comb_bs
-        comb_ds = make_train_ds(args.combine_dataset, args.combine_data_dir or args.data_dir)
-        la = D.create_loader(train_ds, main_bs, True, workers=args.workers, **common)
-        lb = D.create_loader(comb_ds, comb_bs, True, workers=args.workers, **{**common, "seed": args.seed + 1})
-        train_loader = D.CombinedLoaders(la, lb, seed=args.seed)
-    else:
-        train_loader = D.create_loader(train_ds, args.batch_size, True, workers=args.workers, **common)
-    eval_workers = min(args.workers, 2) if str(args.dataset).startswith(("tfds/", "wds/")) else args.workers
-    eval_loader = D.create_loader(eval_ds, args.validation_batch_size or args.batch_size, False,
-                                  workers=eval_workers, **common)
-    if len(train_loader) == 0:
-        raise UsageError(f"the training set has fewer examples than one batch ({args.batch_size} per process "
-                         f"x {dev_env.world_size}); lower --batch-size")
-    return train_loader, eval_loader
+    return create_train_loaders(args, data_config, dev_env.world_size, dev_env.global_rank, num_classes)
 
 
 def _load_resume(path: str, args) -> Dict[str, Any]:
@@ -302,14 +262,9 @@ def _run(args, args_text, dev_env: DeviceEnv, T, normalize_model) -> Dict[str, A
     try:
         for epoch in range(start_epoch, num_epochs):
             seed_everything(epoch_seed(args.seed, epoch, dev_env.global_rank))
-            if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
-                train_loader.sampler.set_epoch(epoch)
-            if hasattr(train_loader.sampler, "set_start"):
-                skip = epoch_state.batches_done if epoch_state is not None else 0
-                if isinstance(train_loader, torch.utils.data.DataLoader):
-                    train_loader.sampler.set_start(skip * train_loader.batch_size)
-                else:
-                    train_loader.set_start(skip)
+            from src.data import set_loader_epoch
+
+            set_loader_epoch(train_loader, epoch, epoch_state.batches_done if epoch_state is not None else 0)
             if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
                 mixup_fn.mixup_enabled = False
             eps_now = float(eps_schedule(epoch)) if eps_schedule is not None else float("nan")
