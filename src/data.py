@@ -9,6 +9,7 @@ needs no data dir and no network, with a fixed deterministic train/validation sp
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -22,6 +23,7 @@ from torchvision import transforms
 
 from src.errors import UsageError
 
+_logger = logging.getLogger("robust_vits")
 DIGITS_NUM_VAL = 297  # 1797 = 1500 train + 297 validation
 DIGITS_SPLIT_SEED = 0
 
@@ -242,6 +244,46 @@ class AugSplitsDataset(Dataset):
         return tuple(views), target
 
 
+class IterableAugSplitsDataset(torch.utils.data.IterableDataset):
+    """``AugSplitsDataset`` for iterable (tfds/wds) datasets: each sample becomes a tuple of views.
+
+    The original's ``IterableAugMixDataset`` yielded the views as separate samples, so a batch
+    interleaved clean and augmented views and the JSD loss / split BN (which expect the first
+    1/k of the batch clean) saw mixed splits; here the views are collated split-major exactly as for
+    map-style datasets (batch = k x ``--batch-size`` images).
+    """
+
+    def __init__(self, dataset, transforms3, num_splits: int):
+        self.dataset = dataset
+        self.primary, self.secondary, self.final = transforms3
+        self.num_splits = num_splits
+        set_transform(dataset, None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def set_loader_cfg(self, num_workers: Optional[int] = None) -> None:
+        if hasattr(self.dataset, "set_loader_cfg"):
+            self.dataset.set_loader_cfg(num_workers=num_workers)
+
+    def __iter__(self):
+        for img, target in self.dataset:
+            base = self.primary(img)
+            views = [self.final(base)] + [self.final(self.secondary(base)) for _ in range(self.num_splits - 1)]
+            yield tuple(views), target
+
+
+def aug_splits_dataset(dataset, transforms3, num_splits: int):
+    """The augmentation-splits wrapper that fits the dataset (map-style or iterable)."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return IterableAugSplitsDataset(dataset, transforms3, num_splits)
+    return AugSplitsDataset(dataset, transforms3, num_splits)
+
+
 class NotNormalizedRandomErasing:
     """Random erasing for images in [0, 1] (timm's RandomErasing assumes normalized inputs).
 
@@ -371,6 +413,10 @@ def create_loader(dataset, batch_size: int, is_training: bool, world_size: int =
     """A DataLoader over a map-style dataset with a ``ShardSampler`` (or an iterable dataset as is)."""
     iterable = isinstance(dataset, torch.utils.data.IterableDataset)
     sampler = None
+    if iterable and hasattr(dataset, "set_loader_cfg"):
+        dataset.set_loader_cfg(num_workers=workers)  # timm's tfds reader shards by process x worker
+    if iterable and workers == 0 and world_size > 1:
+        shard_tfds_in_main_process(dataset, world_size, rank)
     if not iterable:
         sampler = ShardSampler(len(dataset), world_size, rank, shuffle=is_training, seed=seed,
                                drop_last=is_training, batch_size=batch_size)
@@ -378,6 +424,22 @@ def create_loader(dataset, batch_size: int, is_training: bool, world_size: int =
                       pin_memory=pin_memory, drop_last=is_training, collate_fn=_collate,
                       worker_init_fn=_worker_init if workers > 0 else None,
                       persistent_workers=persistent_workers and workers > 0)
+
+
+def shard_tfds_in_main_process(dataset, world_size: int, rank: int) -> None:
+    """Give this process its even sub-split of a tfds dataset read without loader workers.
+
+    timm's tfds reader picks per-process sub-splits only inside loader workers; read in the main
+    process (``--workers 0``) on several processes it asks TFDS to shard by files, which fails for
+    datasets with fewer files than processes. Each process then reads ``tfds.even_splits(split)[rank]``.
+    """
+    inner = getattr(dataset, "dataset", dataset)  # through IterableAugSplitsDataset
+    reader = getattr(inner, "reader", None)
+    if reader is None or not hasattr(reader, "subsplit") or not hasattr(reader, "builder"):
+        return
+    import tensorflow_datasets as tfds
+
+    reader.subsplit = tfds.even_splits(reader.split, world_size)[rank]
 
 
 class CombinedLoaders:
@@ -398,8 +460,7 @@ class CombinedLoaders:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         for ld in (self.loader_a, self.loader_b):
-            if hasattr(ld.sampler, "set_epoch"):
-                ld.sampler.set_epoch(epoch)
+            set_loader_epoch(ld, epoch)
 
     def set_start(self, start_batches_a: int) -> None:
         for ld in (self.loader_a, self.loader_b):
@@ -419,6 +480,31 @@ class CombinedLoaders:
             yield x[perm], y[perm]
 
 
+def set_loader_epoch(loader, epoch: int, start_batches: int = 0) -> None:
+    """Start ``epoch`` of a training loader: reshuffle, and skip ``start_batches`` (mid-epoch resume).
+
+    Map-style data reshuffles through its ``ShardSampler``; tfds/wds data through the dataset's
+    ``set_epoch`` (timm's readers seed their file and buffer shuffles with it). An iterable
+    dataset cannot seek, so a mid-epoch resume on one replays the epoch's data from its start.
+    """
+    if isinstance(loader, CombinedLoaders):
+        loader.set_epoch(epoch)
+        loader.set_start(start_batches)
+        return
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    if hasattr(sampler, "set_start"):
+        sampler.set_start(start_batches * loader.batch_size)
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        if start_batches:
+            _logger.warning("iterable (tfds/wds) data cannot resume mid-epoch: epoch %d reads its data from the "
+                            "start again after the %d batches already done", epoch, start_batches)
+
+
 def check_three_channels(dataset, expected_channels: int = 3) -> None:
     """Fail early with a clear message when the dataset's images do not have the model's channels."""
     if isinstance(dataset, torch.utils.data.IterableDataset) or len(dataset) == 0:
@@ -429,3 +515,55 @@ def check_three_channels(dataset, expected_channels: int = 3) -> None:
     if torch.is_tensor(sample) and sample.dim() == 3 and sample.shape[0] != expected_channels:
         raise UsageError(f"dataset images have {sample.shape[0]} channel(s) but the model expects "
                          f"{expected_channels}; this tool trains on 3-channel (RGB) image datasets")
+
+
+# ----------------------------------------------------------------------------------------------
+# The training run's loaders
+# ----------------------------------------------------------------------------------------------
+
+def create_train_loaders(args, data_config: Dict[str, Any], world_size: int, rank: int,
+                         num_classes: Optional[int]) -> Tuple[Any, DataLoader]:
+    """train.py's training loader (plain or ``--combine-dataset`` mixed) and evaluation loader.
+
+    With ``--combine-dataset`` each batch takes ``int(batch * ratio)`` images from the second
+    dataset and the rest from the first (original-behaviour.md §4.4); each dataset gets its own
+    loader batch as the tfds readers' batch hint, so their epochs round to whole batches.
+    """
+    transform = build_train_transform(args, data_config, separate=bool(args.aug_splits))
+
+    def make_train_ds(name: str, root: Optional[str], batch_size: int):
+        ds = create_dataset(name, root, args.train_split, is_training=True, batch_size=batch_size,
+                            repeats=args.epoch_repeats, seed=args.seed)
+        if args.aug_splits:
+            return aug_splits_dataset(ds, transform, args.aug_splits)
+        set_transform(ds, transform)
+        return ds
+
+    comb_bs = int(args.batch_size * args.combined_dataset_ratio) if args.combine_dataset else 0
+    main_bs = args.batch_size - comb_bs
+    if args.combine_dataset and (comb_bs < 1 or main_bs < 1):
+        raise UsageError(f"--combined-dataset-ratio {args.combined_dataset_ratio} with --batch-size "
+                         f"{args.batch_size} leaves a loader with no images per batch")
+    train_ds = make_train_ds(args.dataset, args.data_dir, main_bs)
+    eval_bs = args.validation_batch_size or args.batch_size
+    eval_ds = create_dataset(args.dataset, args.data_dir, args.val_split, is_training=False, batch_size=eval_bs)
+    set_transform(eval_ds, build_eval_transform(data_config))
+    check_three_channels(eval_ds, data_config["input_size"][0])
+    ds_classes = dataset_num_classes(train_ds.dataset if args.aug_splits else train_ds)
+    if ds_classes is not None and num_classes is not None and ds_classes > num_classes:
+        raise UsageError(f"dataset has {ds_classes} classes but the model has {num_classes} outputs; "
+                         f"pass --num-classes {ds_classes}")
+    common = dict(world_size=world_size, rank=rank, pin_memory=args.pin_mem, seed=args.seed,
+                  persistent_workers=args.use_multi_epochs_loader)
+    train_loader = create_loader(train_ds, main_bs, True, workers=args.workers, **common)
+    if args.combine_dataset:
+        comb_ds = make_train_ds(args.combine_dataset, args.combine_data_dir or args.data_dir, comb_bs)
+        comb_loader = create_loader(comb_ds, comb_bs, True, workers=args.workers, **{**common, "seed": args.seed + 1})
+        train_loader = CombinedLoaders(train_loader, comb_loader, seed=args.seed)
+    # the original capped the eval loader's workers at 2 for tfds/wds data
+    eval_workers = min(args.workers, 2) if str(args.dataset).startswith(("tfds/", "wds/")) else args.workers
+    eval_loader = create_loader(eval_ds, eval_bs, False, workers=eval_workers, **common)
+    if len(train_loader) == 0:
+        raise UsageError(f"the training set has fewer examples than one batch ({args.batch_size} per process "
+                         f"x {world_size}); lower --batch-size")
+    return train_loader, eval_loader

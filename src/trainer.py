@@ -227,44 +227,9 @@ def _build_objectives(task: TrainTask) -> None:
 
 def build_loaders(args, data_config, dev_env: DeviceEnv, num_classes: Optional[int]):
     """The training loader (optionally combined with a second dataset) and the evaluation loader."""
-    from src import data
+    from src.data import create_train_loaders
 
-    transform = data.build_train_transform(args, data_config, separate=bool(args.aug_splits))
-
-    def make_train_ds(name, root):
-        ds = data.create_dataset(name, root, args.train_split, is_training=True, batch_size=args.batch_size,
-                                 repeats=args.epoch_repeats, seed=args.seed)
-        if args.aug_splits:
-            return data.AugSplitsDataset(ds, transform, args.aug_splits)
-        data.set_transform(ds, transform)
-        return ds
-
-    train_ds = make_train_ds(args.dataset, args.data_dir)
-    eval_ds = data.create_dataset(args.dataset, args.data_dir, args.val_split, is_training=False,
-                                  batch_size=args.validation_batch_size or args.batch_size)
-    data.set_transform(eval_ds, data.build_eval_transform(data_config))
-    data.check_three_channels(eval_ds, data_config["input_size"][0])
-    ds_classes = data.dataset_num_classes(train_ds.dataset if args.aug_splits else train_ds)
-    if ds_classes is not None and num_classes is not None and ds_classes > num_classes:
-        raise UsageError(f"dataset has {ds_classes} classes but the model has {num_classes} outputs; "
-                         f"pass --num-classes {ds_classes}")
-    common = dict(world_size=dev_env.world_size, rank=dev_env.global_rank, pin_memory=args.pin_mem,
-                  seed=args.seed, persistent_workers=args.use_multi_epochs_loader)
-    if args.combine_dataset:
-        comb_bs = int(args.batch_size * args.combined_dataset_ratio)
-        comb_ds = make_train_ds(args.combine_dataset, args.combine_data_dir or args.data_dir)
-        la = data.create_loader(train_ds, args.batch_size - comb_bs, True, workers=args.workers, **common)
-        lb = data.create_loader(comb_ds, comb_bs, True, workers=args.workers, **{**common, "seed": args.seed + 1})
-        train_loader = data.CombinedLoaders(la, lb, seed=args.seed)
-    else:
-        train_loader = data.create_loader(train_ds, args.batch_size, True, workers=args.workers, **common)
-    eval_workers = min(args.workers, 2) if str(args.dataset).startswith(("tfds/", "wds/")) else args.workers
-    eval_loader = data.create_loader(eval_ds, args.validation_batch_size or args.batch_size, False,
-                                     workers=eval_workers, **common)
-    if len(train_loader) == 0:
-        raise UsageError(f"the training set has fewer examples than one batch ({args.batch_size} per process "
-                         f"x {dev_env.world_size}); lower --batch-size")
-    return train_loader, eval_loader
+    return create_train_loaders(args, data_config, dev_env.world_size, dev_env.global_rank, num_classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,15 +440,9 @@ def _epoch_hooks(task: TrainTask, outputs: RunOutputs, first_epoch: bool) -> Epo
 
 def _position_loader(loader, epoch: int, epoch_state: Optional[EpochState]) -> None:
     """Shuffle for this epoch and skip the batches a mid-epoch recovery point already did."""
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    if hasattr(sampler, "set_start"):
-        skip = epoch_state.batches_done if epoch_state is not None else 0
-        if isinstance(loader, torch.utils.data.DataLoader):
-            sampler.set_start(skip * loader.batch_size)
-        else:
-            loader.set_start(skip)
+    from src.data import set_loader_epoch
+
+    set_loader_epoch(loader, epoch, epoch_state.batches_done if epoch_state is not None else 0)
 
 
 def _evaluate_epoch(task: TrainTask) -> Dict[str, float]:

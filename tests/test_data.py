@@ -158,3 +158,44 @@ def test_non_rgb_dataset_is_rejected():
 
     with pytest.raises(UsageError, match="channel"):
         D.check_three_channels(Gray())
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A stand-in for timm's iterable (tfds) datasets: PIL images, a transform attribute, set_epoch."""
+
+    def __init__(self, n=6):
+        self.n, self.transform, self.epochs = n, "set-by-caller", []
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        ds = D.DigitsDataset("train")
+        for i in range(self.n):
+            yield ds[i]
+
+
+def test_iterable_aug_splits_yield_view_tuples_collated_split_major():
+    stream = _Stream()
+    t3 = D.build_train_transform(_args("--color-jitter", "0.4", "--aug-splits", "3"), CFG32, separate=True)
+    ds = D.aug_splits_dataset(stream, t3, 3)
+    assert isinstance(ds, D.IterableAugSplitsDataset) and stream.transform is None and len(ds) == 6
+    x, y = next(iter(D.create_loader(ds, batch_size=2, is_training=True)))
+    assert x.shape == (6, 3, 32, 32) and y.tolist() == [y[0].item(), y[1].item()] * 3
+    D.set_loader_epoch(D.create_loader(ds, batch_size=2, is_training=True), 4)
+    assert stream.epochs == [4]  # reaches the reader through the wrapper
+
+
+def test_set_loader_epoch_reshuffles_and_skips():
+    ds = D.DigitsDataset("train")
+    loader = D.create_loader(ds, batch_size=10, is_training=True, seed=3)
+    D.set_loader_epoch(loader, 0)
+    first = list(loader.sampler)
+    D.set_loader_epoch(loader, 1, start_batches=2)
+    second = list(loader.sampler)
+    assert len(second) == len(first) - 20 and second != first[20:]
+    D.set_loader_epoch(loader, 0, start_batches=2)
+    assert list(loader.sampler) == first[20:]
