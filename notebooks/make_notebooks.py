@@ -38,7 +38,7 @@ NOTEBOOKS: Dict[str, List[Cell]] = {
                "`attack_effectiveness.py`: PGD-1/2/5/10/200 at eps 4/255 on the RobustBench ImageNet subset, "
                "checkpoints every 10 epochs, seeds 0-2). The quantity is the relative robust-loss gap "
                "`|L_200 - L_k| / L_200 * 100`; epochs count from 1 and the untrained checkpoint is left out.\n\n"
-               "XCiT-S12$^*$ is XCiT-S12 trained with the original (non-light) recipe. "
+               "XCiT-S12$^*$ is XCiT-S12 trained with the canonical (heavy-augmentation) ViT recipe. "
                "The same figures as files: `python -m src.plots effectiveness CSV... --labels ... --out DIR`."),
         ("code", SETUP),
         ("code", 'FILES = {"XCiT-S12": "xcit", "XCiT-S12*": "xcit-original", "ResNet-50": "resnet",\n'
