@@ -1,0 +1,283 @@
+"""Speed of timm models: the engine behind ``benchmark.py`` (original-behaviour.md §1.7).
+
+timm's benchmark script, as the original shipped it (inference / train / both, ``--precision``,
+channels-last, TorchScript, bulk mode over a model list or wildcard, a smaller batch after an
+out-of-memory error), over current timm and with the project's models registered, plus:
+
+* ``--bench adv-train``: one PGD-k adversarial training step (``--attack-steps`` k, eps
+  ``--attack-eps`` /255, step 1.5 * eps / k) with :class:`src.attacks.AdvTrainingLoss`, the loss
+  train.py uses; ``--bench all`` runs inference, train and adv-train;
+* ``--torch-compile [BACKEND]``: ``torch.compile`` the model first (warm-up iterations absorb the
+  compilation);
+* results as CSV or JSON (``--results-file``, by extension), besides the printed ``--result`` JSON.
+
+Random inputs in [0, 1] and random labels; like timm, the time of a step is the mean over
+``--num-bench-iter`` timed steps after ``--num-warm-iter`` untimed ones (the device synchronized
+before and after). Numbers on a CPU say little about accelerators.
+The profile modes of timm's script (deepspeed / fvcore) are not offered.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from src import storage
+from src.errors import UsageError
+
+_logger = logging.getLogger("robust_vits")
+
+__all__ = ["BENCHES", "PRECISIONS", "build_parser", "parse_args", "model_names", "benchmark_model",
+           "write_results", "run"]
+
+BENCHES = ("inference", "train", "both", "adv-train", "all")
+PRECISIONS = ("float32", "float16", "bfloat16", "amp")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "amp": torch.float32}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """timm's benchmark flags (§1.7) plus adversarial training and torch.compile."""
+    p = _Parser(prog="benchmark.py", description="Inference / training / adversarial-training speed of timm models",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-list", default="", metavar="FILE", help="text file of model names (bulk mode)")
+    p.add_argument("--model", "-m", default="resnet50", metavar="NAME", help="model name, or a wildcard (bulk mode)")
+    p.add_argument("--bench", default="both", choices=BENCHES, help="what to time ('both': inference and train)")
+    p.add_argument("--results-file", default="", metavar="PATH",
+                   help="write results here: .json gives JSON, anything else CSV (bulk default ./benchmark.csv)")
+    p.add_argument("--num-warm-iter", type=int, default=10, metavar="N", help="untimed warm-up steps")
+    p.add_argument("--num-bench-iter", type=int, default=40, metavar="N", help="timed steps")
+    p.add_argument("-b", "--batch-size", type=int, default=256, metavar="N", help="batch size")
+    p.add_argument("--img-size", type=int, default=None, metavar="N", help="input image size")
+    p.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N", help="input dimensions C H W")
+    p.add_argument("--use-train-size", action="store_true", default=False,
+                   help="the model's training input size instead of its test size")
+    p.add_argument("--num-classes", type=int, default=None, metavar="N", help="number of classes")
+    p.add_argument("--gp", default=None, metavar="POOL", help="global pool type")
+    p.add_argument("--channels-last", action="store_true", default=False, help="channels-last memory layout")
+    p.add_argument("--amp", action="store_true", default=False, help="same as --precision amp")
+    p.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"], help="autocast dtype for amp")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS, help="numeric precision")
+    p.add_argument("--torchscript", action="store_true", default=False, help="torch.jit.script the model")
+    p.add_argument("--torch-compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (backend, default inductor)")
+    p.add_argument("--device", default=None, help="device (default: cuda when available, else cpu)")
+    g = p.add_argument_group("Training step")
+    g.add_argument("--opt", default="sgd", help="optimizer (timm create_optimizer_v2 name)")
+    g.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
+    g.add_argument("--drop-path", type=float, default=None, help="drop-path rate")
+    g.add_argument("--attack-steps", type=int, default=2, metavar="K", help="adv-train: PGD steps")
+    g.add_argument("--attack-eps", type=float, default=4.0, metavar="EPS", help="adv-train: eps in /255 units")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.amp:
+        args.precision = "amp"
+    for flag, v, low in (("--batch-size", args.batch_size, 1), ("--num-bench-iter", args.num_bench_iter, 1),
+                         ("--num-warm-iter", args.num_warm_iter, 0), ("--attack-steps", args.attack_steps, 1)):
+        if v < low:
+            raise UsageError(f"{flag} must be >= {low}, got {v}")
+    if args.attack_eps < 0:
+        raise UsageError(f"--attack-eps must be >= 0 (in /255 units), got {args.attack_eps}")
+    if args.torchscript and args.torch_compile:
+        raise UsageError("--torchscript and --torch-compile exclude each other")
+    return args
+
+
+def model_names(args: argparse.Namespace) -> List[str]:
+    """The models to time: --model-list, a wildcard, or one name."""
+    import timm
+
+    import src.models  # noqa: F401  (registers the project's models)
+
+    if args.model_list:
+        if not os.path.isfile(args.model_list):
+            raise UsageError(f"--model-list file {args.model_list} does not exist")
+        names = [n.strip() for n in open(args.model_list, encoding="utf-8").read().split() if n.strip()]
+    elif any(c in args.model for c in "*?["):
+        names = timm.list_models(args.model)
+    else:
+        names = [args.model]
+    unknown = [n for n in names if not timm.is_model(n)]
+    if unknown or not names:
+        raise UsageError(f"unknown model(s): {', '.join(unknown[:5])}" if unknown else
+                         f"no timm model matches '{args.model}'")
+    return names
+
+
+def _benches(bench: str) -> List[str]:
+    return {"both": ["inference", "train"], "all": ["inference", "train", "adv-train"]}.get(bench, [bench])
+
+
+def _build(args: argparse.Namespace, name: str, device: torch.device):
+    import timm
+    from timm.data import resolve_data_config
+
+    kwargs = {k: v for k, v in dict(num_classes=args.num_classes, global_pool=args.gp, drop_rate=args.drop,
+                                    drop_path_rate=args.drop_path).items() if v is not None}
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    cfg = resolve_data_config(vars(args), model=model, use_test_size=not args.use_train_size, verbose=False)
+    model = model.to(device=device, dtype=_DTYPES[args.precision])
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.torchscript:
+        model = torch.jit.script(model)
+    elif args.torch_compile:
+        model = torch.compile(model, backend=args.torch_compile)
+    return model, tuple(cfg["input_size"]), int(getattr(model, "num_classes", 0) or 1000)
+
+
+def _timed(step: Callable[[], None], warm: int, iters: int, device: torch.device) -> float:
+    """Mean seconds per step after ``warm`` untimed steps (device synchronized)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warm):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
+def _step_fn(bench: str, args: argparse.Namespace, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             autocast: Callable[[], Any]) -> Callable[[], None]:
+    from timm.optim import create_optimizer_v2
+
+    if bench == "inference":
+        model.eval()
+
+        def infer() -> None:
+            with torch.no_grad(), autocast():
+                model(x)
+        return infer
+    from src.attacks import AdvTrainingLoss, AttackCfg
+    from src.setup_task import CleanTrainingLoss
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+    if bench == "adv-train":
+        eps = args.attack_eps / 255
+        cfg = AttackCfg(name="pgd", eps=eps, eps_schedule="constant", eps_schedule_period=0, zero_eps_epochs=0,
+                        step_size=1.5 * eps / args.attack_steps, steps=args.attack_steps, norm="linf",
+                        boundaries=(0.0, 1.0))
+        loss_fn: nn.Module = AdvTrainingLoss(cfg, criterion)
+    else:
+        loss_fn = CleanTrainingLoss(criterion)
+    opt = create_optimizer_v2(model, args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum)
+
+    def train() -> None:
+        model.train()
+        with autocast():
+            loss, _, _ = loss_fn(model, x, y, 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return train
+
+
+def benchmark_model(args: argparse.Namespace, name: str, device: torch.device) -> "OrderedDict[str, Any]":
+    """One result row: model, parameters, input, and samples/s + ms/step for each bench."""
+    model, input_size, num_classes = _build(args, name, device)
+    dtype = _DTYPES[args.precision]
+    b = args.batch_size
+    x = torch.rand((b,) + input_size, device=device, dtype=dtype)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (b,), device=device)
+    amp_dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
+
+    def autocast():
+        if args.precision != "amp":
+            return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device.type, dtype=amp_dtype)
+
+    row: "OrderedDict[str, Any]" = OrderedDict(
+        model=name, param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        img_size=input_size[-1], batch_size=b, precision=args.precision, channels_last=args.channels_last,
+        compile=args.torch_compile or ("torchscript" if args.torchscript else ""), device=device.type)
+    for bench in _benches(args.bench):
+        seconds = _timed(_step_fn(bench, args, model, x, y, autocast), args.num_warm_iter, args.num_bench_iter, device)
+        key = bench.replace("-", "_")
+        row[f"{key}_samples_per_sec"] = round(b / seconds, 2)
+        row[f"{key}_step_time_ms"] = round(seconds * 1000, 3)
+        if bench == "adv-train":
+            row["attack_steps"] = args.attack_steps
+    return row
+
+
+def _with_retry(args: argparse.Namespace, name: str, device: torch.device) -> "OrderedDict[str, Any]":
+    """timm's behaviour: after an out-of-memory error, retry with a smaller batch."""
+    batch = args.batch_size
+    while True:
+        try:
+            return benchmark_model(argparse.Namespace(**{**vars(args), "batch_size": batch}), name, device)
+        except RuntimeError as e:
+            if "out of memory" not in str(e).lower() or batch <= 1:
+                raise
+            batch = max(1, batch // 2 if batch > 8 else batch - 1)
+            _logger.warning("%s: out of memory, retrying with batch size %d", name, batch)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def write_results(path: str, rows: Sequence[Dict[str, Any]]) -> None:
+    """``.json``: a JSON list; anything else: CSV with the union of the rows' columns."""
+    if path.endswith(".json"):
+        storage.atomic_write_text(path, json.dumps(list(rows), indent=2) + "\n")
+        return
+    columns = list(OrderedDict((k, None) for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.atomic_write_text(path, buf.getvalue())
+
+
+def _throughput(row: Dict[str, Any]) -> float:
+    return max((v for k, v in row.items() if k.endswith("_samples_per_sec")), default=0.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The CLI: time every model, print ``--result`` + JSON, write the results file."""
+    from src.cli import setup_logging
+
+    setup_logging(True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = model_names(args)
+    rows = []
+    for name in names:
+        _logger.info("benchmarking %s (%s, batch %d, %s)", name, args.bench, args.batch_size, args.precision)
+        try:
+            rows.append(_with_retry(args, name, device))
+        except (RuntimeError, TypeError, ValueError) as e:
+            if len(names) == 1:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UsageError(f"{name}: {first}") from None
+            _logger.warning("%s failed: %s", name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    rows.sort(key=_throughput, reverse=True)
+    path = args.results_file or ("./benchmark.csv" if len(names) > 1 else "")
+    if path:
+        write_results(path, rows)
+    print("--result")
+    print(json.dumps(rows[0] if len(names) == 1 else rows, indent=2))
+    return 0

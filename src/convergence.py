@@ -1,0 +1,377 @@
+"""Attack convergence: the engine behind ``attack_convergence.py`` (original-behaviour.md §1.6, §6.2).
+
+How does the robust loss of single examples grow with the number of PGD steps, over many random
+restarts? On the first ``--n-points`` examples of the evaluation split that the model classifies
+correctly (dataset order), every restart (``--runs``) attacks every point with PGD and records the
+per-example cross-entropy after each step count of ``--steps-to-try``. The CSV has the original's
+columns ``point, seed, steps, loss`` (``point`` = dataset index, ``seed`` = the restart's seed).
+
+Step size. By default it is the original's: ``--attack-lr``, else ``1.5 * eps / --attack-steps``
+for *every* step count (``--attack-steps`` defaults to 10, so 0.15 * eps). Each restart is reseeded
+with its seed before attacking, so its random start is the same for every step count and PGD-k is
+the first k steps of PGD-K: one trajectory of ``max(--steps-to-try)`` steps is run and the loss is
+read off at each step count (losses at the start of iteration k, measured by ``src.attacks.pgd``'s
+criterion, are the losses after k steps). ``--tie-step-size`` instead gives PGD-k the step
+``1.5 * eps / k`` (the usual convention); each step count then runs its own attack.
+
+``--one-instance`` (the original's "one run" mode) records the loss after every iteration
+``0 .. max(--steps-to-try)`` with batch size 1.
+
+Resuming and several processes. The work is cut into chunks, one per (batch of points, restart),
+kept in ``<output>.state/`` by :class:`src.eval_state.EvalState`: a killed run continues where it
+stopped, a run with other settings is refused, and ``torchrun`` processes share the chunks (the
+numbers do not depend on the process count: restarts are seeded by their seed alone, where the
+original added the process rank). The CSV is rewritten atomically from that state after every
+chunk, in the original's row order (batch, restart, step count, point).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from src import storage
+from src import validation as V
+from src.cli import seed_everything
+from src.errors import UsageError
+from src.eval_state import EvalState
+
+_logger = logging.getLogger("robust_vits")
+
+__all__ = ["COLUMNS", "DEFAULT_STEPS", "build_parser", "parse_args", "check_args", "build_model_and_data",
+           "select_points", "step_sizes", "attack_losses", "output_path", "fingerprint_of", "csv_text",
+           "ConvergenceRun", "run_convergence", "run"]
+
+COLUMNS = ("point", "seed", "steps", "loss")
+DEFAULT_STEPS = (0, 1, 2, 5, 10, 50, 100, 200, 500)
+DEFAULT_RUNS = 20
+DEFAULT_POINTS = 100
+STATE_SUFFIX = ".state"
+
+# validate.py flags that do not apply here: dest -> (flag, what to use instead)
+_REFUSED = {"results_file": ("--results-file", "--output-file"), "log_wandb": ("--log-wandb", None)}
+# settings that change the numbers (the fingerprint of the state folder)
+_SETTING_KEYS = ("model", "checkpoint", "use_ema", "dataset", "split", "class_map", "valid_labels", "img_size",
+                 "input_size", "crop_pct", "mean", "std", "interpolation", "gp", "test_pool", "patch_size",
+                 "num_classes", "no_normalize", "normalize_model", "attack_eps", "attack_lr", "attack_steps",
+                 "attack_norm", "attack_boundaries", "amp", "amp_dtype", "tie_step_size", "one_instance",
+                 "batch_size", "seed", "runs", "n_points", "steps_to_try")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """validate.py's parser (data, model, normalization, attack budget) plus the study's flags."""
+    p = V.build_parser()
+    p.prog = "attack_convergence.py"
+    p.description = ("Per-example robust loss against the number of PGD steps, over random restarts, on "
+                     "correctly classified points")
+    for action in p._actions:  # argparse has no public API to edit inherited arguments
+        if action.dest in _REFUSED:
+            action.default = None
+            action.help = argparse.SUPPRESS
+        elif action.dest == "attack":
+            action.default = "pgd"
+            action.help = "attack of the study: only pgd"
+        elif action.dest == "attack_steps":
+            action.help = ("sets the default step size 1.5 * eps / K used for every step count (the original's; "
+                           "one value)")
+        elif action.dest == "num_examples":
+            action.help = "same as --n-points"
+        elif action.dest == "seed":
+            action.help = "restart r is seeded with seed + r (the CSV's seed column)"
+    g = p.add_argument_group("Attack convergence")
+    g.add_argument("--n-points", type=int, default=None, metavar="N",
+                   help=f"number of correctly classified points, first in dataset order (default {DEFAULT_POINTS}; "
+                        "a multiple of --batch-size)")
+    g.add_argument("--runs", type=int, default=DEFAULT_RUNS, metavar="R", help="random restarts per point")
+    g.add_argument("--steps-to-try", type=int, nargs="+", default=list(DEFAULT_STEPS), metavar="K",
+                   help="PGD step counts whose loss is recorded")
+    g.add_argument("--tie-step-size", action="store_true", default=False,
+                   help="step size 1.5 * eps / k for PGD-k (each k its own attack) instead of the original's "
+                        "1.5 * eps / --attack-steps for every k")
+    g.add_argument("--one-instance", action="store_true", default=False,
+                   help="record the loss after every iteration 0 .. max(--steps-to-try), batch size 1")
+    g.add_argument("--output-file", default=None, metavar="PATH",
+                   help="results CSV (default ./<model>.csv); its resumable state goes to <PATH>.state/")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse and check the command line (``argv`` instead of ``sys.argv[1:]`` when given)."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what cannot work and resolve the derived settings (n_points, steps, batch size)."""
+    for dest, (flag, instead) in _REFUSED.items():
+        if getattr(args, dest, None) is not None:
+            raise UsageError(f"{flag} is not supported by attack_convergence.py" + (f"; use {instead}" if instead else ""))
+    if args.attack != "pgd":
+        raise UsageError(f"attack_convergence.py studies PGD; --attack '{args.attack}' is not supported")
+    if len(args.attack_steps) != 1:
+        raise UsageError("--attack-steps takes one value here (it sets the step size 1.5 * eps / K); the step "
+                         "counts to record are --steps-to-try")
+    if args.n_points is not None and args.num_examples is not None and args.n_points != args.num_examples:
+        raise UsageError(f"--n-points {args.n_points} and --num-examples {args.num_examples} disagree; pass one")
+    args.n_points = args.n_points or args.num_examples or DEFAULT_POINTS
+    args.num_examples = None  # validate's meaning (a batch limit) does not apply
+    if args.n_points < 1 or args.runs < 1:
+        raise UsageError(f"--n-points and --runs must be >= 1, got {args.n_points} and {args.runs}")
+    if any(k < 0 for k in args.steps_to_try) or len(set(args.steps_to_try)) != len(args.steps_to_try):
+        raise UsageError(f"--steps-to-try must be distinct values >= 0, got {args.steps_to_try}")
+    if args.tie_step_size and (args.attack_lr is not None or args.one_instance):
+        raise UsageError("--tie-step-size gives each step count its own step size; it cannot be combined with "
+                         "--attack-lr (one step size) or --one-instance (one trajectory)")
+    if args.one_instance:
+        args.steps_to_try = list(range(max(args.steps_to_try) + 1))
+        args.batch_size = 1
+    args.steps_to_try = sorted(args.steps_to_try)
+    args.batch_size = min(args.batch_size, args.n_points)
+    V.check_args(args)
+    if args.n_points % args.batch_size:
+        raise UsageError(f"--n-points {args.n_points} must be a multiple of --batch-size {args.batch_size}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, data and points
+# ----------------------------------------------------------------------------------------------
+
+def build_model_and_data(args: argparse.Namespace, dev_env) -> Tuple[Any, Any]:
+    """The evaluated model (``EvalModel``) and a loader over the whole split in dataset order.
+
+    The one place this module builds models and data, through the evaluation core's public
+    factories. Every process scans the whole split, so all agree on the points.
+    """
+    from src import data as D
+
+    em = V.create_eval_model(args, dev_env)
+    dataset = V.create_eval_dataset(args)
+    loader = V.create_eval_loader(args, em, dev_env, dataset)
+    if dev_env.world_size > 1:
+        loader = D.create_loader(dataset, args.batch_size, is_training=False, workers=args.workers,
+                                 pin_memory=args.pin_mem)
+    return em, loader
+
+
+def _per_example_ce(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per example, in float32, computed like the attack's criterion."""
+    return F.nll_loss(F.log_softmax(model(x).float(), dim=-1), y, reduction="none")
+
+
+def select_points(model: torch.nn.Module, loader: Any, n_points: int, dev_env) -> Tuple[List[int], torch.Tensor,
+                                                                                         torch.Tensor]:
+    """Dataset ids, images and labels of the first ``n_points`` correctly classified examples."""
+    ids: List[int] = []
+    xs: List[torch.Tensor] = []
+    ys: List[torch.Tensor] = []
+    seen = 0
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = dev_env.to_device(x, y)
+            with dev_env.autocast():
+                correct = model(x).argmax(dim=-1).eq(y).cpu()
+            for j in torch.nonzero(correct).flatten().tolist():
+                if len(ids) < n_points:
+                    ids.append(seen + j)
+                    xs.append(x[j])
+                    ys.append(y[j])
+            seen += int(y.shape[0])
+            if len(ids) >= n_points:
+                return ids, torch.stack(xs), torch.stack(ys)
+    raise UsageError(f"only {len(ids)} of the {seen} examples are classified correctly; lower --n-points to at "
+                     f"most {len(ids)}" if ids else f"none of the {seen} examples is classified correctly")
+
+
+# ----------------------------------------------------------------------------------------------
+# The attack
+# ----------------------------------------------------------------------------------------------
+
+class _RecordingLoss:
+    """NLL-sum for the attack that keeps each example's loss at every iteration."""
+
+    def __init__(self) -> None:
+        self.history: List[torch.Tensor] = []
+
+    def __call__(self, log_probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        per_example = F.nll_loss(log_probs, y, reduction="none")
+        self.history.append(per_example.detach())
+        return per_example.sum()
+
+
+def step_sizes(args: argparse.Namespace) -> Dict[int, float]:
+    """Step size (input units) of PGD-k for each recorded k."""
+    from src.attacks import resolve_attack_cfg
+
+    def size(steps: int) -> float:
+        ns = argparse.Namespace(attack="pgd", attack_eps=args.attack_eps, attack_lr=args.attack_lr,
+                                attack_steps=steps, attack_norm=args.attack_norm,
+                                attack_boundaries=tuple(args.attack_boundaries))
+        return resolve_attack_cfg(ns).step_size
+
+    if args.tie_step_size:
+        return {k: size(k) for k in args.steps_to_try}
+    shared = size(args.attack_steps[0])
+    return {k: shared for k in args.steps_to_try}
+
+
+def _pgd(model, x, y, steps: int, step_size: float, args: argparse.Namespace, dev_env, criterion) -> torch.Tensor:
+    from src.attacks import make_attack
+
+    attack = make_attack("pgd", args.attack_eps / 255, step_size, steps, args.attack_norm,
+                         tuple(args.attack_boundaries), criterion=criterion, dev_env=dev_env)
+    with dev_env.autocast():
+        return attack(model, x, y)
+
+
+def attack_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, args: argparse.Namespace,
+                  dev_env) -> torch.Tensor:
+    """``[len(steps_to_try), B]`` per-example losses after k PGD steps, for one restart ``seed``.
+
+    With one step size for every k, PGD-k is a prefix of PGD-K (same seed, same start), so one
+    trajectory gives every k; otherwise each k is its own attack, reseeded with ``seed``.
+    """
+    sizes = step_sizes(args)
+    steps = args.steps_to_try
+    out = []
+    if len(set(sizes.values())) == 1:
+        seed_everything(seed)
+        record = _RecordingLoss()
+        x_adv = _pgd(model, x, y, steps[-1], sizes[steps[-1]], args, dev_env, record)
+        with torch.no_grad(), dev_env.autocast():
+            final = _per_example_ce(model, x_adv, y)
+        trajectory = record.history[:steps[-1]] + [final]  # loss after 0, 1, ..., K steps
+        out = [trajectory[k] for k in steps]
+    else:
+        for k in steps:
+            seed_everything(seed)
+            x_adv = _pgd(model, x, y, k, sizes[k], args, dev_env, _RecordingLoss())
+            with torch.no_grad(), dev_env.autocast():
+                out.append(_per_example_ce(model, x_adv, y))
+    return torch.stack([t.float() for t in out]).cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+
+def output_path(args: argparse.Namespace) -> str:
+    """``--output-file`` or ``./<model>.csv`` (the original's default)."""
+    return args.output_file or f"{args.model.replace('/', '_')}.csv"
+
+
+def fingerprint_of(args: argparse.Namespace) -> Dict[str, Any]:
+    """Everything the losses depend on (not the process count: see the module docstring)."""
+    return {"format": "robust-vits-attack-convergence", **{k: getattr(args, k, None) for k in _SETTING_KEYS}}
+
+
+def _loss_text(v: float) -> str:
+    return str(np.float32(v))  # float32's shortest repr, as the original's files
+
+
+def csv_text(merged_values: Dict[str, List[Any]], args: argparse.Namespace) -> str:
+    """The CSV of every finished chunk: rows by batch, restart, step count, then point."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    b, runs = args.batch_size, args.runs
+    points, losses = merged_values["point"], merged_values["loss"]
+    for start in range(0, len(points), b):
+        if points[start] is None:
+            continue
+        seed = args.seed + (start // b) % runs
+        for si, k in enumerate(args.steps_to_try):
+            w.writerows([points[i], seed, k, _loss_text(losses[i][si])] for i in range(start, start + b))
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# The study
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ConvergenceRun:
+    """What a run did: the CSV, its row count, chunks computed now and chunks found done."""
+    path: str
+    rows: int
+    computed: int
+    skipped: int
+
+
+def _open_state(args: argparse.Namespace, path: str, dev_env) -> EvalState:
+    state_dir = path + STATE_SUFFIX
+    if storage.exists(path) and not storage.isdir(state_dir):
+        raise UsageError(f"{path} exists but has no {storage.basename(state_dir)}/ folder to resume from; refusing "
+                         f"to overwrite it: pass another --output-file, or delete it")
+    # chunk c covers batch c // runs and restart c % runs (the original's loop order)
+    return EvalState(state_dir, fingerprint_of(args), n_examples=args.n_points * args.runs,
+                     chunk_size=args.batch_size, fields=("point", "loss"), shard_id=dev_env.global_rank,
+                     num_shards=dev_env.world_size)
+
+
+def _write_csv(state: EvalState, path: str, args: argparse.Namespace) -> int:
+    merged = state.merge()
+    storage.atomic_write_text(path, csv_text(merged.values, args))
+    return merged.n_done * len(args.steps_to_try)
+
+
+def run_convergence(args: argparse.Namespace, dev_env) -> ConvergenceRun:
+    """Attack every pending (batch, restart) chunk and keep the CSV current; returns what was done."""
+    path = output_path(args)
+    state = _open_state(args, path, dev_env)
+    pending = state.pending(state.load())
+    skipped = len(state.chunks) - len(pending)
+    if skipped:
+        _logger.info("%s: %d of %d chunks already done", state.state_dir, skipped, len(state.chunks))
+    if pending:
+        em, loader = build_model_and_data(args, dev_env)
+        for w in em.notes + V.normalization_warnings(em.normalization, "pgd", em.trained_inputs):
+            _logger.warning(w)
+        ids, xs, ys = select_points(em.model, loader, args.n_points, dev_env)
+        _logger.info("selected %d correctly classified points (dataset ids %d .. %d)", len(ids), ids[0], ids[-1])
+        state.begin_run({"chunks_pending": len(pending)})
+        b, runs = args.batch_size, args.runs
+        for n, (start, end) in enumerate(pending, 1):
+            batch, run = divmod(start // b, runs)
+            sl = slice(batch * b, batch * b + b)
+            t0 = time.time()
+            losses = attack_losses(em.model, xs[sl], ys[sl], args.seed + run, args, dev_env)
+            state.record(start, end, {"point": ids[sl], "loss": losses.t().tolist()})
+            if dev_env.primary:
+                _write_csv(state, path, args)
+            _logger.info("[%d/%d] points %d..%d seed %d: mean loss %s (%.1fs)", n, len(pending), batch * b,
+                         batch * b + b - 1, args.seed + run,
+                         " ".join(f"{v:.3f}" for v in losses.mean(dim=1).tolist()), time.time() - t0)
+    dev_env.barrier()
+    rows = _write_csv(state, path, args) if dev_env.primary else 0
+    return ConvergenceRun(path=path, rows=rows, computed=len(pending), skipped=skipped)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The CLI: device session, study, one report line; returns the exit code."""
+    from src.cli import device_session
+    from src.data import check_dataset_name
+
+    with device_session(force_cpu=args.force_cpu, amp=args.amp, amp_dtype=args.amp_dtype,
+                        channels_last=args.channels_last, local_rank=args.local_rank) as dev_env:
+        check_dataset_name(args.dataset)
+        t0 = time.time()
+        result = run_convergence(args, dev_env)
+        if dev_env.primary:
+            print(f"results: {result.path} ({result.rows} rows: {result.computed} chunk(s) computed now in "
+                  f"{time.time() - t0:.1f}s, {result.skipped} already done)")
+            sys.stdout.flush()
+    return 0

@@ -1,0 +1,171 @@
+"""Tests of attack_convergence.py and src/convergence.py.
+
+A randomly initialised test_vit (32 px, 10 classes) saved as a checkpoint is attacked on the
+embedded digits: it classifies about a tenth of them correctly, enough points for the study.
+One in-process run is shared by the schema, row-count and prefix tests; a subprocess run is
+killed after two chunks (test hook) and resumed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import attack_convergence as ac_cli
+from src import convergence as C
+from src.errors import run_cli
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("single_cpu_thread")
+
+N_POINTS, BATCH, RUNS, STEPS = 4, 2, 2, (0, 1, 3)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10, img_size=32)
+    path = tmp_path_factory.mktemp("ckpt") / "random.pth.tar"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return str(path)
+
+
+def study_args(checkpoint, out, steps=STEPS, extra=()):
+    return ["--dataset", "digits", "-m", "test_vit", "--num-classes", "10", "--input-size", "3", "32", "32",
+            "--crop-pct", "1.0", "--interpolation", "bicubic", "-j", "0", "--no-normalize", "--attack-eps", "8",
+            "--checkpoint", checkpoint, "--n-points", str(N_POINTS), "-b", str(BATCH), "--runs", str(RUNS),
+            "--steps-to-try", *map(str, steps), "--output-file", str(out), *extra]
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        return header, [dict(zip(header, r)) for r in reader]
+
+
+@pytest.fixture(scope="module")
+def study(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "conv.csv"
+    assert run_cli(ac_cli.main, study_args(checkpoint, out)) == 0
+    return out
+
+
+def test_schema_and_row_count(study):
+    header, rows = read_rows(study)
+    assert header == ["point", "seed", "steps", "loss"]
+    assert len(rows) == N_POINTS * RUNS * len(STEPS)
+    points = sorted({int(r["point"]) for r in rows})
+    assert len(points) == N_POINTS
+    assert {int(r["seed"]) for r in rows} == set(range(RUNS))
+    keys = {(r["point"], r["seed"], r["steps"]) for r in rows}
+    assert len(keys) == len(rows)  # each (point, seed, steps) exactly once
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+
+
+def _namespace(checkpoint, out, extra=()):
+    return C.parse_args(study_args(checkpoint, out, extra=extra))
+
+
+def test_points_are_correctly_classified_and_losses_are_prefixes(study, checkpoint):
+    """Each CSV loss equals an independent PGD-k from the same seed: PGD-k is a prefix of PGD-K."""
+    from src.attacks import make_attack
+    from src.bits.device import initialize_device
+    from src.cli import seed_everything
+
+    args = _namespace(checkpoint, study)
+    dev_env = initialize_device(force_cpu=True)
+    em, loader = C.build_model_and_data(args, dev_env)
+    ids, xs, ys = C.select_points(em.model, loader, N_POINTS, dev_env)
+    with torch.no_grad():
+        assert em.model(xs).argmax(-1).eq(ys).all()
+    _, rows = read_rows(study)
+    got = {(int(r["point"]), int(r["seed"]), int(r["steps"])): float(r["loss"]) for r in rows}
+    assert {p for p, _, _ in got} == set(ids)
+    eps = 8 / 255
+    for seed in range(RUNS):
+        for k in STEPS:
+            seed_everything(seed)
+            attack = make_attack("pgd", eps, 1.5 * eps / 10, k, "linf", (0.0, 1.0),
+                                 criterion=torch.nn.NLLLoss(reduction="sum"))
+            x_adv = attack(em.model, xs[:BATCH], ys[:BATCH])
+            with torch.no_grad():
+                loss = torch.nn.functional.cross_entropy(em.model(x_adv), ys[:BATCH], reduction="none")
+            for j in range(BATCH):
+                assert got[(ids[j], seed, k)] == pytest.approx(float(loss[j]), rel=1e-4, abs=1e-6)
+    # a restart matters: seeds give different losses after the random start
+    assert got[(ids[0], 0, 0)] != got[(ids[0], 1, 0)]
+
+
+def test_tied_step_size_changes_only_attacked_losses(study, checkpoint, tmp_path):
+    out = tmp_path / "tied.csv"
+    assert run_cli(ac_cli.main, study_args(checkpoint, out, extra=["--tie-step-size"])) == 0
+    base = {(r["point"], r["seed"], r["steps"]): r["loss"] for r in read_rows(study)[1]}
+    tied = {(r["point"], r["seed"], r["steps"]): r["loss"] for r in read_rows(out)[1]}
+    assert base.keys() == tied.keys()
+    assert all(float(base[k]) == pytest.approx(float(tied[k]), rel=1e-5) for k in base if k[2] == "0")
+    assert any(base[k] != tied[k] for k in base if k[2] == "1")  # step 1.5 eps instead of 0.15 eps
+
+
+def test_one_instance_records_every_iteration(checkpoint, tmp_path):
+    out = tmp_path / "one.csv"
+    assert run_cli(ac_cli.main, study_args(checkpoint, out, steps=(3,), extra=["--one-instance"])) == 0
+    _, rows = read_rows(out)
+    assert len(rows) == N_POINTS * RUNS * 4
+    assert sorted({int(r["steps"]) for r in rows}) == [0, 1, 2, 3]
+
+
+def test_kill_and_resume_continues(study, checkpoint, tmp_path, capsys):
+    out = tmp_path / "resumed.csv"
+    cmd = [sys.executable, os.path.join(ROOT, "attack_convergence.py"), *study_args(checkpoint, out)]
+    env = {**os.environ, "ROBUST_VITS_TEST_KILL_AFTER_CHUNKS": "2", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    _, partial = read_rows(out)
+    # the kill came right after the second chunk reached the state folder, before the CSV caught up
+    assert len(partial) == BATCH * len(STEPS)
+    assert run_cli(ac_cli.main, study_args(checkpoint, out)) == 0
+    chunks = N_POINTS // BATCH * RUNS
+    assert f"{chunks - 2} chunk(s) computed now" in capsys.readouterr().out
+    assert out.read_text() == study.read_text()  # identical to the uninterrupted run
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--attack", "apgd-ce"], "studies PGD"),
+    (["-b", "3"], "multiple of --batch-size"),
+    (["--attack-steps", "5", "10"], "one value"),
+    (["--tie-step-size", "--attack-lr", "1"], "--tie-step-size"),
+    (["--results-file", "x.csv"], "--output-file"),
+])
+def test_bad_flags_exit_2(checkpoint, tmp_path, capsys, extra, needle):
+    assert run_cli(ac_cli.main, study_args(checkpoint, tmp_path / "x.csv", extra=extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_foreign_file_and_other_settings_are_refused(study, checkpoint, tmp_path, capsys):
+    foreign = tmp_path / "mine.csv"
+    foreign.write_text("a,b\n1,2\n")
+    assert run_cli(ac_cli.main, study_args(checkpoint, foreign)) == 2
+    assert foreign.read_text() == "a,b\n1,2\n"
+    before = study.read_text()
+    assert run_cli(ac_cli.main, study_args(checkpoint, study, extra=["--attack-eps", "2"])) == 2
+    assert "another configuration" in capsys.readouterr().err
+    assert study.read_text() == before
+
+
+def test_parser_reuses_validate_flags():
+    args = C.parse_args(["--num-examples", "6", "-b", "3", "--attack-steps", "5"])
+    assert args.n_points == 6 and args.attack_steps == [5] and args.runs == 20
+    assert list(args.steps_to_try) == list(C.DEFAULT_STEPS)
+    sizes = C.step_sizes(argparse.Namespace(**{**vars(args), "steps_to_try": [1, 500]}))
+    assert sizes[1] == sizes[500] == pytest.approx(1.5 * 4 / 255 / 5)

@@ -1,0 +1,51 @@
+"""benchmark.py times one tiny model in each mode and writes its results as CSV and JSON."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+import benchmark as bench_cli
+from src.errors import run_cli
+
+pytestmark = pytest.mark.usefixtures("single_cpu_thread")
+
+TINY = ["-m", "test_vit", "--img-size", "32", "-b", "2", "--num-warm-iter", "1", "--num-bench-iter", "2"]
+COLUMNS = {"inference": ["inference"], "train": ["train"], "both": ["inference", "train"],
+           "adv-train": ["adv_train"], "all": ["inference", "train", "adv_train"]}
+
+
+@pytest.mark.parametrize("mode", list(COLUMNS))
+def test_each_mode_times_a_tiny_model(mode, tmp_path, capsys):
+    out = tmp_path / "bench.csv"
+    assert run_cli(bench_cli.main, TINY + ["--bench", mode, "--results-file", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed.split("--result", 1)[1])
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]["model"] == "test_vit" == result["model"]
+    for key in COLUMNS[mode]:
+        assert float(rows[0][f"{key}_samples_per_sec"]) > 0 and result[f"{key}_step_time_ms"] > 0
+    assert ("attack_steps" in result) == (mode in ("adv-train", "all"))
+
+
+def test_precision_channels_last_compile_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = TINY + ["--bench", "adv-train", "--precision", "bfloat16", "--channels-last", "--torch-compile", "eager",
+                   "--attack-steps", "1", "--results-file", str(out)]
+    assert run_cli(bench_cli.main, argv) == 0
+    row, = json.loads(out.read_text())
+    assert (row["precision"], row["channels_last"], row["compile"], row["attack_steps"]) == ("bfloat16", True,
+                                                                                            "eager", 1)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["-m", "no_such_model_xyz"], "unknown model"),
+    (["--bench", "profile"], "invalid choice"),
+    (["-b", "0"], "--batch-size"),
+])
+def test_bad_input_exit_2(argv, needle, capsys):
+    assert run_cli(bench_cli.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
