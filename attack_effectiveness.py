@@ -18,9 +18,10 @@ from src.errors import run_cli
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from src.effectiveness import parse_args, run
+    from src.arg_parser.evaluate import parse_effectiveness_args
+    from src.effectiveness import run
 
-    return run(parse_args(argv))
+    return run(parse_effectiveness_args(argv))
 
 
 def _mp_entry(*_args) -> None:

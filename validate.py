@@ -16,9 +16,10 @@ from src.errors import run_cli
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from src.validation import parse_args, run
+    from src.arg_parser.evaluate import parse_validate_args
+    from src.validation import run
 
-    return run(parse_args(argv))
+    return run(parse_validate_args(argv))
 
 
 def _mp_entry(*_args) -> None:

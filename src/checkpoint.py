@@ -147,6 +147,27 @@ def _first_line(e: BaseException) -> str:
     return first.split(". ")[0][:200]
 
 
+def _open_checkpoint(path: str) -> Tuple[int, bytes, Any, Any]:
+    """``(size, first 16 bytes, opener, read_all)`` of a checkpoint file; read errors are ``CheckpointError``."""
+    try:
+        if storage.is_local(path):
+            # Local files are read through a file handle: a multi-GB training checkpoint is not
+            # held twice in memory. Remote files are fetched once (no small random-access reads).
+            local = path[len("file://"):] if path.startswith("file://") else path
+            size = os.path.getsize(local)
+            with open(local, "rb") as f:
+                head = f.read(16)
+            return size, head, lambda: open(local, "rb"), lambda: storage.read_bytes(local)
+        data = storage.read_bytes(path)
+        return len(data), data[:16], lambda: io.BytesIO(data), lambda: data
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or _first_line(e)}") from None
+
+
 def load_checkpoint_file(path: Union[str, os.PathLike], trust: bool = False) -> Any:
     """Read a checkpoint (``.pth.tar``/``.pth``/``.safetensors``; local, ``gs://``, ``memory://``).
 
@@ -157,27 +178,7 @@ def load_checkpoint_file(path: Union[str, os.PathLike], trust: bool = False) -> 
     ``normalization`` when the metadata carries mean/std.
     """
     path = str(path)
-    try:
-        if storage.is_local(path):
-            # Local files are read through a file handle: a multi-GB training checkpoint is not
-            # held twice in memory. Remote files are fetched once (no small random-access reads).
-            local = path[len("file://"):] if path.startswith("file://") else path
-            size = os.path.getsize(local)
-            with open(local, "rb") as f:
-                head = f.read(16)
-            opener = lambda: open(local, "rb")  # noqa: E731
-            read_all = lambda: storage.read_bytes(local)  # noqa: E731
-        else:
-            data = storage.read_bytes(path)
-            size, head = len(data), data[:16]
-            opener = lambda: io.BytesIO(data)  # noqa: E731
-            read_all = lambda: data  # noqa: E731
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} not found") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or _first_line(e)}") from None
+    size, head, opener, read_all = _open_checkpoint(path)
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was probably not written completely")
     if _is_safetensors(path, head, size):
@@ -441,6 +442,15 @@ def _interpolate_pos_embed(net: nn.Module, sd: "OrderedDict[str, torch.Tensor]")
     _logger.info("interpolated pos_embed from %dx%d to %dx%d patches", old_grid, old_grid, *new_size)
 
 
+def _classifier_keys(net: nn.Module) -> set:
+    """DeiT's classifier parameter names plus the model's own (its ``pretrained_cfg['classifier']``)."""
+    keys = set(CLASSIFIER_KEYS)
+    classifier = (getattr(net, "pretrained_cfg", None) or {}).get("classifier")
+    for name in ([classifier] if isinstance(classifier, str) else list(classifier or ())):
+        keys.update({f"{name}.weight", f"{name}.bias"})
+    return keys
+
+
 def finetune_from_checkpoint(model: nn.Module, path_or_ckpt: PathOrCheckpoint, num_classes: Optional[int],
                              global_pool: Optional[str] = None, finetuning_patch_size: Optional[int] = None,
                              reinit_patch_embedding: bool = False, trust: bool = False,
@@ -477,11 +487,7 @@ def finetune_from_checkpoint(model: nn.Module, path_or_ckpt: PathOrCheckpoint, n
         _logger.warning("%s has no reset_classifier(); its classifier is kept as built", _arch_name(net))
 
     model_sd = net.state_dict()
-    classifier_keys = set(CLASSIFIER_KEYS)
-    classifier = (getattr(net, "pretrained_cfg", None) or {}).get("classifier")
-    for name in ([classifier] if isinstance(classifier, str) else list(classifier or ())):
-        classifier_keys.update({f"{name}.weight", f"{name}.bias"})
-    for key in sorted(classifier_keys):
+    for key in sorted(_classifier_keys(net)):
         if key in sd and key in model_sd and tuple(sd[key].shape) != tuple(model_sd[key].shape):
             _logger.info("removing %s of shape %s from the checkpoint (model has %s)", key, _shape(sd[key]),
                          _shape(model_sd[key]))

@@ -42,14 +42,18 @@ import os
 import signal
 import sys
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from src import storage
-from src import validation as V
+from src import engine, storage
+from src.arg_parser.evaluate import DEFAULT_OUTPUT_NAME
+from src.arg_parser.evaluate import build_effectiveness_parser as build_parser  # noqa: F401 (re-exported)
+from src.arg_parser.evaluate import parse_effectiveness_args as parse_args  # noqa: F401 (re-exported)
 from src.cli import seed_everything
 from src.errors import UsageError
+from src.eval_setup import build_eval_attack, create_eval_dataset, create_eval_loader, create_eval_model, eval_batches
+from src.honesty import attack_strength_warnings, gradient_warnings, normalization_warnings, robust_above_clean_warnings
+from src.results import RESULT_KEYS, result_row
 
 _logger = logging.getLogger("robust_vits")
 
@@ -74,112 +78,20 @@ __all__ = [
 ]
 
 # The original's CSV schema (notebooks/data/attack-effectiveness-*.csv).
-COLUMNS: Tuple[str, ...] = tuple(V.RESULT_KEYS) + ("attack", "attack_steps", "model", "epoch", "seed")
+COLUMNS: Tuple[str, ...] = tuple(RESULT_KEYS) + ("attack", "attack_steps", "model", "epoch", "seed")
 # What identifies a row for resuming.
 KEY_COLUMNS = ("epoch", "seed", "attack", "attack_steps")
-DEFAULT_OUTPUT_NAME = "attack-effectiveness.csv"
 SETTINGS_SUFFIX = ".settings.json"
 SETTINGS_FORMAT = "robust-vits-attack-effectiveness"
 STANDARD = "standard"
-DEFAULT_STEPS = (1, 2, 5, 10, 200)
-DEFAULT_EPOCHS = tuple(range(9, 100, 10))  # 0-based: the 10th, 20th, ... 100th epoch
-DEFAULT_SEEDS = (0, 1, 2)
 KILL_AFTER_ROWS_ENV = "ROBUST_VITS_TEST_KILL_AFTER_ROWS"
 
-# validate.py flags this tool sets itself for every row: dest -> (flag, what to use instead)
-_REPLACED = OrderedDict([
-    ("checkpoint", ("--checkpoint", "--checkpoints-dir (a folder of checkpoint-<epoch>.pth.tar files)")),
-    ("attack_steps", ("--attack-steps", "--steps-to-try")),
-    ("seed", ("--seed", "--seeds")),
-    ("results_file", ("--results-file", "--output-file")),
-    ("log_wandb", ("--log-wandb", None)),
-])
 
 # Settings that change the numbers of a row besides its (epoch, seed, attack, attack_steps) key.
 _SETTING_KEYS = ("model", "dataset", "split", "class_map", "valid_labels", "num_examples", "batch_size", "img_size",
                  "input_size", "crop_pct", "mean", "std", "interpolation", "gp", "test_pool", "patch_size",
                  "num_classes", "no_normalize", "normalize_model", "use_ema", "attack_eps", "attack_lr",
                  "attack_norm", "attack_boundaries", "amp", "amp_dtype", "checkpoints_dir")
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    """validate.py's parser (data, model, normalization, attack budget) plus the sweep flags."""
-    p = V.build_parser()
-    p.prog = "attack_effectiveness.py"
-    p.description = ("Robust accuracy and loss of PGD with several step counts (and APGD-CE) for the checkpoints "
-                     "saved during training, over several seeds: how effective are few-step attacks?")
-    for action in p._actions:  # argparse has no public API to edit inherited arguments
-        if action.dest in _REPLACED:
-            action.default = None  # None = not given, so a given value can be refused by name
-            action.help = argparse.SUPPRESS
-        elif action.dest == "attack":
-            action.default = "pgd"
-            action.help = "attack of the sweep: only pgd (APGD-CE rows: --run-apgd-ce)"
-        elif action.dest == "use_ema":
-            action.default = True
-            action.help = "use the checkpoints' EMA weights when they have them (the default here, as the original)"
-        elif action.dest == "attack_lr":
-            action.help = "PGD step size in /255 units for every step count (unset: 1.5 * eps / steps)"
-    g = p.add_argument_group("Attack effectiveness")
-    g.add_argument("--checkpoints-dir", default=None, metavar="DIR",
-                   help="required: folder (local, gs://, memory://) with the training run's "
-                        "checkpoint-<epoch>.pth.tar files")
-    g.add_argument("--epochs-to-try", type=int, nargs="+", default=list(DEFAULT_EPOCHS), metavar="E",
-                   help="0-based epochs whose checkpoint-<E>.pth.tar to evaluate")
-    g.add_argument("--validate-standard", action="store_true", default=False,
-                   help="also evaluate checkpoint-standard.pth.tar (epoch label 'standard')")
-    g.add_argument("--steps-to-try", type=int, nargs="+", default=list(DEFAULT_STEPS), metavar="K",
-                   help="PGD step counts (one row each)")
-    g.add_argument("--run-apgd-ce", action="store_true", default=False,
-                   help="also run APGD-CE once per checkpoint and seed (attack_steps empty)")
-    g.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), metavar="S",
-                   help="seeds (each row's RNG is reset to seed + rank)")
-    g.add_argument("--no-ema", dest="use_ema", action="store_false", default=argparse.SUPPRESS,
-                   help="evaluate the checkpoints' model weights even when they also hold EMA weights")
-    g.add_argument("--output-file", default=None, metavar="PATH",
-                   help=f"results CSV (default <checkpoints-dir>/{DEFAULT_OUTPUT_NAME}); rows already in it are "
-                        "kept and not recomputed")
-    return p
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse and check the command line (``argv`` instead of ``sys.argv[1:]`` when given)."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    check_args(args)
-    return args
-
-
-def _repeated(values: Sequence[Any]) -> List[Any]:
-    return sorted({v for v in values if list(values).count(v) > 1})
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse what cannot work, before any checkpoint or dataset is touched."""
-    for dest, (flag, instead) in _REPLACED.items():
-        if getattr(args, dest, None) is not None:
-            if instead is None:
-                raise UsageError(f"{flag} is not supported by attack_effectiveness.py")
-            raise UsageError(f"attack_effectiveness.py sets {flag} itself for every row; use {instead}")
-    if args.attack != "pgd":
-        hint = "; for APGD-CE rows add --run-apgd-ce" if args.attack == "apgd-ce" else ""
-        raise UsageError(f"attack_effectiveness.py sweeps PGD step counts (--steps-to-try); --attack "
-                         f"'{args.attack}' is not supported{hint}")
-    if not args.checkpoints_dir:
-        raise UsageError("--checkpoints-dir is required: the training run's folder with checkpoint-<epoch>.pth.tar")
-    for flag, values, low in (("--steps-to-try", args.steps_to_try, 0), ("--epochs-to-try", args.epochs_to_try, 0),
-                              ("--seeds", args.seeds, 0)):
-        bad = [v for v in values if v < low]
-        if bad:
-            raise UsageError(f"{flag} values must be >= {low}, got {bad[0]}")
-        rep = _repeated(values)
-        if rep:
-            raise UsageError(f"{flag} has repeated values: {rep}")
-    # the shared checks of validate.py (eps, step size, boundaries, batch size, mean/std, ...)
-    V.check_args(argparse.Namespace(**{**vars(args), "attack_steps": list(args.steps_to_try)}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +330,44 @@ def _test_kill_point(written: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _evaluate_checkpoint(args: argparse.Namespace, base: argparse.Namespace, dataset: Any, label: EpochLabel,
+                         pending: Sequence[Job], results: "ResultsCsv", run_: "EffectivenessRun",
+                         warnings: List[str], written: int, dev_env: Any) -> int:
+    """Every pending row of one checkpoint (loaded once, EMA weights preferred); returns rows written so far."""
+    ckpt = checkpoint_path(args.checkpoints_dir, label)
+    with _ema_preferred(args.use_ema):
+        em = create_eval_model(base, dev_env, checkpoint=ckpt)
+    loader = create_eval_loader(base, em, dev_env, dataset)
+    max_batches = eval_batches(base, loader, dev_env)
+    _note(warnings, em.notes + normalization_warnings(em.normalization, "pgd", em.trained_inputs))
+    label_rows: Dict[int, List[Dict[str, Any]]] = {}
+    n_examples = 0
+    for job in (j for j in pending if j.epoch == label):
+        seed_everything(job.seed + dev_env.global_rank)
+        ns = argparse.Namespace(**{**vars(base), "attack": job.attack, "seed": job.seed})
+        attack = build_eval_attack(ns, job.steps if job.steps is not None else 0, em.num_classes, dev_env)
+        ev = engine.evaluate_loop(em.model, loader, dev_env, attack, max_batches=max_batches, log_freq=args.log_freq,
+                                  check_gradients=job.attack == "pgd")
+        row = result_row(ev, em)
+        row.update(attack=job.attack, attack_steps=job.steps, model=args.model, epoch=job.epoch, seed=job.seed)
+        n_examples = ev.num_examples
+        _note(warnings, robust_above_clean_warnings(row) + gradient_warnings(ev.zero_grad_fraction)
+              + [f"AutoAttack check: {f}" for f in ev.attack_flags])
+        if job.attack == "pgd":
+            label_rows.setdefault(job.seed, []).append(row)
+        results.append(row, write=dev_env.primary)
+        run_.computed.append(job)
+        written += 1
+        _logger.info("[%d/%d] epoch %s seed %d %s: top1 %.2f robust_top1 %.2f loss %.4f adv_loss %.4f (%d examples, "
+                     "%.1fs)", written, len(pending), job.epoch, job.seed, job.name, row["top1"], row["robust_top1"],
+                     row["loss"], row["adv_loss"], ev.num_examples, ev.seconds)
+        if dev_env.primary:
+            _test_kill_point(written)
+    for rows in label_rows.values():
+        _note(warnings, [f"epoch {label}: {w}" for w in attack_strength_warnings(rows, n_examples, "pgd")])
+    return written
+
+
 def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
     """Evaluate every pending row of the sweep on ``dev_env``; returns what was done.
 
@@ -458,42 +408,11 @@ def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
     # a validate-style namespace for the shared evaluation core
     base = argparse.Namespace(**{**vars(args), "checkpoint": "", "attack_steps": list(args.steps_to_try),
                                  "seed": args.seeds[0], "results_file": "", "log_wandb": False})
-    dataset = V.create_eval_dataset(base)
+    dataset = create_eval_dataset(base)
     warnings: List[str] = []
     written = 0
     for label in labels:
-        ckpt = checkpoint_path(args.checkpoints_dir, label)
-        with _ema_preferred(args.use_ema):
-            em = V.create_eval_model(base, dev_env, checkpoint=ckpt)
-        loader = V.create_eval_loader(base, em, dev_env, dataset)
-        max_batches = V.eval_batches(base, loader, dev_env)
-        _note(warnings, em.notes + V.normalization_warnings(em.normalization, "pgd", em.trained_inputs))
-        label_rows: Dict[int, List[Dict[str, Any]]] = {}
-        n_examples = 0
-        for job in (j for j in pending if j.epoch == label):
-            seed_everything(job.seed + dev_env.global_rank)
-            ns = argparse.Namespace(**{**vars(base), "attack": job.attack, "seed": job.seed})
-            attack = V.build_eval_attack(ns, job.steps if job.steps is not None else 0, em.num_classes, dev_env)
-            ev = V.evaluate_model(em.model, loader, dev_env, attack, max_batches=max_batches, log_freq=args.log_freq,
-                                  check_gradients=job.attack == "pgd")
-            row = V.result_row(ev, em)
-            row.update(attack=job.attack, attack_steps=job.steps, model=args.model, epoch=job.epoch, seed=job.seed)
-            n_examples = ev.num_examples
-            _note(warnings, V.robust_above_clean_warnings(row) + V.gradient_warnings(ev.zero_grad_fraction)
-                  + [f"AutoAttack check: {f}" for f in ev.attack_flags])
-            if job.attack == "pgd":
-                label_rows.setdefault(job.seed, []).append(row)
-            results.append(row, write=dev_env.primary)
-            run_.computed.append(job)
-            written += 1
-            _logger.info("[%d/%d] epoch %s seed %d %s: top1 %.2f robust_top1 %.2f loss %.4f adv_loss %.4f (%d "
-                         "examples, %.1fs)", written, len(pending), job.epoch, job.seed, job.name, row["top1"],
-                         row["robust_top1"], row["loss"], row["adv_loss"], ev.num_examples, ev.seconds)
-            if dev_env.primary:
-                _test_kill_point(written)
-        for rows in label_rows.values():
-            _note(warnings, [f"epoch {label}: {w}" for w in V.attack_strength_warnings(rows, n_examples, "pgd")])
-        del em, loader
+        written = _evaluate_checkpoint(args, base, dataset, label, pending, results, run_, warnings, written, dev_env)
     run_.rows = results.dicts()
     run_.warnings = warnings
     return run_

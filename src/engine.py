@@ -501,8 +501,7 @@ def evaluate_loop(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional
     if max_batches is not None:
         total = min(total, max_batches) if total else max_batches
     progress = _EvalProgress(total, dev_env, log_freq, desc, attack is not None)
-    per: dict = {}
-    count, k_used, zero_frac, t0 = 0, topk, None, time.time()
+    per, count, k_used, zero_frac, t0 = {}, 0, topk, None, time.time()
     for i, (x, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break

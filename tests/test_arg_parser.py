@@ -101,3 +101,41 @@ def test_cli_unknown_key_one_line_exit_2(tmp_path):
 def test_help_runs():
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "--adv-training" in out.stdout and "--config" in out.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation CLIs: one parser class, the original's names, the other tools' spelling as aliases
+
+
+def test_eval_flag_aliases_are_accepted_everywhere():
+    from src.arg_parser import (build_robustbench_parser, parse_effectiveness_args, parse_robustbench_args,
+                                parse_validate_args)
+
+    for parse in (parse_validate_args, lambda a: parse_effectiveness_args(a + ["--checkpoints-dir", "d"])):
+        original = parse(["--attack-eps", "8", "--attack-norm", "l2", "--num-examples", "64"])
+        alias = parse(["--eps", "8", "--threat-model", "L2", "--n-examples", "64"])
+        assert (alias.attack_eps, alias.attack_norm, alias.num_examples) == (8, "l2", 64)
+        assert (original.attack_eps, original.attack_norm, original.num_examples) == (8, "l2", 64)
+    rb = parse_robustbench_args(["--model", "m", "--attack-eps", "4", "--attack-norm", "l2", "--num-examples", "10"])
+    assert (rb.eps, rb.n_examples) == (4, 10)
+    from src.robustbench import check_args
+
+    check_args(rb)  # the threat model in RobustBench's spelling
+    assert rb.threat_model == "L2"
+    assert build_robustbench_parser().parse_args([]).eps == 8  # the original's default
+    train, _ = parse_args(["--eps", "8", "--threat-model", "Linf"])
+    assert train.attack_eps == 8 and train.attack_norm == "linf"
+    with pytest.raises(UsageError, match="invalid choice"):
+        parse_validate_args(["--threat-model", "L1"])
+
+
+def test_effectiveness_parser_hides_and_refuses_the_flags_it_sets():
+    from src.arg_parser import build_effectiveness_parser, parse_effectiveness_args
+
+    text = build_effectiveness_parser().format_help()
+    assert "--steps-to-try" in text and "--no-ema" in text and "--results-file" not in text
+    args = parse_effectiveness_args(["--checkpoints-dir", "d"])
+    assert args.use_ema is True and args.attack == "pgd" and args.checkpoint is None
+    assert parse_effectiveness_args(["--checkpoints-dir", "d", "--no-ema"]).use_ema is False
+    with pytest.raises(UsageError, match="sets --attack-steps itself"):
+        parse_effectiveness_args(["--checkpoints-dir", "d", "--attack-steps", "3"])

@@ -22,6 +22,7 @@ import torch
 
 import attack_effectiveness as ae_cli
 from src import effectiveness as E
+from src import engine
 from src import storage
 from src import validation as V
 from src.errors import run_cli
@@ -88,13 +89,13 @@ def cli(argv, capsys):
 def count_evals(monkeypatch):
     """Count the evaluation passes (one per computed row)."""
     calls = []
-    real = V.evaluate_model
+    real = engine.evaluate_loop
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(V, "evaluate_model", counting)
+    monkeypatch.setattr(engine, "evaluate_loop", counting)
     return calls
 
 

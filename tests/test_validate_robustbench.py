@@ -202,7 +202,7 @@ def test_cifar_report_matches_direct_computation(baseline, cifar):
                 "reported", "footnote"):
         assert key in report  # RobustBench's model_info fields
     assert report["architecture"] == "rb_toy"
-    assert report["examples"]["examples_sha256"] == robustbench._sha256_text("\n".join(map(str, range(N))))
+    assert report["examples"]["examples_sha256"] == robustbench.sha256_text("\n".join(map(str, range(N))))
     assert "md5" in report["examples"]["data_check"]  # generated data: not the official file
     assert report["preprocessing"]["loader"] == "ToTensor"
     aa = report["autoattack"]
@@ -361,7 +361,7 @@ def test_imagenet_subset_report(imagenet, tmp_path):
     assert report["dataset"] == "imagenet" and report["n_examples"] == 5 and report["eps"] == "8/255"
     assert report["preprocessing"]["loader"] == desc == "Resize(18, bicubic) + CenterCrop(16) + ToTensor"
     ex = report["examples"]
-    assert ex["examples_sha256"] == robustbench._sha256_text("\n".join(imagenet["ids"]))
+    assert ex["examples_sha256"] == robustbench.sha256_text("\n".join(imagenet["ids"]))
     with open(robustbench.IMAGENET_IDS_FILE, "rb") as f:
         import hashlib
 
@@ -392,12 +392,12 @@ def test_patch_size_only_adapted_when_asked(cifar, tmp_path):
             "--num-classes", "4", "--n-examples", "2"]
     for extra, expected in (([], 8), (["--patch-size", "4"], 4)):
         args = validate_robustbench.build_parser().parse_args(base + extra)
-        robustbench._check_args(args)
+        robustbench.check_args(args)
         setup = robustbench.setup_evaluation(args)
         assert setup.model_summary["patch_size"] == expected == setup.fingerprint["patch_size"]
         assert isinstance(args, argparse.Namespace)
     args = validate_robustbench.build_parser().parse_args(base + ["--patch-size", "6"])
-    robustbench._check_args(args)
+    robustbench.check_args(args)
     with pytest.raises(robustbench.UsageError, match="--patch-size 6"):
         robustbench.setup_evaluation(args)
 
@@ -412,7 +412,7 @@ def test_normalization_and_in_model_resize(cifar, tmp_path):
 
     def setup(*extra):
         args = validate_robustbench.build_parser().parse_args(base + list(extra))
-        robustbench._check_args(args)
+        robustbench.check_args(args)
         return robustbench.setup_evaluation(args)
 
     s = setup()

@@ -12,24 +12,13 @@ additions, see original-behaviour.md §1.1). Differences, each listed in the REA
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from src.arg_parser.common import CliParser, bool_flag, check_mean_std, load_yaml_config, norm_name
 from src.errors import UsageError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ``UsageError`` (one line, exit 2) instead of printing usage."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise UsageError(f"{self.prog}: {message}")
-
-
-def _bool_flag(group, *names: str, help: str) -> None:
-    group.add_argument(*names, action="store_true", default=False, help=help)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -52,21 +41,21 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="epoch repeat multiplier for iterable datasets (default: 0)")
     g.add_argument("--workers", "-j", type=int, default=4, metavar="N",
                    help="data loading workers per process (default: 4)")
-    _bool_flag(g, "--pin-mem", help="pin CPU memory in the data loader")
-    _bool_flag(g, "--use-multi-epochs-loader", help="keep loader workers alive between epochs")
-    _bool_flag(g, "--use-mp-loader", help="on XLA, wrap loaders in torch_xla's MpDeviceLoader")
+    bool_flag(g, "--pin-mem", help="pin CPU memory in the data loader")
+    bool_flag(g, "--use-multi-epochs-loader", help="keep loader workers alive between epochs")
+    bool_flag(g, "--use-mp-loader", help="on XLA, wrap loaders in torch_xla's MpDeviceLoader")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Model")
     g.add_argument("--model", default="resnet50", metavar="MODEL", help="timm model name (default: resnet50)")
-    _bool_flag(g, "--pretrained", help="start from timm's pretrained weights (needs the network)")
+    bool_flag(g, "--pretrained", help="start from timm's pretrained weights (needs the network)")
     g.add_argument("--initial-checkpoint", default="", metavar="PATH",
                    help="load these weights into the model before training")
     g.add_argument("--resume", default="", metavar="PATH",
                    help="resume model, EMA, optimizer and schedule from a checkpoint "
                         "('auto': the newest last/recovery checkpoint of the experiment folder)")
-    _bool_flag(g, "--no-resume-opt", help="do not restore the optimizer state when resuming")
+    bool_flag(g, "--no-resume-opt", help="do not restore the optimizer state when resuming")
     g.add_argument("--num-classes", type=int, default=None, metavar="N", help="number of classes")
     g.add_argument("--gp", default=None, metavar="POOL", help="global pool type (fast, avg, max, avgmax, ...)")
     g.add_argument("--img-size", type=int, default=None, metavar="N", help="image size")
@@ -82,18 +71,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-nn", "--no-normalize", action="store_true", default=True,
                    help="the training loader never normalizes: inputs stay in [0, 1] (always on, as in the "
                         "original; use --normalize-model to normalize inside the model)")
-    _bool_flag(g, "--normalize-model",
+    bool_flag(g, "--normalize-model",
                help="prepend (x - mean) / std to the model, with --mean/--std or the model's defaults")
     g.add_argument("--finetune", default=None, metavar="PATH",
                    help="fine-tune from this checkpoint: wrong-shape classifier weights are dropped")
     g.add_argument("--finetuning-patch-size", type=int, default=None, metavar="N",
                    help="XCiT patch size to adapt the model to before loading --finetune weights")
-    _bool_flag(g, "--reinit-patch-embedding", help="with --finetune, do not load the patch embedding weights")
-    _bool_flag(g, "--keep-patch-embedding",
+    bool_flag(g, "--reinit-patch-embedding", help="with --finetune, do not load the patch embedding weights")
+    bool_flag(g, "--keep-patch-embedding",
                help="with --finetune, load the patch embedding weights (the default; kept for the configs)")
-    _bool_flag(g, "--trust-checkpoint",
+    bool_flag(g, "--trust-checkpoint",
                help="allow checkpoints that need arbitrary unpickling (runs code from the file)")
-    _bool_flag(g, "--torchscript", help="build the model scriptable")
+    bool_flag(g, "--torchscript", help="build the model scriptable")
 
 
 def _add_optim_args(p: argparse.ArgumentParser) -> None:
@@ -139,7 +128,7 @@ def _add_sched_args(p: argparse.ArgumentParser) -> None:
 
 def _add_aug_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Augmentation and regularization")
-    _bool_flag(g, "--no-aug", help="no training augmentation (resize + center crop)")
+    bool_flag(g, "--no-aug", help="no training augmentation (resize + center crop)")
     g.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], metavar="PCT", help="RRC scale range")
     g.add_argument("--ratio", type=float, nargs=2, default=[3.0 / 4.0, 4.0 / 3.0], metavar="RATIO",
                    help="RRC aspect ratio range")
@@ -150,14 +139,14 @@ def _add_aug_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aa", type=str, default=None, metavar="NAME",
                    help="auto-augment policy, e.g. rand-m9-mstd0.5-inc1 ('None' disables)")
     g.add_argument("--aug-splits", type=int, default=0, help="number of augmentation splits (0 or >= 2)")
-    _bool_flag(g, "--jsd-loss", help="Jensen-Shannon divergence + CE loss (needs --aug-splits)")
-    _bool_flag(g, "--bce-loss", help="binary cross-entropy loss")
+    bool_flag(g, "--jsd-loss", help="Jensen-Shannon divergence + CE loss (needs --aug-splits)")
+    bool_flag(g, "--bce-loss", help="binary cross-entropy loss")
     g.add_argument("--bce-target-thresh", type=float, default=None, help="BCE target threshold")
     g.add_argument("--reprob", type=float, default=0.0, metavar="PCT", help="random erase probability")
     g.add_argument("--remode", type=str, default="pixel", choices=["pixel", "rand", "const"],
                    help="random erase fill mode (default: pixel)")
     g.add_argument("--recount", type=int, default=1, help="random erase count")
-    _bool_flag(g, "--resplit", help="do not random-erase the first (clean) augmentation split")
+    bool_flag(g, "--resplit", help="do not random-erase the first (clean) augmentation split")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha")
     g.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, help="cutmix min/max ratio")
@@ -172,7 +161,7 @@ def _add_aug_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drop-path", type=float, default=None, metavar="PCT", help="drop path rate")
     g.add_argument("--drop-block", type=float, default=None, metavar="PCT", help="drop block rate")
     g.add_argument("--rand-rotation", type=float, default=0, metavar="DEG", help="random rotation in degrees")
-    _bool_flag(g, "--rand-crop", help="RandomCrop(size, padding=--pad) instead of RandomResizedCrop")
+    bool_flag(g, "--rand-crop", help="RandomCrop(size, padding=--pad) instead of RandomResizedCrop")
     g.add_argument("--pad", type=int, default=0, metavar="PIXELS",
                    help="padding for --rand-crop, or a Pad before RandomResizedCrop")
 
@@ -181,11 +170,11 @@ def _add_bn_ema_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("BatchNorm and EMA")
     g.add_argument("--bn-momentum", type=float, default=None, help="BatchNorm momentum")
     g.add_argument("--bn-eps", type=float, default=None, help="BatchNorm epsilon")
-    _bool_flag(g, "--sync-bn", help="synchronized BatchNorm (distributed)")
+    bool_flag(g, "--sync-bn", help="synchronized BatchNorm (distributed)")
     g.add_argument("--dist-bn", type=str, default="reduce", choices=["broadcast", "reduce", ""],
                    help="distribute BatchNorm stats after each epoch: reduce, broadcast or '' (default: reduce)")
-    _bool_flag(g, "--split-bn", help="separate BatchNorm per augmentation split")
-    _bool_flag(g, "--model-ema", help="keep an exponential moving average of the weights")
+    bool_flag(g, "--split-bn", help="separate BatchNorm per augmentation split")
+    bool_flag(g, "--model-ema", help="keep an exponential moving average of the weights")
     g.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay (default: 0.9998)")
 
 
@@ -194,7 +183,8 @@ def _add_adv_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adv-training", type=str, default=None, metavar="LOSS",
                    help="pgd, trades, or module.path:ClassName of a custom loss (default: clean training)")
     g.add_argument("--attack", type=str, default="pgd", help="training attack: pgd or targeted_pgd")
-    g.add_argument("--attack-eps", type=float, default=4, help="final epsilon, in /255 units (default: 4)")
+    g.add_argument("--attack-eps", "--eps", type=float, default=4,
+                   help="final epsilon, in /255 units (default: 4)")
     g.add_argument("--eps-schedule", type=str, default="constant", choices=["constant", "linear", "sine"],
                    help="epsilon warm-up schedule, per epoch (default: constant)")
     g.add_argument("--eps-schedule-period", type=int, default=10, help="epoch at which full eps is reached")
@@ -202,7 +192,8 @@ def _add_adv_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attack-lr", type=float, default=None,
                    help="attack step size in /255 units (default: 1.5 * eps / steps)")
     g.add_argument("--attack-steps", type=int, default=10, help="PGD steps (training and per-epoch eval)")
-    g.add_argument("--attack-norm", type=str, default="linf", choices=["linf", "l2"], help="threat model")
+    g.add_argument("--attack-norm", "--threat-model", type=norm_name, default="linf", choices=["linf", "l2"],
+                   help="threat model")
     g.add_argument("--attack-boundaries", type=int, nargs=2, default=(0, 1), metavar="L",
                    help="clipping box of adversarial inputs (default: 0 1)")
     g.add_argument("--eval-attack-eps", type=float, default=None, help="eval epsilon, /255 (default: --attack-eps)")
@@ -218,35 +209,35 @@ def _add_adv_args(p: argparse.ArgumentParser) -> None:
 def _add_misc_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Miscellaneous")
     g.add_argument("--seed", type=int, default=42, metavar="S", help="random seed (default: 42)")
-    _bool_flag(g, "--deterministic", help="deterministic algorithms (reproducible CPU runs)")
+    bool_flag(g, "--deterministic", help="deterministic algorithms (reproducible CPU runs)")
     g.add_argument("--log-interval", type=int, default=50, metavar="N", help="steps between log lines")
     g.add_argument("--recovery-interval", type=int, default=0, metavar="N",
                    help="steps between recovery checkpoints (0: none)")
     g.add_argument("--checkpoint-hist", type=int, default=10, metavar="N", help="checkpoints to keep")
-    _bool_flag(g, "--save-images", help="save the first training batch as a PNG grid in the output folder")
-    _bool_flag(g, "--amp", help="mixed precision (bfloat16 autocast; float16 + grad scaler on CUDA)")
+    bool_flag(g, "--save-images", help="save the first training batch as a PNG grid in the output folder")
+    bool_flag(g, "--amp", help="mixed precision (bfloat16 autocast; float16 + grad scaler on CUDA)")
     g.add_argument("--amp-dtype", type=str, default="bfloat16", choices=["bfloat16", "float16"],
                    help="autocast dtype with --amp (default: bfloat16)")
-    _bool_flag(g, "--channels-last", help="channels-last memory layout")
+    bool_flag(g, "--channels-last", help="channels-last memory layout")
     g.add_argument("--output", default="", metavar="PATH",
                    help="output root, local or gs:// (default: ./output/train)")
     g.add_argument("--experiment", default="", metavar="NAME",
                    help="experiment folder name (default: <date>-<time>-<model>-<size>)")
     g.add_argument("--eval-metric", default="top1", metavar="METRIC",
                    help="checkpoint selection metric: top1, robust_top1 or loss (default: top1)")
-    _bool_flag(g, "--skip-nonfinite",
+    bool_flag(g, "--skip-nonfinite",
                help="skip optimizer steps with a non-finite loss or gradient (counted in the log) "
                     "instead of stopping")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help="set by torch.distributed.launch")
-    _bool_flag(g, "--force-cpu", help="run on the CPU even when an accelerator is present")
-    _bool_flag(g, "--log-wandb", help="log to Weights & Biases (project = --experiment)")
+    bool_flag(g, "--force-cpu", help="run on the CPU even when an accelerator is present")
+    bool_flag(g, "--log-wandb", help="log to Weights & Biases (project = --experiment)")
     g.add_argument("--run-notes", type=str, default="", help="W&B run notes")
     g.add_argument("--tta", type=int, default=0, help="not supported by train.py (use validate.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="train.py", description="(Adversarial) training of timm image classifiers",
+    p = CliParser(prog="train.py", description="(Adversarial) training of timm image classifiers",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-c", "--config", default="", type=str, metavar="FILE",
                    help="YAML config whose keys become the defaults of the flags (the command line overrides)")
@@ -257,37 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="train.py", add_help=False)
+    p = CliParser(prog="train.py", add_help=False)
     p.add_argument("-c", "--config", default="", type=str, metavar="FILE",
                    help="YAML config whose keys become the defaults of the flags")
     return p
-
-
-def load_yaml_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
-    """Read a YAML config and check every key against ``parser``'s flags."""
-    from src import storage
-
-    if not storage.exists(path):
-        raise UsageError(f"config file {path} does not exist")
-    try:
-        cfg = yaml.safe_load(storage.read_text(path))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UsageError(f"config file {path} is not valid YAML{where}: "
-                         f"{getattr(e, 'problem', None) or e}") from None
-    if cfg is None:
-        return {}
-    if not isinstance(cfg, dict):
-        raise UsageError(f"config file {path} must be a mapping of flag names to values")
-    dests = {a.dest for a in parser._actions}
-    for key in cfg:
-        norm = str(key).replace("-", "_")
-        if norm not in dests:
-            close = difflib.get_close_matches(norm, sorted(dests), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}' (--{close[0].replace('_', '-')})?" if close else ""
-            raise UsageError(f"config file {path}: unknown key '{key}'{hint}")
-    return {str(k).replace("-", "_"): v for k, v in cfg.items()}
 
 
 def _normalize_yaml_values(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -324,15 +288,6 @@ def namespace_to_dict(args: argparse.Namespace) -> Dict[str, Any]:
             v = list(v)
         out[k] = v
     return out
-
-
-def check_mean_std(mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> None:
-    """``--mean``/``--std``: 1 or 3 values, std > 0 (shared by every CLI)."""
-    for name, v in (("mean", mean), ("std", std)):
-        if v is not None and len(v) not in (1, 3):
-            raise UsageError(f"--{name} needs 1 or 3 values (one per RGB channel), got {len(v)}")
-    if std is not None and any(s <= 0 for s in std):
-        raise UsageError(f"--std values must be > 0, got {list(std)}")
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -1,0 +1,151 @@
+"""Honest-evaluation checks: when a robust accuracy cannot be trusted, say so, and why.
+
+"Beyond noise" (used by the attack-strength checks): a difference between two robust accuracies
+measured on the same ``n`` examples is beyond noise when it exceeds one binomial standard error
+``100 * sqrt(p * (1 - p) / n)`` percentage points of the weaker attack's robust accuracy ``p``, and
+at least one example (``100 / n`` points).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, List, Mapping, Optional, Sequence
+
+__all__ = ["PGD_ATTACKS", "FEW_STEPS", "binomial_se", "robust_above_clean_warnings", "attack_strength_warnings",
+           "normalization_warnings", "gradient_warnings", "weak_attack_warnings", "honesty_warnings"]
+
+PGD_ATTACKS = ("pgd", "targeted_pgd")
+# Below this many PGD steps robust accuracy is a loose upper bound (the paper reports AutoAttack).
+FEW_STEPS = 10
+
+
+def binomial_se(acc_percent: float, n: int) -> float:
+    """One binomial standard error of an accuracy (in %) measured on ``n`` examples, in % points."""
+    if n <= 0 or not math.isfinite(acc_percent):
+        return float("nan")
+    p = min(max(acc_percent / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1 - p) / n)
+
+
+def _noise(acc_percent: float, n: int) -> float:
+    """The "beyond noise" threshold: one binomial SE, and never less than one example."""
+    return max(binomial_se(acc_percent, n), 100.0 / n)
+
+
+def robust_above_clean_warnings(row: Mapping[str, Any]) -> List[str]:
+    """Robust accuracy above clean accuracy on the same examples: the evaluation is broken.
+
+    An attack can only remove correct predictions; more robust than clean means the model is
+    randomized or stateful (train-mode dropout/BatchNorm, random input transforms), the attack is
+    not maximizing the loss, or the attack's inputs differ from the clean ones (range/normalization).
+    """
+    out = []
+    for k in ("1", "5"):
+        clean, robust = row.get(f"top{k}"), row.get(f"robust_top{k}")
+        if clean is None or robust is None or not (math.isfinite(clean) and math.isfinite(robust)):
+            continue
+        if robust > clean:
+            out.append(f"robust top-{k} accuracy ({robust:.2f}%) is above clean top-{k} accuracy ({clean:.2f}%) on "
+                       f"the same examples: an attack can only remove correct predictions, so the evaluation is "
+                       f"broken -- a randomized or stateful model (dropout/BatchNorm in train mode, random "
+                       f"defenses), an attack that does not maximize the loss, or inputs in the wrong range")
+    return out
+
+
+def attack_strength_warnings(rows: Sequence[Mapping[str, Any]], num_examples: int,
+                             attack: str = "pgd") -> List[str]:
+    """Compare PGD runs with different step counts on the same examples (rows need ``attack_steps``).
+
+    * a stronger attack (more steps) scoring a HIGHER robust accuracy than a weaker one beyond noise
+      (one binomial standard error of the weaker one's accuracy, at least one example): gradient
+      masking / obfuscated gradients (the loss surface defeats longer optimization), a step size
+      unsuited to the longer attack, or a randomized model;
+    * robust accuracy still falling, beyond noise, between the two largest step counts: the attack
+      has not converged (too few steps), so the reported number overstates robustness.
+    """
+    runs = sorted((int(r["attack_steps"]), float(r["robust_top1"])) for r in rows
+                  if "attack_steps" in r and r.get("robust_top1") is not None and math.isfinite(r["robust_top1"]))
+    if len(runs) < 2 or num_examples <= 0:
+        return []
+    out = []
+    for i, (k_weak, acc_weak) in enumerate(runs):
+        for k_strong, acc_strong in runs[i + 1:]:
+            if k_strong == k_weak:
+                continue
+            thr = _noise(acc_weak, num_examples)
+            if acc_strong - acc_weak > thr:
+                out.append(f"{attack}-{k_strong} scored a HIGHER robust accuracy ({acc_strong:.2f}%) than the weaker "
+                           f"{attack}-{k_weak} ({acc_weak:.2f}%) on the same {num_examples} examples, beyond noise "
+                           f"(difference {acc_strong - acc_weak:.2f} > {thr:.2f} points, one binomial standard "
+                           f"error): more optimization should never help the model -- suspect gradient masking / "
+                           f"obfuscated gradients, a step size unsuited to the longer attack (--attack-lr), or a "
+                           f"randomized model; confirm with AutoAttack")
+    (k_a, acc_a), (k_b, acc_b) = runs[-2], runs[-1]
+    thr = _noise(acc_a, num_examples)
+    if acc_a - acc_b > thr:
+        out.append(f"robust accuracy still falls from {attack}-{k_a} ({acc_a:.2f}%) to {attack}-{k_b} ({acc_b:.2f}%), "
+                   f"beyond noise ({acc_a - acc_b:.2f} > {thr:.2f} points): the attack has not converged (too few "
+                   f"steps), so {acc_b:.2f}% overstates robustness; try more steps, APGD-CE or AutoAttack")
+    return out
+
+
+def normalization_warnings(mode: str, attack: str, trained_inputs: Optional[str] = None) -> List[str]:
+    """Mismatches between what the evaluated network receives and how it was trained.
+
+    ``mode`` is the evaluation's normalization mode; ``trained_inputs`` what the checkpoint's
+    network was trained on ('raw' [0, 1] pixels or 'normalized' inputs; None when unknown).
+    """
+    out = []
+    if mode == "loader" and attack:
+        out.append("the attack ran on loader-normalized inputs (the default mode, as in the original): the eps-ball "
+                   "and the [0, 1] clipping were applied in normalized space, so eps is not in pixel units and the "
+                   "robust accuracy is not comparable to published numbers; use --normalize-model (normalization "
+                   "inside the model) or --no-normalize for a model trained on raw [0, 1] inputs")
+    fed = {"loader": "normalized", "raw": "raw", "model": "normalized"}.get(mode)
+    if trained_inputs is not None and fed is not None and trained_inputs != fed:
+        if trained_inputs == "raw":
+            out.append("the checkpoint's network was trained on raw [0, 1] inputs (its training arguments have "
+                       "no_normalize and no normalize_model) but received normalized inputs here: clean and robust "
+                       "accuracy are wrong; evaluate with --no-normalize")
+        else:
+            out.append("the checkpoint's network was trained on normalized inputs but received raw [0, 1] pixels "
+                       "here: clean and robust accuracy are wrong; evaluate with --normalize-model (and the "
+                       "training --mean/--std)")
+    return out
+
+
+def gradient_warnings(zero_grad_fraction: Optional[float]) -> List[str]:
+    """Examples with an exactly zero input gradient: gradient attacks cannot move them."""
+    if zero_grad_fraction is None or zero_grad_fraction <= 0:
+        return []
+    return [f"{100 * zero_grad_fraction:.0f}% of the examples of the first batch have an exactly zero input gradient: "
+            f"gradient masking (a non-differentiable or quantizing input step, or a saturated softmax) -- PGD and "
+            f"APGD cannot move them, so robust accuracy is overstated; check with a gradient-free attack "
+            f"(AutoAttack's Square) or BPDA"]
+
+
+def weak_attack_warnings(attack: str, steps: Sequence[int]) -> List[str]:
+    """PGD with few steps only gives an upper bound on robust accuracy."""
+    if attack not in PGD_ATTACKS or not steps or max(steps) >= FEW_STEPS:
+        return []
+    return [f"{attack} with at most {max(steps)} steps is a weak attack: its robust accuracy is an upper bound "
+            f"(too few steps); report APGD-CE or AutoAttack (the paper's numbers are AutoAttack)"]
+
+
+def honesty_warnings(rows: Sequence[Mapping[str, Any]], num_examples: int, *, attack: str = "",
+                     steps: Sequence[int] = (), normalization_mode: str = "raw",
+                     trained_inputs: Optional[str] = None, attack_flags: Sequence[str] = (),
+                     zero_grad_fraction: Optional[float] = None, notes: Sequence[str] = ()) -> List[str]:
+    """Every honesty warning of one evaluation run, de-duplicated, in a stable order.
+
+    ``rows`` are result rows of the same examples (several when several ``--attack-steps`` ran);
+    ``attack_flags`` are AutoAttack's own checks (``src.autoattack.attack_flags``).
+    """
+    out: List[str] = list(notes)
+    out += normalization_warnings(normalization_mode, attack, trained_inputs)
+    for row in rows:
+        out += robust_above_clean_warnings(row)
+    out += attack_strength_warnings(rows, num_examples, attack or "pgd")
+    out += gradient_warnings(zero_grad_fraction)
+    out += weak_attack_warnings(attack, steps)
+    out += [f"AutoAttack check: {f}" for f in attack_flags]
+    return list(dict.fromkeys(out))

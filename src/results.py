@@ -1,0 +1,78 @@
+"""Result rows and their files: the original's keys and order (the CSV schema notebooks and
+downstream tools read, ``cropt_pct`` sic), CSV or JSON (with each row's honesty warnings)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+
+from src import storage
+
+if TYPE_CHECKING:  # annotations only
+    from src.engine import EvalResult
+    from src.eval_setup import EvalModel
+
+_logger = logging.getLogger("robust_vits")
+
+__all__ = ["RESULT_KEYS", "result_row", "results_json", "write_results"]
+
+# The original's result dict, in its order (the CSV schema downstream tools read; `cropt_pct` sic).
+RESULT_KEYS = ("top1", "top1_err", "top5", "top5_err", "robust_top1", "robust_top1_err", "robust_top5",
+               "robust_top5_err", "loss", "adv_loss", "param_count", "img_size", "cropt_pct", "interpolation")
+
+
+def result_row(ev: EvalResult, em: EvalModel) -> "OrderedDict[str, Any]":
+    """The original's result dict (keys and order of ``RESULT_KEYS``), accuracies in % to 4 places."""
+    def r4(v: float) -> float:
+        return round(v, 4)
+
+    return OrderedDict([
+        ("top1", r4(ev.top1)), ("top1_err", r4(100 - ev.top1)),
+        ("top5", r4(ev.top5)), ("top5_err", r4(100 - ev.top5)),
+        ("robust_top1", r4(ev.robust_top1)), ("robust_top1_err", r4(100 - ev.robust_top1)),
+        ("robust_top5", r4(ev.robust_top5)), ("robust_top5_err", r4(100 - ev.robust_top5)),
+        ("loss", r4(ev.loss)), ("adv_loss", r4(ev.adv_loss)),
+        ("param_count", round(em.param_count / 1e6, 2)),
+        ("img_size", em.data_config["input_size"][-1]),
+        ("cropt_pct", em.data_config["crop_pct"]),
+        ("interpolation", em.data_config["interpolation"]),
+    ])
+
+
+def _json_rows(rows: Sequence[Mapping[str, Any]], warnings: Sequence[Sequence[str]]) -> List[Dict[str, Any]]:
+    return [dict(list(r.items()) + [("warnings", list(w))]) for r, w in zip(rows, warnings)]
+
+
+def results_json(rows: Sequence[Mapping[str, Any]], warnings: Sequence[Sequence[str]], as_list: bool = False) -> str:
+    """JSON text: one dict for a single row (timm), else a list; every row has a ``warnings`` list."""
+    data: Any = _json_rows(rows, warnings)
+    if len(data) == 1 and not as_list:
+        data = data[0]
+    return json.dumps(data, indent=4)
+
+
+def write_results(path: str, rows: Sequence[Mapping[str, Any]], warnings: Optional[Sequence[Sequence[str]]] = None,
+                  as_list: bool = False) -> None:
+    """Write rows atomically to ``path`` (local, gs://, memory://): ``.json`` -> JSON, else CSV.
+
+    The CSV has exactly the rows' keys (the original's schema; warnings are never CSV columns).
+    """
+    warnings = warnings if warnings is not None else [[] for _ in rows]
+    if str(path).lower().endswith(".json"):
+        text = results_json(rows, warnings, as_list=as_list) + "\n"
+    else:
+        buf = io.StringIO()
+        fields = list(rows[0].keys()) if rows else list(RESULT_KEYS)
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(r)
+        text = buf.getvalue()
+    folder = storage.dirname(path)
+    if folder:
+        storage.makedirs(folder)
+    storage.atomic_write_text(path, text)
+    _logger.info("results written to %s", path)

@@ -1,0 +1,299 @@
+"""RobustBench's example sets, read the way ``robustbench`` reads them (without the package).
+
+CIFAR-10 / CIFAR-100: the test set in torchvision's on-disk format
+(``<data-dir>/cifar-10-batches-py/test_batch``, ``<data-dir>/cifar-100-python/test``), the first
+``n_examples`` in file order, ``ToTensor`` only. ImageNet: RobustBench's fixed list of 5000
+validation images (``data/robustbench_imagenet_5000_ids.txt``, lines ``<wnid>/<file>``, read from
+``<data-dir>/val/<wnid>/<file>`` like RobustBench's ``CustomImageFolder``), labels from
+``data/imagenet_class_to_id_map.json`` (wnid -> class index), the first ``n_examples`` in list
+order, preprocessed with ``Resize(floor(size / crop_pct), interpolation) + CenterCrop(size) +
+ToTensor`` from the model's data config (RobustBench's rule for timm models).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import pickle
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from src import storage
+from src.errors import UsageError
+
+_logger = logging.getLogger("robust_vits")
+
+__all__ = ["REPO_ROOT", "IMAGENET_IDS_FILE", "IMAGENET_CLASS_MAP_FILE", "DATASETS", "DEFAULT_N_EXAMPLES",
+           "sha256_text", "expand_path", "ExampleSet", "CifarTestSet", "ImageNetSubset", "load_imagenet_ids",
+           "load_imagenet_class_map", "imagenet_transform", "InModelResize", "load_examples", "load_chunk"]
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+IMAGENET_IDS_FILE = os.path.join(REPO_ROOT, "data", "robustbench_imagenet_5000_ids.txt")
+
+
+IMAGENET_CLASS_MAP_FILE = os.path.join(REPO_ROOT, "data", "imagenet_class_to_id_map.json")
+
+
+DATASETS = ("cifar10", "cifar100", "imagenet")
+
+
+DEFAULT_N_EXAMPLES = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 5_000}
+
+
+_CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", "test_batch", "labels", "CIFAR10"),
+    "cifar100": ("cifar-100-python", "test", "fine_labels", "CIFAR100"),
+}
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def expand_path(path: str) -> str:
+    return os.path.expanduser(str(path)) if storage.is_local(str(path)) else str(path)
+
+
+class ExampleSet(torch.utils.data.Dataset):
+    """The protocol's ordered example list: ``self[i] -> (image tensor, label)`` for i < n."""
+
+    name: str = ""
+    n_examples: int = 0
+    source: str = ""
+    examples_sha256: str = ""
+    data_check: str = ""
+
+    def __len__(self) -> int:
+        return self.n_examples
+
+    def labels(self) -> List[int]:
+        raise NotImplementedError
+
+    def provenance(self) -> Dict[str, Any]:
+        return {"dataset": self.name, "n_examples": self.n_examples, "source": self.source,
+                "examples_sha256": self.examples_sha256, "data_check": self.data_check}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """The CIFAR python pickles hold a dict of numpy arrays and lists: allow nothing else."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+                ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+
+
+class CifarTestSet(ExampleSet):
+    """CIFAR-10/100 test images from torchvision's python-pickle files, ``ToTensor`` only.
+
+    torchvision's ``CIFAR10(download=False)`` refuses any folder whose *training* files are
+    missing or differ from the official md5 sums; RobustBench needs only the test file, so it is
+    read directly (same format: ``data`` uint8 (N, 3072) in CHW order, ``labels`` /
+    ``fine_labels``). Its md5 is compared with the official one and the outcome reported.
+    """
+
+    def __init__(self, dataset: str, data_dir: str, n_examples: Optional[int] = None):
+        import numpy as np
+
+        folder, filename, label_key, tv_name = _CIFAR_FILES[dataset]
+        path = storage.join(expand_path(data_dir), folder, filename)
+        pretty = "CIFAR-10" if dataset == "cifar10" else "CIFAR-100"
+        if not storage.exists(path):
+            raise UsageError(f"{pretty} test set not found: looked for {path}; download it with python -c \"import "
+                             f"torchvision; torchvision.datasets.{tv_name}('{data_dir}', train=False, download=True)\" "
+                             f"or pass --data-dir")
+        raw = storage.read_bytes(path)
+        try:
+            entry = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
+            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels = [int(v) for v in entry[label_key]]
+        except Exception as e:  # noqa: BLE001 - any decoding problem means a bad file
+            raise UsageError(f"{path} is not a {pretty} test batch in torchvision's python format "
+                             f"({type(e).__name__}: {str(e)[:100]})") from None
+        if len(labels) != len(data):
+            raise UsageError(f"{path} holds {len(data)} images but {len(labels)} labels")
+        available = len(data)
+        if n_examples is None:
+            n_examples = min(DEFAULT_N_EXAMPLES[dataset], available)
+            if n_examples < DEFAULT_N_EXAMPLES[dataset]:
+                _logger.warning("%s holds only %d test images (RobustBench uses %d)", path, available,
+                                DEFAULT_N_EXAMPLES[dataset])
+        elif n_examples > available:
+            raise UsageError(f"--n-examples {n_examples} is more than the {available} test images in {path}")
+        self._images = data[:n_examples]
+        self._labels = labels[:n_examples]
+        self.name = dataset
+        self.n_examples = int(n_examples)
+        self.path = path
+        self.source = f"{pretty} test set ({folder}/{filename}), first {n_examples} images in file order"
+        self.examples_sha256 = sha256_text("\n".join(str(i) for i in range(n_examples)))
+        import torchvision.datasets as tvd
+
+        official = dict(getattr(tvd, tv_name).test_list)[filename]
+        md5 = hashlib.md5(raw).hexdigest()
+        self.file_md5 = md5
+        self.data_check = "official test file (md5 matches torchvision's)" if md5 == official else \
+            f"md5 {md5} differs from the official test file's {official}: not comparable with RobustBench"
+        if md5 != official:
+            _logger.warning("%s: %s", path, self.data_check)
+
+    def labels(self) -> List[int]:
+        return list(self._labels)
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n_examples:
+            raise IndexError(i)
+        x = torch.from_numpy(self._images[i].astype("float32") / 255.0)
+        return x, self._labels[i]
+
+
+def load_imagenet_ids(path: str = IMAGENET_IDS_FILE) -> List[str]:
+    """RobustBench's ImageNet subset: ``<wnid>/ILSVRC2012_val_XXXXXXXX.JPEG`` per line, in order."""
+    with open(path, "r", encoding="utf-8") as f:
+        ids = [line.strip() for line in f if line.strip()]
+    return ids
+
+
+def load_imagenet_class_map(path: str = IMAGENET_CLASS_MAP_FILE) -> Dict[str, int]:
+    """wnid (``n01440764``) -> class index (0..999), the standard sorted-wnid order."""
+    with open(path, "r", encoding="utf-8") as f:
+        return {str(k): int(v) for k, v in json.load(f).items()}
+
+
+class ImageNetSubset(ExampleSet):
+    """The first ``n_examples`` of RobustBench's 5000 ImageNet validation images."""
+
+    def __init__(self, data_dir: str, transform: Callable, n_examples: Optional[int] = None,
+                 ids_file: str = IMAGENET_IDS_FILE, class_map_file: str = IMAGENET_CLASS_MAP_FILE):
+        ids = load_imagenet_ids(ids_file)
+        class_map = load_imagenet_class_map(class_map_file)
+        if n_examples is None:
+            n_examples = DEFAULT_N_EXAMPLES["imagenet"]
+        if n_examples > len(ids):
+            raise UsageError(f"--n-examples {n_examples}: RobustBench's ImageNet subset has {len(ids)} images")
+        ids = ids[:n_examples]
+        root = storage.join(expand_path(data_dir), "val")
+        if not storage.isdir(root):
+            raise UsageError(f"ImageNet validation images not found: looked for {root}/<wnid>/<file> (e.g. "
+                             f"{storage.join(root, ids[0] if ids else '')}); RobustBench expects the ILSVRC2012 "
+                             f"validation set sorted into one folder per class under <data-dir>/val")
+        self._paths, self._labels = [], []
+        for entry in ids:
+            wnid = entry.split("/", 1)[0]
+            if wnid not in class_map:
+                raise UsageError(f"{ids_file}: class {wnid} of {entry} is not in {class_map_file}")
+            self._paths.append(storage.join(root, *entry.split("/")))
+            self._labels.append(class_map[wnid])
+        if storage.is_local(root):
+            missing = [p for p in self._paths if not os.path.isfile(p)]
+            if missing:
+                raise UsageError(f"{len(missing)} of the {n_examples} RobustBench ImageNet images are missing under "
+                                 f"{root} (first: {missing[0]}); the validation set must be sorted into "
+                                 f"<wnid>/ folders")
+        self.transform = transform
+        self.name = "imagenet"
+        self.n_examples = int(n_examples)
+        self.root = root
+        self.ids = ids
+        with open(ids_file, "rb") as f:
+            self.ids_file_sha256 = hashlib.sha256(f.read()).hexdigest()
+        self.source = (f"RobustBench ImageNet subset (data/{os.path.basename(ids_file)}), first {n_examples} ids "
+                       f"in list order, from {root}")
+        self.examples_sha256 = sha256_text("\n".join(ids))
+        self.data_check = f"{n_examples} image files present" if storage.is_local(root) else "not checked (remote)"
+
+    def labels(self) -> List[int]:
+        return list(self._labels)
+
+    def provenance(self) -> Dict[str, Any]:
+        out = super().provenance()
+        out["ids_file_sha256"] = self.ids_file_sha256
+        return out
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path = self._paths[i]
+        try:
+            with storage.open_file(path, "rb") as f:
+                img = Image.open(f)
+                img = img.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read ImageNet image {path}: {e}") from None
+        return self.transform(img), self._labels[i]
+
+
+def imagenet_transform(data_config: Dict[str, Any], normalize: Optional[Tuple[Sequence[float], Sequence[float]]]
+                       ) -> Tuple[Callable, str]:
+    """Resize(floor(size / crop_pct), interpolation) + CenterCrop(size) + ToTensor [+ Normalize]."""
+    from torchvision import transforms
+
+    from src.data import build_eval_transform
+
+    tf = build_eval_transform(data_config)
+    size = data_config["input_size"][-1]
+    crop_pct = data_config.get("crop_pct") or 1.0
+    interp = data_config.get("interpolation") or "bilinear"
+    desc = f"Resize({math.floor(size / crop_pct)}, {interp}) + CenterCrop({size}) + ToTensor"
+    if normalize is not None:
+        mean, std = (tuple(float(v) for v in normalize[0]), tuple(float(v) for v in normalize[1]))
+        tf = transforms.Compose(list(tf.transforms) + [transforms.Normalize(mean, std)])
+        desc += f" + Normalize(mean={list(mean)}, std={list(std)})"
+    return tf, desc
+
+
+class InModelResize(nn.Module):
+    """``--upsample-in-model``: Resize(floor(size / crop_pct)) + CenterCrop(size) as the model's first
+    (differentiable) layer, so attacks perturb the dataset's native pixels (32x32 for CIFAR)."""
+
+    def __init__(self, size: int, crop_pct: float, interpolation: str):
+        super().__init__()
+        self.size = int(size)
+        self.resize_to = int(math.floor(size / (crop_pct or 1.0)))
+        self.interpolation = interpolation or "bilinear"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        mode = InterpolationMode(self.interpolation) if self.interpolation in ("nearest", "bilinear", "bicubic") \
+            else InterpolationMode.BILINEAR
+        x = TF.resize(x, [self.resize_to], interpolation=mode, antialias=True)
+        return TF.center_crop(x, [self.size, self.size])
+
+    def extra_repr(self) -> str:
+        return f"resize={self.resize_to}, crop={self.size}, interpolation={self.interpolation}"
+
+
+def load_examples(dataset: str, data_dir: str, n_examples: Optional[int],
+                  transform: Optional[Callable] = None) -> ExampleSet:
+    """The protocol's examples for ``dataset`` ('cifar10', 'cifar100', 'imagenet')."""
+    if dataset in ("cifar10", "cifar100"):
+        return CifarTestSet(dataset, data_dir, n_examples)
+    if dataset == "imagenet":
+        if transform is None:
+            raise ValueError("ImageNet examples need a transform")
+        return ImageNetSubset(data_dir, transform, n_examples)
+    raise UsageError(f"unknown dataset '{dataset}': choose one of {', '.join(DATASETS)}")
+
+
+def load_chunk(examples: ExampleSet, start: int, end: int, workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels of examples ``start .. end - 1`` as two tensors."""
+    subset = torch.utils.data.Subset(examples, range(start, end))
+    if workers > 0 and end - start > 1:
+        loader = torch.utils.data.DataLoader(subset, batch_size=end - start, shuffle=False, num_workers=workers)
+        x, y = next(iter(loader))
+        return x, torch.as_tensor(y, dtype=torch.long)
+    items = [subset[i] for i in range(len(subset))]
+    return torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items], dtype=torch.long)
