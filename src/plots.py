@@ -37,7 +37,8 @@ import pandas as pd
 from src.errors import UsageError, run_cli
 
 __all__ = ["KINDS", "STYLE", "read_csv", "relative_gap", "effectiveness_figures", "convergence_figures",
-           "learning_curve_figures", "robustness_figures", "figures", "save_figure", "draw", "main"]
+           "learning_curve_figures", "robustness_figures", "run_summary_figure", "summary_png", "figures",
+           "save_figure", "draw", "main"]
 
 KINDS = ("effectiveness", "convergence", "learning-curves", "robustness")
 COLUMN_WIDTH, TEXT_WIDTH = 3.25, 6.75  # inches, a two-column paper
@@ -371,6 +372,58 @@ def figures(kind: str, paths: Sequence[str], labels: Optional[Sequence[str]] = N
     if kind == "robustness":
         return robustness_figures(paths, labels)
     raise UsageError(f"unknown plot kind '{kind}': choose one of {', '.join(KINDS)}")
+
+
+def _summary_series(rows: Sequence[Dict[str, str]], key: str) -> Tuple[List[int], List[float]]:
+    xs, ys = [], []
+    for r in rows:
+        try:
+            v = float(r.get(key, "nan"))
+        except ValueError:
+            continue
+        if v == v:  # not NaN
+            xs.append(int(r["epoch"]))
+            ys.append(v)
+    return xs, ys
+
+
+@_styled
+def run_summary_figure(rows: Sequence[Dict[str, str]], title: str = ""):
+    """A training run at a glance (``summary.png``): clean and robust top-1 (train and eval), the
+    losses, eps and lr per epoch, from the rows of its ``summary.csv``."""
+    fig, axes = _figure(TEXT_WIDTH, 3.6, nrows=2, ncols=2, sharex=True)
+    panels = [
+        (axes[0][0], "Top-1 (%)", [("train_top1", "train clean"), ("eval_top1", "eval clean"),
+                                   ("train_robust_top1", "train robust"), ("eval_robust_top1", "eval robust")]),
+        (axes[0][1], "Loss", [("train_loss", "train"), ("eval_loss", "eval")]),
+        (axes[1][0], "Eps (/255)", [("train_eps", "train eps")]),
+        (axes[1][1], "Learning rate", [("train_lr", "lr")]),
+    ]
+    for ax, ylabel, series in panels:
+        for key, label in series:
+            xs, ys = _summary_series(rows, key)
+            if xs:
+                ax.plot(xs, ys, marker="o", label=label, linestyle="--" if key.startswith("train") else "-")
+        ax.set_ylabel(ylabel)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    for ax in axes[1]:
+        ax.set_xlabel("Epoch")
+    if title:
+        fig.suptitle(title)
+    return _finish(fig)
+
+
+def summary_png(rows: Sequence[Dict[str, str]], title: str = "") -> bytes:
+    """``run_summary_figure`` as PNG bytes (written atomically by the caller)."""
+    import io
+
+    fig = run_summary_figure(rows, title)
+    buf = io.BytesIO()
+    with _pyplot().rc_context(STYLE):
+        fig.savefig(buf, format="png", dpi=120)
+    _pyplot().close(fig)
+    return buf.getvalue()
 
 
 @_styled

@@ -540,11 +540,26 @@ def _record_epoch(task: TrainTask, outputs: RunOutputs, epoch: int, num_updates:
     parts = task.parts
     row = summary_row(epoch, train_metrics, eval_metrics)
     outputs.summary.append(row)
+    _write_summary_png(outputs.summary, task.args.model)
     if outputs.wandb_run is not None:
         outputs.wandb_run.log(row)
     return outputs.manager.save_epoch(parts.model, parts.optimizer, epoch, len(task.train_loader), num_updates,
                                       eval_metrics, model_ema=parts.model_ema, grad_scaler=parts.grad_scaler,
                                       lr_scheduler=parts.lr_scheduler)
+
+
+def _write_summary_png(summary: SummaryCsv, title: str) -> None:
+    """``summary.png`` next to ``summary.csv``, redrawn every epoch; a failure to draw only warns."""
+    from src.bits.summary import read_rows
+    from src.plots import summary_png
+
+    path = storage.join(storage.dirname(summary.path), "summary.png")
+    try:
+        png = summary_png(read_rows(summary.path), title)
+    except Exception as e:  # a plotting problem must never stop training
+        _logger.warning("could not draw %s: %s: %s", path, type(e).__name__, e)
+        return
+    storage.atomic_write_bytes(path, png)
 
 
 def _init_wandb(args: argparse.Namespace, output_dir: str):

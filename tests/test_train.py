@@ -150,3 +150,14 @@ def test_eval_metric_top5_selects_checkpoints(tmp_path):
     ck = _load(os.path.join(d, "best.pth.tar"))
     assert ck["metric_name"] == "top5" and set(ck["metrics"]) == {"loss", "top1", "robust_top1", "top5"}
     assert ck["metrics"]["top5"] >= ck["metrics"]["top1"]
+
+
+def test_summary_png_is_drawn_every_epoch(three_epoch_run):
+    """summary.png (accuracy, loss, eps, lr per epoch) is kept next to summary.csv."""
+    import numpy as np
+    from PIL import Image
+
+    path = os.path.join(three_epoch_run["output_dir"], "summary.png")
+    img = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    assert img.shape[0] > 200 and img.shape[1] > 400
+    assert img.std() > 10  # not blank: curves, axes and labels were drawn

@@ -57,10 +57,9 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> None:
-        storage.makedirs(self.folder)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):
-            if storage.create_exclusive(self.path, json.dumps(me).encode()):
+            if self._create(json.dumps(me).encode()):
                 self.held = True
                 return
             holder = _read_holder(self.path)
@@ -73,6 +72,13 @@ class RunLock:
             _logger.warning("removing the stale lock of process %s, which is no longer running", holder.get("pid"))
             storage.remove(self.path)
         raise UsageError(f"could not take the lock {self.path}: another run took it at the same time")
+
+    def _create(self, data: bytes) -> bool:
+        try:
+            storage.makedirs(self.folder)
+            return storage.create_exclusive(self.path, data)
+        except OSError as e:
+            raise UsageError(f"cannot write to the output folder {self.folder}: {e.strerror or e}") from None
 
     def release(self) -> None:
         if self.held:
