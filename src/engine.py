@@ -137,6 +137,7 @@ def train_one_epoch(
                 dispatch_clip_grad(params, clip_grad, mode=clip_mode)
         else:
             loss.backward()
+            dev_env.reduce_gradients(optimizer)
             if clip_grad is not None:
                 dispatch_clip_grad(params, clip_grad, mode=clip_mode)
         step_ok = True

@@ -299,6 +299,9 @@ def _run(args, args_text, dev_env: DeviceEnv, T, normalize_model) -> Dict[str, A
     eval_metrics: Dict[str, float] = {}
     train_metrics: Dict[str, float] = {}
     t0 = time.time()
+    # what the loops iterate (--use-mp-loader on XLA); samplers stay reachable through the plain loaders
+    train_batches = dev_env.wrap_loader(train_loader, args.use_mp_loader)
+    eval_batches = dev_env.wrap_loader(eval_loader, args.use_mp_loader)
     try:
         for epoch in range(start_epoch, num_epochs):
             seed_everything(epoch_seed(args.seed, epoch, dev_env.global_rank))
@@ -314,7 +317,7 @@ def _run(args, args_text, dev_env: DeviceEnv, T, normalize_model) -> Dict[str, A
                 mixup_fn.mixup_enabled = False
             eps_now = float(eps_schedule(epoch)) if eps_schedule is not None else float("nan")
             out = train_one_epoch(
-                epoch, model, train_loader, optimizer, train_loss, dev_env, lr_scheduler=lr_scheduler,
+                epoch, model, train_batches, optimizer, train_loss, dev_env, lr_scheduler=lr_scheduler,
                 model_ema=model_ema, grad_scaler=grad_scaler, mixup_fn=mixup_fn, random_erasing=random_erasing,
                 clip_grad=args.clip_grad, clip_mode=args.clip_mode, log_interval=args.log_interval,
                 num_updates=num_updates, eps_for_epoch=eps_now, recovery_interval=args.recovery_interval,
@@ -324,18 +327,14 @@ def _run(args, args_text, dev_env: DeviceEnv, T, normalize_model) -> Dict[str, A
             _check_finite_weights(model, epoch, "end of the epoch")
             num_updates = out["num_updates"]
             train_metrics = out["metrics"]
-            if dev_env.distributed and args.dist_bn in ("broadcast", "reduce"):
-                from timm.utils import distribute_bn
-
-                distribute_bn(model, dev_env.world_size, args.dist_bn == "reduce")
-            eval_metrics = evaluate(model, eval_loader, dev_env, attack=eval_attack,
+            if args.dist_bn in ("broadcast", "reduce"):
+                dev_env.distribute_bn(model, args.dist_bn == "reduce")
+            eval_metrics = evaluate(model, eval_batches, dev_env, attack=eval_attack,
                                     attack_mode=args.attack_mode)
             if model_ema is not None:
-                if dev_env.distributed and args.dist_bn in ("broadcast", "reduce"):
-                    from timm.utils import distribute_bn
-
-                    distribute_bn(model_ema, dev_env.world_size, args.dist_bn == "reduce")
-                eval_metrics = evaluate(model_ema.module, eval_loader, dev_env, attack=eval_attack,
+                if args.dist_bn in ("broadcast", "reduce"):
+                    dev_env.distribute_bn(model_ema, args.dist_bn == "reduce")
+                eval_metrics = evaluate(model_ema.module, eval_batches, dev_env, attack=eval_attack,
                                         attack_mode=args.attack_mode, phase="eval EMA")
             lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
             if dev_env.primary:
