@@ -39,7 +39,9 @@ RECIPE = [
     "--adv-training", "pgd", "--attack", "pgd", "--attack-eps", "8", "--attack-steps", "2",
     "--eps-schedule", "constant",
 ]
+# the training run's data config; --no-normalize as in training (the loader never normalizes there)
 EVAL = ["--dataset", "digits", "--split", "validation", "--model", "test_resnet", "--num-classes", "10",
+        "--input-size", "3", "32", "32", "--crop-pct", "1.0", "--interpolation", "bicubic", "--no-normalize",
         "--attack", "pgd", "--attack-eps", "8", "--attack-steps", "2", "-b", "99", "--workers", "0"]
 
 
