@@ -1,5 +1,7 @@
 # make demo: set up .venv (when missing or stale) and train the quickstart on the embedded digits data.
 # make test: set up .venv (plus the TFDS lane, requirements-tfds.txt) and run the test suite.
+# make test-xla: set up .venv-tpu (torch 2.9 + torch-xla 2.9, requirements-xla.txt) and run the xla-marked tests
+#   on PJRT's CPU backend (no TPU needed).
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.requirements-stamp
@@ -7,7 +9,7 @@ REQS := requirements.txt
 TFDS_REQS := requirements-tfds.txt
 TFDS_STAMP := $(VENV)/.requirements-tfds-stamp
 
-.PHONY: demo test venv clean-venv
+.PHONY: demo test test-xla venv clean-venv
 
 $(STAMP): $(REQS)
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -29,3 +31,15 @@ test: $(STAMP) $(TFDS_STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+XLA_VENV := .venv-tpu
+XLA_STAMP := $(XLA_VENV)/.requirements-stamp
+XLA_REQS := requirements-xla.txt
+
+$(XLA_STAMP): $(XLA_REQS)
+	@test -x $(XLA_VENV)/bin/python || $(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_VENV)/bin/pip install --quiet --disable-pip-version-check -r $(XLA_REQS)
+	@sha256sum $(XLA_REQS) > $(XLA_STAMP)
+
+test-xla: $(XLA_STAMP)
+	WANDB_MODE=offline PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest -q -m xla tests/test_xla_lane.py

@@ -133,7 +133,7 @@ class _Sums:
         self.clean_count = self.robust_count = self.count = 0
 
 
-def _backward(parts: TrainParts, loss: torch.Tensor, params, options: StepOptions) -> None:
+def _backward(parts: TrainParts, loss: torch.Tensor, params, options: StepOptions, dev_env: DeviceEnv) -> None:
     from timm.utils import dispatch_clip_grad
 
     parts.optimizer.zero_grad(set_to_none=True)
@@ -144,6 +144,7 @@ def _backward(parts: TrainParts, loss: torch.Tensor, params, options: StepOption
             dispatch_clip_grad(params, options.clip_grad, mode=options.clip_mode)
     else:
         loss.backward()
+        dev_env.reduce_gradients(parts.optimizer)  # XLA: the gradient all-reduce (DDP does it in backward)
         if options.clip_grad is not None:
             dispatch_clip_grad(params, options.clip_grad, mode=options.clip_mode)
 
@@ -208,7 +209,7 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
         with dev_env.autocast():
             loss, clean_logits, adv_logits = parts.loss_fn(parts.model, x, y, epoch)
         loss_det = loss.detach().float()
-        _backward(parts, loss, params, options)
+        _backward(parts, loss, params, options, dev_env)
         where = f"epoch {epoch}, step {state.batches_done} of the epoch (global step {num_updates})"
         step_ok = _step_is_finite(parts, loss_det, params, options, where)
         if step_ok:

@@ -217,11 +217,7 @@ def create_eval_loader(args: argparse.Namespace, em: EvalModel, dev_env: DeviceE
                          f"--num-classes {ds_classes} (with a checkpoint trained for them)")
     loader = data.create_loader(dataset, args.batch_size, is_training=False, world_size=dev_env.world_size,
                              rank=dev_env.global_rank, workers=args.workers, pin_memory=args.pin_mem, seed=args.seed)
-    if args.use_mp_loader and dev_env.type == "xla":
-        import torch_xla.distributed.parallel_loader as pl  # type: ignore
-
-        loader = pl.MpDeviceLoader(loader, dev_env.device)
-    return loader
+    return dev_env.wrap_loader(loader, args.use_mp_loader)
 
 
 def eval_batches(args: argparse.Namespace, loader: Any, dev_env: DeviceEnv) -> Optional[int]:
@@ -245,6 +241,7 @@ def build_eval_attack(args: argparse.Namespace, steps: int, num_classes: int, de
     """
     if not args.attack:
         return None
+    dev_env.warn_unsuited_attack(args.attack)  # XLA: AutoAttack/APGD compile for a very long time
     from src.attacks import make_attack, resolve_attack_cfg
 
     ns = argparse.Namespace(attack=args.attack, attack_eps=args.attack_eps, attack_lr=args.attack_lr,

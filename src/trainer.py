@@ -447,17 +447,16 @@ def _position_loader(loader, epoch: int, epoch_state: Optional[EpochState]) -> N
 
 def _evaluate_epoch(task: TrainTask) -> Dict[str, float]:
     """The per-epoch evaluation of the model (and of the EMA, whose metrics then count)."""
-    from timm.utils import distribute_bn
-
     args, dev_env, parts = task.args, task.dev_env, task.parts
     sync_bn = dev_env.distributed and args.dist_bn in ("broadcast", "reduce")
+    eval_batches = dev_env.wrap_loader(task.eval_loader, args.use_mp_loader)
     if sync_bn:
-        distribute_bn(parts.model, dev_env.world_size, args.dist_bn == "reduce")
-    metrics = evaluate(parts.model, task.eval_loader, dev_env, attack=task.eval_attack, attack_mode=args.attack_mode)
+        dev_env.distribute_bn(parts.model, args.dist_bn == "reduce")
+    metrics = evaluate(parts.model, eval_batches, dev_env, attack=task.eval_attack, attack_mode=args.attack_mode)
     if parts.model_ema is not None:
         if sync_bn:
-            distribute_bn(parts.model_ema, dev_env.world_size, args.dist_bn == "reduce")
-        metrics = evaluate(parts.model_ema.module, task.eval_loader, dev_env, attack=task.eval_attack,
+            dev_env.distribute_bn(parts.model_ema, args.dist_bn == "reduce")
+        metrics = evaluate(parts.model_ema.module, eval_batches, dev_env, attack=task.eval_attack,
                            attack_mode=args.attack_mode, phase="eval EMA")
     if args.eval_metric not in metrics:
         raise UsageError(f"--eval-metric {args.eval_metric} is not measured by the per-epoch evaluation "
@@ -501,7 +500,8 @@ def run_epochs(task: TrainTask, plan: OutputPlan, progress: Progress, outputs: R
             eps_now = float(task.eps_schedule(epoch)) if task.eps_schedule is not None else float("nan")
             hooks = _epoch_hooks(task, outputs, epoch == progress.start_epoch)
             hooks.should_stop = _stop_check(task, stop)
-            out = train_one_epoch(epoch, parts, task.train_loader, dev_env, options, hooks=hooks,
+            train_batches = dev_env.wrap_loader(task.train_loader, args.use_mp_loader)
+            out = train_one_epoch(epoch, parts, train_batches, dev_env, options, hooks=hooks,
                                   batch_transform=make_batch_transform(task, epoch), num_updates=num_updates,
                                   eps=eps_now, state=epoch_state)
             epoch_state = None

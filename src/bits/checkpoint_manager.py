@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from src import storage
+from src.bits.device import tree_to_cpu
 from src.checkpoint import normalization_entry
 from src.utils import unwrap_model
 
@@ -79,7 +80,7 @@ class CheckpointManager:
             st["normalization"] = norm
         if extra:
             st.update(extra)
-        return st
+        return tree_to_cpu(st)
 
     def restore_history(self, ckpt: Dict[str, Any]) -> None:
         self.history = [(int(e), float(m)) for e, m in ckpt.get("checkpoint_history") or []]

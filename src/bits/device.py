@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -92,6 +92,24 @@ class DeviceEnv:
     def mark_step(self) -> None:
         """Graph cut on XLA; nothing to do on CPU and CUDA."""
 
+    def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Average gradients over processes before clipping and stepping; DDP already did it
+        during ``backward`` on CPU and CUDA (XLA has no DDP and does it here)."""
+
+    def distribute_bn(self, model: torch.nn.Module, reduce: bool) -> None:
+        """BatchNorm running statistics across processes: averaged (``reduce``) or rank 0's."""
+        if self.distributed:
+            from timm.utils import distribute_bn
+
+            distribute_bn(model, self.world_size, reduce)
+
+    def wrap_loader(self, loader: Iterable, mp_loader: bool = False) -> Iterable:
+        """``--use-mp-loader`` wraps loaders on XLA; CPU and CUDA loaders are used as they are."""
+        return loader
+
+    def warn_unsuited_attack(self, name: str) -> None:
+        """Warn when an attack is known to be impractical on this device (AutoAttack on XLA)."""
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -129,18 +147,16 @@ def initialize_device(force_cpu: bool = False, amp: bool = False, amp_dtype: str
                       xla: Optional[bool] = None) -> DeviceEnv:
     """Pick the device (XLA when asked for, else CUDA when present, else CPU) and set up distribution.
 
-    ``xla=None`` uses XLA only when ``PJRT_DEVICE`` is set and torch_xla imports; the XLA device
-    environment lives in ``src.bits.device_xla`` (imported lazily, a later extension).
+    ``xla=None`` uses XLA when ``PJRT_DEVICE`` is set (launch_xla.py sets it) and ``--force-cpu`` is
+    not given; the XLA environment lives in ``src.bits.device_xla``, which says clearly when
+    torch_xla is missing.
     """
     if xla is None:
         xla = bool(os.environ.get("PJRT_DEVICE")) and not force_cpu
     if xla:
-        try:
-            from src.bits.device_xla import initialize_xla_device  # type: ignore
-        except ImportError as e:
-            raise UsageError(f"XLA requested but not available ({e}); install requirements-tpu.txt "
-                             "in a separate venv") from None
-        return initialize_xla_device(amp=amp, channels_last=channels_last)
+        from src.bits.device_xla import initialize_xla_device
+
+        return initialize_xla_device(amp=amp, amp_dtype=amp_dtype, channels_last=channels_last)
 
     world_size = _env_int("WORLD_SIZE", 1)
     global_rank = _env_int("RANK", 0)
@@ -171,6 +187,22 @@ def initialize_device(force_cpu: bool = False, amp: bool = False, amp_dtype: str
 def shutdown(dev_env: DeviceEnv) -> None:
     if dev_env.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def tree_to_cpu(obj: Any) -> Any:
+    """A copy of ``obj`` (nested dicts / lists / tuples) with every tensor on the CPU.
+
+    Checkpoints hold CPU tensors whatever device trained them, so a file written on XLA or CUDA
+    loads anywhere, also where torch_xla is not installed (``xm.save`` semantics). CPU tensors are
+    not copied.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return type(obj)((k, tree_to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(tree_to_cpu(v) for v in obj)
+    return obj
 
 
 def reduce_sums(dev_env: DeviceEnv, values: Sequence[float], device: Optional[torch.device] = None) -> list:
