@@ -578,10 +578,6 @@ def _architecture(model_name: str, state_dict: Mapping[str, torch.Tensor], sourc
     if not timm.is_model(model_name):
         raise ValueError(f"unknown model '{model_name}' (not in timm's registry, nor a robust-vits model)")
     kwargs: Dict[str, Any] = {}
-    classifier = timm.models.get_pretrained_cfg_value(model_name, "classifier")
-    classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
-    if classifier and f"{classifier}.weight" in state_dict:
-        kwargs["num_classes"] = int(state_dict[f"{classifier}.weight"].shape[0])
     if img_size is not None:  # models with position embeddings are built for their input size
         from .model_factory import accepted_options
 
@@ -589,6 +585,10 @@ def _architecture(model_name: str, state_dict: Mapping[str, torch.Tensor], sourc
             kwargs["img_size"] = img_size
     with torch.device("meta"):
         net = timm.create_model(model_name, **kwargs)
+        classifier = (getattr(net, "pretrained_cfg", None) or {}).get("classifier")
+        classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+        if classifier and f"{classifier}.weight" in state_dict:
+            net = timm.create_model(model_name, num_classes=int(state_dict[f"{classifier}.weight"].shape[0]), **kwargs)
     if verify:
         missing, unexpected, shapes = _compare(net.state_dict(), state_dict)
         if missing or unexpected or shapes:

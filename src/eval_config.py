@@ -169,7 +169,7 @@ def record_from_hparams(hparams: Mapping[str, Any], arch: Optional[str] = None) 
     d = {"model": arch or hparams.get("model"), "num_classes": hparams.get("num_classes"), "input_size": size,
          "crop_pct": hparams.get("crop_pct"), "interpolation": hparams.get("interpolation") or None,
          "normalization": mode, "mean": _three(mean), "std": _three(std)}
-    return EvalRecord.from_dict(d, source="from the checkpoint's training arguments (hparams)")
+    return EvalRecord.from_dict(d, source="the checkpoint's training arguments (hparams)")
 
 
 def _three(v: Optional[Sequence[float]]) -> Optional[List[float]]:
