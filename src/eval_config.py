@@ -214,9 +214,9 @@ def read_record(ckpt: Any, model_hint: Optional[str] = None) -> Optional[EvalRec
         rec = record_from_hparams(hparams, ckpt.get("arch") if isinstance(ckpt.get("arch"), str) else None)
     norm = checkpoint_normalization(ckpt)
     if norm is not None and (rec is None or rec.mean is None):
-        rec = rec or EvalRecord(source="the checkpoint's normalization layer")
+        rec = rec or EvalRecord(source="stored in the checkpoint")
         rec.normalization, rec.mean, rec.std = "model", tuple(norm[0]), tuple(norm[1])
-    if rec is None or rec.input_size is None:
+    if rec is None or None in (rec.input_size, rec.crop_pct, rec.interpolation):
         rec = _with_original_cfg(rec, (rec.model if rec is not None else None) or model_hint)
     return rec
 
@@ -375,6 +375,13 @@ def complete_record(record: Optional[EvalRecord], model_name: str, net: nn.Modul
         d["patch_size"] = patch_size_of(net)
     if d.get("input_size") is not None and len(d["input_size"]) == 1:
         d["input_size"] = [3, d["input_size"][0], d["input_size"][0]]
+    if record is not None and record.normalization is not None:
+        # a record made from training arguments: what they leave unset, the run took from the model's cfg
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        for key in ("input_size", "crop_pct", "interpolation"):
+            if d.get(key) is None and cfg.get(key) is not None:
+                d[key] = list(cfg[key]) if isinstance(cfg[key], tuple) else cfg[key]
+                _logger.info("%s %s: the model's default (the training arguments leave it unset)", key, d[key])
     missing = [flag for key, flag in (("input_size", "--input-size C H W"), ("crop_pct", "--crop-pct"),
                                       ("interpolation", "--interpolation"),
                                       ("normalization", "--normalization {model,raw,loader}"))

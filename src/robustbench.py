@@ -356,10 +356,6 @@ def setup_evaluation(args: argparse.Namespace) -> EvaluationSetup:
     size = int(data_config["input_size"][-1])
     crop_pct = float(data_config.get("crop_pct") or 1.0)
     interp = data_config.get("interpolation") or "bilinear"
-    _logger.info("evaluating %s (%d classes%s) at %dx%d px, crop_pct %g, %s; %s; settings from %s", settings.model,
-                 num_classes, f", patch size {patch_size}" if patch_size else "", size, size, crop_pct, interp,
-                 in_model[-1] if in_model else "no normalization layer",
-                 settings.record.source if settings.record is not None else "the flags and the model's defaults")
     if args.upsample_in_model:
         model = nn.Sequential(InModelResize(size, crop_pct, interp), model)
         in_model.insert(0, f"Resize({math.floor(size / crop_pct)}, {interp}, antialias) + CenterCrop({size})")
@@ -368,6 +364,10 @@ def setup_evaluation(args: argparse.Namespace) -> EvaluationSetup:
     if max(examples.labels(), default=0) >= num_classes:
         raise UsageError(f"the {args.dataset} labels go up to {max(examples.labels())} but the model has "
                          f"{num_classes} classes; pass --num-classes")
+    _logger.info("evaluating %s (%d classes%s) at %dx%d px, crop_pct %g, %s; %s; settings from %s", settings.model,
+                 num_classes, f", patch size {patch_size}" if patch_size else "", size, size, crop_pct, interp,
+                 " + ".join(in_model) if in_model else "no layer before the network",
+                 settings.record.source if settings.record is not None else "the flags and the model's defaults")
 
     model.eval()
     preprocessing = {"loader": desc, "in_model": in_model,

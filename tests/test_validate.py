@@ -303,7 +303,8 @@ def test_normalize_model_metadata_restored_from_checkpoint(adv_ckpt, tmp_path, c
     # explicit --mean/--std win, and a mismatch with the recorded normalization is reported
     args = V.parse_args(EVAL + ["--checkpoint", path, "--normalize-model", "--mean", "0.5", "--std", "0.5"])
     em = V.create_eval_model(args, dev_env)
-    assert em.mean == (0.5, 0.5, 0.5) and any("differ from the normalization" in n for n in em.notes)
+    assert em.mean == (0.5, 0.5, 0.5) and any("override the checkpoint's recorded normalization" in n
+                                              for n in em.notes)
 
 
 def test_patch_size_surgery_on_xcit(tmp_path, capsys):
@@ -511,17 +512,28 @@ def test_gradient_masking_model_is_flagged_end_to_end(adv_ckpt, capsys):
 
 
 def test_loader_normalized_attack_and_input_mismatch_flagged(adv_ckpt, capsys, tmp_path):
+    attack = ["-b", "50", "--num-examples", "50", "--attack", "pgd", "--attack-steps", "2"]
+    # the training checkpoint records raw [0, 1] inputs: evaluated that way, without a normalization warning
+    rc, out, _ = _cli(EVAL + ["--checkpoint", adv_ckpt] + attack, capsys)
+    assert rc == 0
+    assert not any("normaliz" in w for w in _result(out)["warnings"])
+    # a bare state dict records nothing: the original's default (the loader normalizes), flagged
+    bare = str(tmp_path / "bare.pth")
+    torch.save(torch.load(adv_ckpt, map_location="cpu", weights_only=True)["model"], bare)
     csv_path = str(tmp_path / "r.csv")
-    rc, out, _ = _cli(EVAL + ["--checkpoint", adv_ckpt, "-b", "50", "--num-examples", "50", "--attack", "pgd",
-                              "--attack-steps", "2", "--results-file", csv_path], capsys)
+    rc, out, _ = _cli(EVAL + ["--checkpoint", bare, "--results-file", csv_path] + attack, capsys)
     assert rc == 0
     warnings = _result(out)["warnings"]
     assert any("loader-normalized inputs" in w for w in warnings)
-    assert any("trained on raw [0, 1] inputs" in w for w in warnings)  # from the checkpoint's hparams
     assert any("weak attack" in w for w in warnings)
     assert len(_warning_lines(out)) == len(warnings)
     with open(csv_path) as f:
         assert next(csv.reader(f)) == EXPECTED_CSV  # warnings never become CSV columns
+    # normalizing a raw-trained network: the flag contradicts the record, and the inputs mismatch
+    rc, out, _ = _cli(EVAL + ["--checkpoint", adv_ckpt, "--normalize-model"] + attack, capsys)
+    warnings = _result(out)["warnings"]
+    assert any("--normalize-model overrides the checkpoint's record (raw [0, 1] inputs" in w for w in warnings)
+    assert any("trained on raw [0, 1] inputs" in w for w in warnings)
 
 
 # ----------------------------------------------------------------------------------------------
