@@ -156,13 +156,8 @@ def validate(args: argparse.Namespace, dev_env: Optional[DeviceEnv] = None,
             _logger.info("%s: evaluated %d examples%s in %.1fs: top1 %.4f robust_top1 %.4f", what, ev.num_examples,
                          f" (--num-examples {args.num_examples})" if args.num_examples else "", ev.seconds,
                          row["top1"], row["robust_top1"])
-        if args.real_labels:
-            top1, top5 = real_labels_accuracy(args.real_labels, em.model, loader, dev_env, max_batches)
-            for row in rows:
-                row.update(top1=round(top1, 4), top1_err=round(100 - top1, 4), top5=round(top5, 4),
-                           top5_err=round(100 - top5, 4))
-            _logger.info("ImageNet-ReaL clean accuracy: top1 %.4f top5 %.4f (robust accuracy is against the "
-                         "dataset's own labels)", top1, top5)
+        if args.real_labels:  # after the attacks: this extra clean pass must not move their random starts
+            _use_real_labels(rows, real_labels_accuracy(args.real_labels, em.model, loader, dev_env, max_batches))
         n = evals[0].num_examples if evals else 0
         flags = list(dict.fromkeys(f for ev in evals for f in ev.attack_flags))
         zero = max((ev.zero_grad_fraction for ev in evals if ev.zero_grad_fraction is not None), default=None)
@@ -176,6 +171,15 @@ def validate(args: argparse.Namespace, dev_env: Optional[DeviceEnv] = None,
     finally:
         if own_env:
             shutdown(dev_env)
+
+
+def _use_real_labels(rows: Sequence["OrderedDict[str, Any]"], accuracy: Tuple[float, float]) -> None:
+    top1, top5 = accuracy
+    for row in rows:
+        row.update(top1=round(top1, 4), top1_err=round(100 - top1, 4), top5=round(top5, 4),
+                   top5_err=round(100 - top5, 4))
+    _logger.info("ImageNet-ReaL clean accuracy: top1 %.4f top5 %.4f (robust accuracy is against the dataset's own "
+                 "labels)", top1, top5)
 
 
 def real_labels_accuracy(real_json: str, model: nn.Module, loader: Any, dev_env: DeviceEnv,
