@@ -392,16 +392,18 @@ def _resolve(path_or_ckpt: PathOrCheckpoint, trust: bool) -> Tuple[Any, str]:
 
 
 def load_model_weights(model: nn.Module, path_or_ckpt: PathOrCheckpoint, use_ema: bool = False,
-                       strict: bool = True, trust: bool = False) -> LoadReport:
+                       strict: bool = True, trust: bool = False, source: Optional[str] = None) -> LoadReport:
     """Load checkpoint weights into ``model`` (plain, normalization-wrapped, DDP or EMA-wrapped).
 
     The weights go into ``unwrap_model(model)``, the module checkpoints store. A checkpoint for
     another architecture or class count raises ``CheckpointError`` naming the first differences.
     With ``strict=False`` missing / unexpected keys are allowed (and reported), shape
     mismatches are not. The normalization layer is left alone: the recorded mean/std come back
-    in ``LoadReport.normalization`` for the caller to use.
+    in ``LoadReport.normalization`` for the caller to use. ``source`` names an in-memory
+    checkpoint in messages (its path, when the caller read the file itself).
     """
-    ckpt, source = _resolve(path_or_ckpt, trust)
+    ckpt, described = _resolve(path_or_ckpt, trust)
+    source = source or described
     sd, meta = extract_state_dict(ckpt, use_ema=use_ema, source=source)
     net = unwrap_model(model)
     missing, unexpected, shapes = _compare(net.state_dict(), sd)
@@ -538,9 +540,16 @@ def _plain_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[st
     return OrderedDict((k, v.detach().to("cpu").contiguous().clone()) for k, v in state_dict.items())
 
 
-def save_released_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str) -> None:
-    """Write the released format: the bare unwrapped state dict, atomically."""
-    storage.torch_save(_plain_state_dict(state_dict), path)
+def save_released_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str,
+                             record: Optional[Mapping[str, Any]] = None) -> None:
+    """Write the released format: the bare unwrapped state dict, atomically; ``record`` (what
+    evaluating it needs) rides in the state dict's ``_metadata``, which loaders ignore."""
+    sd = _plain_state_dict(state_dict)
+    if record is not None:
+        from .eval_config import attach_to_state_dict
+
+        attach_to_state_dict(sd, record)
+    storage.torch_save(sd, path)
 
 
 def save_safetensors_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str,
@@ -557,8 +566,11 @@ def save_safetensors_checkpoint(state_dict: Mapping[str, torch.Tensor], path: st
     storage.atomic_write_bytes(path, st_save(dict(_plain_state_dict(state_dict)), metadata=md))
 
 
-def _verify_architecture(model_name: str, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Check the weights fit ``model_name`` (built on the meta device: no memory, no compute)."""
+def _architecture(model_name: str, state_dict: Mapping[str, torch.Tensor], source: str, verify: bool,
+                  img_size: Optional[int] = None) -> nn.Module:
+    """The network ``model_name`` as the weights describe it (class count from the classifier), built on
+    the meta device (no memory, no compute); with ``verify`` the weights must fit it exactly, so a
+    checkpoint is never released under the wrong architecture name."""
     import timm
 
     from . import models  # noqa: F401 - registers the project's models
@@ -566,28 +578,39 @@ def _verify_architecture(model_name: str, state_dict: Mapping[str, torch.Tensor]
     if not timm.is_model(model_name):
         raise ValueError(f"unknown model '{model_name}' (not in timm's registry, nor a robust-vits model)")
     kwargs: Dict[str, Any] = {}
-    classifier = timm.models.get_pretrained_cfg_value(model_name, "classifier")
-    classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
-    if classifier and f"{classifier}.weight" in state_dict:
-        kwargs["num_classes"] = int(state_dict[f"{classifier}.weight"].shape[0])
+    if img_size is not None:  # models with position embeddings are built for their input size
+        from .model_factory import accepted_options
+
+        if accepted_options(model_name, {"img_size": img_size})["img_size"]:
+            kwargs["img_size"] = img_size
     with torch.device("meta"):
         net = timm.create_model(model_name, **kwargs)
-    missing, unexpected, shapes = _compare(net.state_dict(), state_dict)
-    if missing or unexpected or shapes:
-        raise CheckpointError(_mismatch_message(source, model_name, missing, unexpected, shapes))
+        classifier = (getattr(net, "pretrained_cfg", None) or {}).get("classifier")
+        classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+        if classifier and f"{classifier}.weight" in state_dict:
+            net = timm.create_model(model_name, num_classes=int(state_dict[f"{classifier}.weight"].shape[0]), **kwargs)
+    if verify:
+        missing, unexpected, shapes = _compare(net.state_dict(), state_dict)
+        if missing or unexpected or shapes:
+            raise CheckpointError(_mismatch_message(source, model_name, missing, unexpected, shapes))
+    return net
 
 
 def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, dataset: str, output_dir: str,
                                eps: Optional[Union[int, float, str]] = None, use_ema: bool = False,
-                               trust: bool = False, verify: bool = True) -> Dict[str, str]:
-    """Turn a training checkpoint into the released files; returns ``{'pth': path, 'safetensors': path}``.
+                               trust: bool = False, verify: bool = True,
+                               eval_overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
+    """Turn a training checkpoint (or a downloaded original release) into self-describing released files;
+    returns ``{'pth': path, 'safetensors': path}``.
 
-    ``{output_dir}/{model}-{dataset}[-eps-{eps}].pth.tar`` holds the bare unwrapped state dict
-    (the original's release format) and the ``.safetensors`` twin carries the same tensors plus
-    metadata (arch, dataset, eps, which weights, and mean/std when the run recorded them).
-    With ``verify`` the weights are checked against ``model_name`` first, so a checkpoint is never
-    released under the wrong architecture name.
+    ``{output_dir}/{model}-{dataset}[-eps-{eps}].pth.tar`` holds the bare unwrapped state dict (the
+    original's release format, loadable by timm and RobustBench-style code) whose ``_metadata``
+    carries the evaluation record (``src.eval_config``); the ``.safetensors`` twin carries the same
+    tensors, the record as JSON and arch, dataset, eps, which weights, mean/std. The record comes
+    from the checkpoint (``eval_config``, or the original's ``hparams``), with ``eval_overrides``
+    (prepare_checkpoint's flags) on top; what cannot be inferred is asked for (``UsageError``).
     """
+    from .eval_config import complete_record, read_record
     from .models import MODEL_ALIASES
 
     model_name = MODEL_ALIASES.get(model_name, model_name)  # README spellings -> registered names
@@ -597,17 +620,20 @@ def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, da
     if use_ema and meta["state_key"] not in _EMA_KEYS:
         raise CheckpointError(f"checkpoint {source} has no EMA weights (model_ema is missing or None); "
                               f"export without --use-ema")
-    if verify:
-        _verify_architecture(model_name, state_dict, source)
+    recorded = read_record(ckpt, model_hint=model_name)
+    size = (eval_overrides or {}).get("input_size") or (recorded.input_size if recorded is not None else None)
+    net = _architecture(model_name, state_dict, source, verify, img_size=size[-1] if size else None)
     arch = ckpt.get("arch") if isinstance(ckpt, Mapping) else None
     if isinstance(arch, str) and arch != model_name:
         _logger.warning("checkpoint %s was trained as '%s' and is exported as '%s'", source, arch, model_name)
+    record = complete_record(recorded, model_name, net, eval_overrides)
+    _logger.info("evaluation record: %s", json.dumps(record))
 
     storage.makedirs(output_dir)
     paths = {"pth": stem + ".pth.tar", "safetensors": stem + ".safetensors"}
-    save_released_checkpoint(state_dict, paths["pth"])
+    save_released_checkpoint(state_dict, paths["pth"], record=record)
     metadata = {"arch": model_name, "dataset": dataset, "eps": None if eps is None else _format_eps(eps),
-                "weights": meta["state_key"]}
-    save_safetensors_checkpoint(state_dict, paths["safetensors"], normalization=meta.get("normalization"),
-                                metadata=metadata)
+                "weights": meta["state_key"], "eval_config": json.dumps(record)}
+    normalization = (record["mean"], record["std"]) if record["normalization"] == "model" else None
+    save_safetensors_checkpoint(state_dict, paths["safetensors"], normalization=normalization, metadata=metadata)
     return paths

@@ -349,7 +349,8 @@ def _evaluate_checkpoint(args: argparse.Namespace, base: argparse.Namespace, dat
         ev = engine.evaluate_loop(em.model, loader, dev_env, attack, max_batches=max_batches, log_freq=args.log_freq,
                                   check_gradients=job.attack == "pgd")
         row = result_row(ev, em)
-        row.update(attack=job.attack, attack_steps=job.steps, model=args.model, epoch=job.epoch, seed=job.seed)
+        row.update(attack=job.attack, attack_steps=job.steps, model=em.model_name or args.model, epoch=job.epoch,
+                   seed=job.seed)
         n_examples = ev.num_examples
         _note(warnings, robust_above_clean_warnings(row) + gradient_warnings(ev.zero_grad_fraction)
               + [f"AutoAttack check: {f}" for f in ev.attack_flags])

@@ -1,14 +1,14 @@
 """What validate.py (and attack_effectiveness.py) evaluate: the model with its data config and
 normalization mode, the evaluation data and loader, and the attack of one step count.
 
-Normalization modes (original-behaviour §0.2): ``loader`` (default, the original's: the loader
+Normalization modes (original-behaviour §0.2): ``loader`` (the original's default: the loader
 normalizes, so attacks run in normalized space with [0, 1] clipping -- semantically wrong, and
 said so loudly), ``raw`` (``--no-normalize``: the model sees [0, 1] pixels) and ``model``
 (``--normalize-model``: [0, 1] pixels, normalization inside the model with model_factory's
 precedence: ``--mean/--std``, else the checkpoint's recorded mean/std, else the model's defaults).
-A checkpoint that records its normalization (``--normalize-model`` training runs) is always
-evaluated with that normalization inside the model, whatever the mode: its network was trained
-that way.
+A checkpoint that records how its network was trained (``src.eval_config``: every checkpoint
+train.py and prepare_checkpoint.py write) is evaluated that way unless a flag says otherwise, and a
+flag that contradicts the record is named in a warning.
 """
 from __future__ import annotations
 
@@ -59,72 +59,101 @@ class EvalModel:
     param_count: float
     trained_inputs: Optional[str] = None  # 'raw' | 'normalized' | None (unknown), from the checkpoint
     notes: List[str] = field(default_factory=list)  # extra honesty warnings found while building
+    model_name: str = ""  # the model evaluated (the flag's or the checkpoint's record)
 
 
 def _build_network(args: argparse.Namespace, checkpoint: str):
-    """The network with its weights and ``--patch-size`` applied; returns ``(model, LoadedCheckpoint | None)``."""
+    """The network with its weights and patch size; returns ``(model, LoadedCheckpoint | None, EvalSettings)``.
+
+    The checkpoint is read first: what it records (model, classes, patch size, input size, ...)
+    builds the network unless a given flag says otherwise (``src.eval_config``).
+    """
+    from src.checkpoint import load_checkpoint_file
+    from src.eval_config import read_record, resolve_settings
     from src.model_factory import create_model, load_checkpoint, set_patch_size
 
-    model = create_model(args.model, pretrained=args.pretrained or not checkpoint,
-                         scriptable=args.torchscript or None, num_classes=args.num_classes, global_pool=args.gp,
-                         in_chans=args.input_size[0] if args.input_size else None,
-                         img_size=args.img_size or (args.input_size[-1] if args.input_size else None))
+    ckpt = load_checkpoint_file(checkpoint, trust=args.trust_checkpoint) if checkpoint else None
+    record = read_record(ckpt, model_hint=args.model) if ckpt is not None else None
+    settings = resolve_settings(args, record)
+    size = settings.data_overrides.get("input_size")
+    model = create_model(settings.model, pretrained=args.pretrained or not checkpoint,
+                         scriptable=args.torchscript or None, num_classes=settings.num_classes, global_pool=args.gp,
+                         in_chans=size[0] if size and size[0] != 3 else None, img_size=settings.img_size)
     loaded = None
     if checkpoint:
-        loaded = load_checkpoint(model, checkpoint, use_ema=args.use_ema, trust=args.trust_checkpoint)
+        loaded = load_checkpoint(model, checkpoint, use_ema=args.use_ema, trust=args.trust_checkpoint, ckpt=ckpt)
         _logger.info("loaded %s weights from %s", loaded.state_key, checkpoint)
-    set_patch_size(model, args.patch_size)
-    return model, loaded
+    set_patch_size(model, settings.patch_size)
+    return model, loaded, settings
 
 
-def _normalize_in_model(args: argparse.Namespace, model: nn.Module, data_config: Dict[str, Any], loaded: Any
-                        ) -> Tuple[nn.Module, str, Tuple[float, ...], Tuple[float, ...], List[str]]:
-    """The normalization mode and mean/std (model_factory's precedence); returns the wrapped model.
+_MODE_TEXT = {"model": "normalization inside the model", "raw": "raw [0, 1] inputs",
+              "loader": "normalization in the loader"}
+_MODE_FLAG = {"model": "--normalize-model", "raw": "--no-normalize"}
 
-    Normalization goes inside the model with ``--normalize-model`` and whenever the checkpoint
-    records one (its network was trained behind it); else the loader normalizes, or nothing does
-    (``--no-normalize``).
+
+def _normalize_in_model(args: argparse.Namespace, model: nn.Module, data_config: Dict[str, Any], record: Any
+                        ) -> Tuple[nn.Module, str, Tuple[float, ...], Tuple[float, ...], str, List[str]]:
+    """The normalization mode and mean/std; returns ``(model, mode, mean, std, source, notes)``.
+
+    Mode: ``--normalize-model`` / ``--no-normalize``, else what the checkpoint records, else the
+    original's default (the loader normalizes). Mean/std (model_factory's precedence, per value):
+    ``--mean/--std``, else the checkpoint's recorded values for that mode, else the model's.
+    A flag that contradicts the record gives one warning naming both.
     """
-    from src.model_factory import resolve_normalization, wrap_normalization
+    from src.model_factory import RecordedNormalization, resolve_normalization, wrap_normalization
 
-    recorded = loaded.normalization if loaded is not None else None
+    rec_mode = record.normalization if record is not None else None
+    flag_mode = "model" if args.normalize_model else "raw" if args.no_normalize else None
+    notes: List[str] = []
+    if flag_mode and rec_mode and flag_mode != rec_mode:
+        rec_values = f", mean {list(record.mean)} std {list(record.std)}" if record.mean and record.std else ""
+        notes.append(f"{_MODE_FLAG[flag_mode]} overrides the checkpoint's record ({_MODE_TEXT[rec_mode]}{rec_values}; "
+                     f"{record.source}): the network sees inputs it was not trained on")
+    mode = flag_mode or rec_mode or "loader"
     defaults = (data_config["mean"], data_config["std"])
-    if not (args.normalize_model or recorded is not None):
-        if args.no_normalize:
-            _logger.info("raw [0, 1] inputs (--no-normalize)")
-        else:
-            _logger.info("the loader normalizes inputs with mean %s std %s", *defaults)
-        return model, "raw" if args.no_normalize else "loader", tuple(defaults[0]), tuple(defaults[1]), []
+    if mode == "raw":
+        if args.mean or args.std:
+            notes.append("--mean/--std have no effect: the inputs are raw [0, 1] pixels (add --normalize-model to "
+                         "normalize inside the model)")
+        return model, "raw", tuple(defaults[0]), tuple(defaults[1]), _source(record, flag_mode), notes
+    recorded = RecordedNormalization(record.mean, record.std, record.source) \
+        if rec_mode == mode and record.mean and record.std else None
     mean, std, source = resolve_normalization(args.mean, args.std, recorded, defaults)
-    notes = []
-    if recorded is not None and (args.mean or args.std):
-        rec_mean, rec_std, _ = resolve_normalization(None, None, recorded, defaults)
-        if (mean, std) != (rec_mean, rec_std):
-            notes.append(f"--mean/--std {mean}/{std} differ from the normalization the checkpoint was trained "
-                         f"with ({rec_mean}/{rec_std}): the model sees inputs it was not trained on")
-    if recorded is not None and not args.normalize_model:
-        _logger.info("the checkpoint was trained with normalization inside the model: evaluating it the same way "
-                     "(--normalize-model implied)")
-    _logger.info("normalizing inside the model with mean %s std %s (%s); inputs are [0, 1] pixels", mean, std,
-                 source)
-    return wrap_normalization(model, mean, std), "model", mean, std, notes
+    if recorded is not None and (args.mean or args.std) and (mean, std) != (recorded.mean, recorded.std):
+        notes.append(f"--mean/--std {list(mean)}/{list(std)} override the checkpoint's recorded normalization "
+                     f"{list(recorded.mean)}/{list(recorded.std)} ({record.source}): the network sees inputs it was "
+                     f"not trained on")
+    if mode == "model":
+        model = wrap_normalization(model, mean, std)
+    return model, mode, mean, std, source, notes
+
+
+def _source(record: Any, flag_mode: Optional[str]) -> str:
+    if flag_mode is not None:
+        return "the flags"
+    return record.source if record is not None else "the flags and the model's defaults"
 
 
 def create_eval_model(args: argparse.Namespace, dev_env: DeviceEnv, checkpoint: Optional[str] = None) -> EvalModel:
     """Build the model ``validate.py`` evaluates, in eval mode on ``dev_env``'s device.
 
-    model_factory: timm model (``pretrained`` forced without a checkpoint) -> checkpoint weights
-    (weights-only unless ``--trust-checkpoint``) -> ``--patch-size`` (no-op when equal); then data
-    config -> ``--test-pool`` -> normalization -> ``--valid-labels`` -> device, channels-last,
-    TorchScript. Parameters are frozen (``requires_grad=False``): attacks only need input gradients.
+    The checkpoint's record (``src.eval_config``) and the flags -> timm model (``pretrained`` forced
+    without a checkpoint) -> weights (weights-only unless ``--trust-checkpoint``) -> patch size
+    (no-op when equal); then data config (never timm's ``test_*`` fields unless
+    ``--use-test-size``) -> ``--test-pool`` -> normalization -> ``--valid-labels`` -> device,
+    channels-last, TorchScript. Parameters are frozen (``requires_grad=False``): attacks only need
+    input gradients. One log line says what was resolved.
     """
     from timm.data import resolve_data_config
 
-    from src.model_factory import three
+    from src.eval_config import describe
+    from src.model_factory import patch_size_of, three
 
     checkpoint = args.checkpoint if checkpoint is None else checkpoint
-    model, loaded = _build_network(args, checkpoint)
-    data_config = resolve_data_config(vars(args), model=model, use_test_size=True, verbose=False)
+    model, loaded, settings = _build_network(args, checkpoint)
+    data_config = resolve_data_config(settings.data_overrides, model=model,
+                                      use_test_size=bool(getattr(args, "use_test_size", False)), verbose=False)
     for key in ("mean", "std"):
         data_config[key] = three(data_config[key])
     if args.test_pool:
@@ -133,10 +162,15 @@ def create_eval_model(args: argparse.Namespace, dev_env: DeviceEnv, checkpoint: 
         model, test_time_pool = apply_test_time_pool(model, data_config, use_test_size=True)
         if test_time_pool:
             data_config["crop_pct"] = 1.0
-    model, mode, mean, std, notes = _normalize_in_model(args, model, data_config, loaded)
+    patch_size = patch_size_of(model)
+    model, mode, mean, std, source, notes = _normalize_in_model(args, model, data_config, settings.record)
+    notes = settings.notes + notes
+    for note in notes[len(settings.notes):]:
+        _logger.warning(note)
     if args.valid_labels:
         model = ValidLabels(model, _read_valid_labels(args.valid_labels))
     num_classes = _num_outputs(model)
+    _logger.info(describe(settings.model, num_classes, patch_size, data_config, mode, mean, std, source))
     param_count = sum(p.numel() for p in model.parameters())
     model.requires_grad_(False)
     model = dev_env.to_model_device(model)
@@ -145,10 +179,14 @@ def create_eval_model(args: argparse.Namespace, dev_env: DeviceEnv, checkpoint: 
         try:
             model = torch.jit.script(model)
         except Exception as e:  # noqa: BLE001 - scripting failures are many kinds of error
-            raise UsageError(f"--torchscript: cannot script {args.model} ({first_line(e)})") from None
+            raise UsageError(f"--torchscript: cannot script {settings.model} ({first_line(e)})") from None
+    rec_mode = settings.record.normalization if settings.record is not None else None
+    trained = {"raw": "raw", "model": "normalized", "loader": "normalized"}.get(rec_mode or "")
+    if trained is None and loaded is not None:
+        trained = loaded.trained_inputs
     return EvalModel(model=model, data_config=data_config, normalization=mode, mean=tuple(mean), std=tuple(std),
-                     num_classes=num_classes, param_count=param_count,
-                     trained_inputs=loaded.trained_inputs if loaded is not None else None, notes=notes)
+                     num_classes=num_classes, param_count=param_count, trained_inputs=trained, notes=notes,
+                     model_name=settings.model)
 
 
 def _read_valid_labels(path: str) -> List[int]:

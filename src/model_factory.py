@@ -205,17 +205,19 @@ def _recorded_normalization(stored: Optional[Normalization], hparams: Any) -> Op
     return None
 
 
-def load_checkpoint(model: nn.Module, checkpoint: str, *, use_ema: bool = False,
-                    trust: bool = False) -> LoadedCheckpoint:
+def load_checkpoint(model: nn.Module, checkpoint: str, *, use_ema: bool = False, trust: bool = False,
+                    ckpt: Any = None) -> LoadedCheckpoint:
     """Load ``checkpoint``'s weights into ``model`` (strict) and read what it records.
 
     Weights-only unless ``trust`` (``--trust-checkpoint``); every problem is a
-    ``CheckpointError``. ``use_ema`` prefers EMA weights and warns when there are none.
+    ``CheckpointError``. ``use_ema`` prefers EMA weights and warns when there are none. ``ckpt`` is
+    the already read file (``src.checkpoint.load_checkpoint_file``), so it is not read twice.
     """
     from src.checkpoint import load_checkpoint_file, load_model_weights
 
-    ckpt = load_checkpoint_file(checkpoint, trust=trust)
-    report = load_model_weights(model, ckpt, use_ema=use_ema, strict=True)
+    if ckpt is None:
+        ckpt = load_checkpoint_file(checkpoint, trust=trust)
+    report = load_model_weights(model, ckpt, use_ema=use_ema, strict=True, source=str(checkpoint))
     if use_ema and report.state_key not in ("model_ema", "state_dict_ema"):
         _logger.warning("--use-ema: checkpoint %s has no EMA weights; evaluating its model weights", checkpoint)
     hparams = ckpt.get("hparams") if isinstance(ckpt, Mapping) else None

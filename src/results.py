@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import math
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
@@ -47,11 +48,24 @@ def _json_rows(rows: Sequence[Mapping[str, Any]], warnings: Sequence[Sequence[st
 
 
 def results_json(rows: Sequence[Mapping[str, Any]], warnings: Sequence[Sequence[str]], as_list: bool = False) -> str:
-    """JSON text: one dict for a single row (timm), else a list; every row has a ``warnings`` list."""
-    data: Any = _json_rows(rows, warnings)
+    """JSON text: one dict for a single row (timm), else a list; every row has a ``warnings`` list.
+
+    Numbers that are not finite (robust accuracy without an attack is NaN) are written as ``null``:
+    bare ``NaN`` is not JSON and strict parsers (``jq``, JavaScript, ``json.loads(parse_constant=...)``) refuse it.
+    """
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    data: Any = finite(_json_rows(rows, warnings))
     if len(data) == 1 and not as_list:
         data = data[0]
-    return json.dumps(data, indent=4)
+    return json.dumps(data, indent=4, allow_nan=False)
 
 
 def write_results(path: str, rows: Sequence[Mapping[str, Any]], warnings: Optional[Sequence[Sequence[str]]] = None,

@@ -290,30 +290,49 @@ class EvaluationSetup:
 
 
 
-def _build_model(args: argparse.Namespace, num_classes: int) -> Tuple[nn.Module, Any, str]:
-    """The network through model_factory: pretrained or checkpoint weights, ``--patch-size``
-    (a no-op at the model's own size). Returns ``(net, LoadedCheckpoint | None, weights source)``."""
+def _build_model(args: argparse.Namespace) -> Tuple[nn.Module, Any, str, Any]:
+    """The network through model_factory: the checkpoint's record (``src.eval_config``) merged with
+    the flags, pretrained or checkpoint weights, the patch size (a no-op at the model's own size).
+    Returns ``(net, LoadedCheckpoint | None, weights source, EvalSettings)``."""
+    from src.checkpoint import load_checkpoint_file
+    from src.eval_config import read_record, resolve_settings
     from src.model_factory import create_model, load_checkpoint, set_patch_size
 
-    net = create_model(args.model, pretrained=not args.checkpoint, num_classes=num_classes)
+    ckpt = load_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint) if args.checkpoint else None
+    record = read_record(ckpt, model_hint=args.model) if ckpt is not None else None
+    settings = resolve_settings(args, record)
+    if settings.num_classes is None:
+        settings.num_classes = DEFAULT_NUM_CLASSES[args.dataset]
+    net = create_model(settings.model, pretrained=not args.checkpoint, num_classes=settings.num_classes,
+                       img_size=settings.img_size)
     loaded = None
     weights_source = "timm pretrained weights"
     if args.checkpoint:
-        loaded = load_checkpoint(net, args.checkpoint, use_ema=args.use_ema, trust=args.trust_checkpoint)
+        loaded = load_checkpoint(net, args.checkpoint, use_ema=args.use_ema, trust=args.trust_checkpoint, ckpt=ckpt)
         weights_source = f"{args.checkpoint} ({loaded.state_key})"
-    set_patch_size(net, args.patch_size)
-    return net, loaded, weights_source
+    set_patch_size(net, settings.patch_size)
+    return net, loaded, weights_source, settings
 
 
-def _normalization_layer(args: argparse.Namespace, net: nn.Module, recorded: Any, defaults: Any
+def _normalization_layer(args: argparse.Namespace, net: nn.Module, record: Any, defaults: Any
                          ) -> Tuple[nn.Module, List[str]]:
-    """Normalization inside the model when ``--mean/--std`` are given or the checkpoint records one
-    (model_factory's precedence: flags > checkpoint > model defaults, per value)."""
-    from src.model_factory import resolve_normalization, wrap_normalization
+    """Normalization inside the model when ``--mean/--std`` are given or the checkpoint records that
+    its network saw normalized inputs (model_factory's precedence: flags > checkpoint > model
+    defaults, per value). A record of raw [0, 1] inputs contradicted by ``--mean/--std`` is warned about."""
+    from src.model_factory import RecordedNormalization, resolve_normalization, wrap_normalization
 
+    rec_mode = record.normalization if record is not None else None
+    recorded = RecordedNormalization(record.mean, record.std, record.source) \
+        if rec_mode in ("model", "loader") and record.mean and record.std else None
     if args.mean is None and args.std is None and recorded is None:
         return net, []
+    if rec_mode == "raw":
+        _logger.warning("--mean/--std override the checkpoint's record (raw [0, 1] inputs; %s): the network sees "
+                        "inputs it was not trained on", record.source)
     mean, std, source = resolve_normalization(args.mean, args.std, recorded, defaults)
+    if recorded is not None and (args.mean or args.std) and (mean, std) != (recorded.mean, recorded.std):
+        _logger.warning("--mean/--std %s/%s override the checkpoint's recorded normalization %s/%s (%s)", list(mean),
+                        list(std), list(recorded.mean), list(recorded.std), record.source)
     if args.mean is None and args.std is None:
         _logger.info("normalizing inside the model with the mean %s / std %s %s (pass --mean/--std to override)",
                      list(mean), list(std), source)
@@ -326,13 +345,14 @@ def setup_evaluation(args: argparse.Namespace) -> EvaluationSetup:
 
     from src.model_factory import patch_size_of, three
 
-    num_classes = args.num_classes or DEFAULT_NUM_CLASSES[args.dataset]
-    net, loaded, weights_source = _build_model(args, num_classes)
+    net, loaded, weights_source, settings = _build_model(args)
+    num_classes = settings.num_classes
     patch_size = patch_size_of(net)
-    data_config = resolve_data_config({"crop_pct": args.crop_pct}, model=net)
+    overrides = {k: v for k, v in settings.data_overrides.items() if k in ("input_size", "crop_pct", "interpolation",
+                                                                             "crop_mode")}
+    data_config = resolve_data_config(overrides, model=net)
     mean_default, std_default = three(data_config["mean"]), three(data_config["std"])
-    model, in_model = _normalization_layer(args, net, loaded.normalization if loaded else None,
-                                           (mean_default, std_default))
+    model, in_model = _normalization_layer(args, net, settings.record, (mean_default, std_default))
     size = int(data_config["input_size"][-1])
     crop_pct = float(data_config.get("crop_pct") or 1.0)
     interp = data_config.get("interpolation") or "bilinear"
@@ -344,12 +364,16 @@ def setup_evaluation(args: argparse.Namespace) -> EvaluationSetup:
     if max(examples.labels(), default=0) >= num_classes:
         raise UsageError(f"the {args.dataset} labels go up to {max(examples.labels())} but the model has "
                          f"{num_classes} classes; pass --num-classes")
+    _logger.info("evaluating %s (%d classes%s) at %dx%d px, crop_pct %g, %s; %s; settings from %s", settings.model,
+                 num_classes, f", patch size {patch_size}" if patch_size else "", size, size, crop_pct, interp,
+                 " + ".join(in_model) if in_model else "no layer before the network",
+                 settings.record.source if settings.record is not None else "the flags and the model's defaults")
 
     model.eval()
     preprocessing = {"loader": desc, "in_model": in_model,
                      "data_config": {"input_size": list(data_config["input_size"]), "crop_pct": crop_pct,
                                      "interpolation": interp}}
-    model_summary = {"model": args.model, "num_classes": num_classes, "weights": weights_source,
+    model_summary = {"model": settings.model, "num_classes": num_classes, "weights": weights_source,
                      "use_ema": bool(args.use_ema), "patch_size": patch_size,
                      "weights_sha256": weights_sha256(model)}
     fingerprint = _fingerprint(args, examples, model_summary, {"loader": desc, "in_model": in_model})
@@ -381,7 +405,7 @@ def _fingerprint(args: argparse.Namespace, examples: ExampleSet, model_summary: 
         "n_examples": examples.n_examples,
         "examples_sha256": examples.examples_sha256,
         "data_file_md5": getattr(examples, "file_md5", None),
-        "model": args.model,
+        "model": model_summary["model"],
         "num_classes": model_summary["num_classes"],
         "patch_size": model_summary["patch_size"],
         "weights_sha256": model_summary["weights_sha256"],
@@ -399,9 +423,11 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text)
 
 
-def default_output(args: argparse.Namespace) -> str:
+def default_output(args: argparse.Namespace, model: Optional[str] = None) -> str:
+    """``output/robustbench/<model>-<dataset>-<threat>-eps<eps>.json`` (the evaluated model's name)."""
+    model = model or args.model
     return os.path.join("output", "robustbench",
-                        _safe_name(f"{args.model}-{args.dataset}-{args.threat_model}-eps{args.eps:g}") + ".json")
+                        _safe_name(f"{model}-{args.dataset}-{args.threat_model}-eps{args.eps:g}") + ".json")
 
 
 def default_state_dir(output: str) -> str:
@@ -540,7 +566,7 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         tag = f"[shard {shard[0]}/{shard[1]}] " if shard[1] > 1 else ""
         torch.manual_seed(args.seed)
         setup = setup_evaluation(args)
-        args.output = args.output or default_output(args)
+        args.output = args.output or default_output(args, setup.model_summary["model"])
         state, done = _open_state(args, setup, dev_env, shard)
         model = setup.model.to(dev_env.device)
         if not args.merge_only:

@@ -24,6 +24,7 @@ from src.bits.checkpoint_manager import CheckpointManager, find_resume_checkpoin
 from src.bits.device import DeviceEnv
 from src.bits.summary import SummaryCsv, summary_row
 from src.cli import device_session, seed_everything, set_deterministic
+from src.eval_config import EVAL_SEED
 from src.engine import EpochHooks, EpochState, StepOptions, TrainParts, evaluate, train_one_epoch
 from src.bits.run_lock import RunLock
 from src.errors import CheckpointError, Interrupted, NonFiniteLossError, UsageError
@@ -360,7 +361,8 @@ def prepare_output(task: TrainTask, plan: OutputPlan, progress: Progress, args_t
     manager = CheckpointManager(plan.output_dir, args.model, task.hparams, metric_name=args.eval_metric,
                                 max_history=args.checkpoint_hist,
                                 train_cfg=dict(num_epochs=task.num_epochs, log_interval=args.log_interval,
-                                               recovery_interval=args.recovery_interval, accumulate_steps=1))
+                                               recovery_interval=args.recovery_interval, accumulate_steps=1),
+                                data_config=task.data_config)
     if plan.resume_ckpt is not None:
         manager.restore_history(plan.resume_ckpt)
     outputs = RunOutputs(manager=manager, summary=SummaryCsv(storage.join(plan.output_dir, "summary.csv")))
@@ -511,6 +513,7 @@ def run_epochs(task: TrainTask, plan: OutputPlan, progress: Progress, outputs: R
                 _stopped(stop, plan, f"in epoch {epoch} at global step {num_updates}",
                          outputs.manager.path(f"recovery-{num_updates}.pth.tar"))
             _check_finite_weights(parts.model, epoch, "end of the epoch")
+            seed_everything(EVAL_SEED + dev_env.global_rank)  # validate.py's default seed: it reproduces this
             eval_metrics = _evaluate_epoch(task)
             parts.lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
             if dev_env.primary:

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -29,7 +30,7 @@ from src.arg_parser.evaluate import parse_validate_args as parse_args  # noqa: F
 from src.bits.device import DeviceEnv, initialize_device, shutdown
 from src.cli import seed_everything
 from src.engine import EvalResult, evaluate_loop, zero_gradient_fraction  # noqa: F401 (re-exported)
-from src.errors import ExpectedError, UsageError
+from src.errors import ExpectedError, UsageError, first_line
 # re-exported: validation is where users and the analysis tools find the evaluation API
 from src.eval_setup import (EvalModel, ValidLabels, build_eval_attack, create_eval_dataset,  # noqa: F401
                             create_eval_loader, create_eval_model, eval_batches)
@@ -65,6 +66,7 @@ __all__ = [
     "honesty_warnings",
     "ValidationRun",
     "validate",
+    "real_labels_accuracy",
     "find_checkpoints",
     "bulk_model_names",
     "validate_bulk",
@@ -103,6 +105,7 @@ class ValidationRun:
     row_warnings: List[List[str]]
     num_examples: int
     evals: List[EvalResult] = field(default_factory=list)
+    model_name: str = ""  # the model evaluated (the flag's, or the checkpoint's record)
 
     @property
     def warnings(self) -> List[str]:
@@ -153,6 +156,8 @@ def validate(args: argparse.Namespace, dev_env: Optional[DeviceEnv] = None,
             _logger.info("%s: evaluated %d examples%s in %.1fs: top1 %.4f robust_top1 %.4f", what, ev.num_examples,
                          f" (--num-examples {args.num_examples})" if args.num_examples else "", ev.seconds,
                          row["top1"], row["robust_top1"])
+        if args.real_labels:  # after the attacks: this extra clean pass must not move their random starts
+            _use_real_labels(rows, real_labels_accuracy(args.real_labels, em.model, loader, dev_env, max_batches))
         n = evals[0].num_examples if evals else 0
         flags = list(dict.fromkeys(f for ev in evals for f in ev.attack_flags))
         zero = max((ev.zero_grad_fraction for ev in evals if ev.zero_grad_fraction is not None), default=None)
@@ -161,10 +166,67 @@ def validate(args: argparse.Namespace, dev_env: Optional[DeviceEnv] = None,
                                      trained_inputs=em.trained_inputs, attack_flags=flags, zero_grad_fraction=zero,
                                      notes=em.notes)
         row_warnings = [list(dict.fromkeys(robust_above_clean_warnings(r) + run_level)) for r in rows]
-        return ValidationRun(rows=rows, row_warnings=row_warnings, num_examples=n, evals=evals)
+        return ValidationRun(rows=rows, row_warnings=row_warnings, num_examples=n, evals=evals,
+                             model_name=em.model_name or args.model)
     finally:
         if own_env:
             shutdown(dev_env)
+
+
+def _use_real_labels(rows: Sequence["OrderedDict[str, Any]"], accuracy: Tuple[float, float]) -> None:
+    top1, top5 = accuracy
+    for row in rows:
+        row.update(top1=round(top1, 4), top1_err=round(100 - top1, 4), top5=round(top5, 4),
+                   top5_err=round(100 - top5, 4))
+    _logger.info("ImageNet-ReaL clean accuracy: top1 %.4f top5 %.4f (robust accuracy is against the dataset's own "
+                 "labels)", top1, top5)
+
+
+def real_labels_accuracy(real_json: str, model: nn.Module, loader: Any, dev_env: DeviceEnv,
+                         max_batches: Optional[int] = None) -> Tuple[float, float]:
+    """Clean top-1 / top-5 against ImageNet-ReaL labels through timm's ``RealLabelsImagenet`` (the
+    original's ``--real-labels``), in one clean pass over ``loader`` in dataset order.
+
+    ReaL gives several correct classes per image (or none: such images are skipped), which defines
+    no adversarial objective, so robust accuracy stays against the dataset's own labels.
+    """
+    from timm.data import RealLabelsImagenet
+
+    if dev_env.world_size > 1:
+        raise UsageError("--real-labels needs a single process (the ReaL labels follow the dataset's file order)")
+    names = getattr(loader.dataset, "filenames", None)
+    if not callable(names):
+        raise UsageError("--real-labels needs an ImageNet validation image folder (files ILSVRC2012_val_*.JPEG); "
+                         f"the dataset {type(loader.dataset).__name__} has no file names")
+    names = list(names(basename=True))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = real_json
+        if not storage.is_local(real_json):  # timm opens the file itself: a local copy of gs:// / memory://
+            path = os.path.join(tmp, "real.json")
+            with open(path, "wb") as f:
+                f.write(storage.read_bytes(real_json))
+        try:
+            real = RealLabelsImagenet(names, real_json=path)
+        except (AssertionError, ValueError) as e:
+            raise UsageError(f"--real-labels {real_json}: cannot match its labels to the {len(names)} images of the "
+                             f"dataset ({first_line(e) or 'one label list per ILSVRC2012 validation image expected'})"
+                             ) from None
+    model.eval()
+    with torch.no_grad():
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, _ = dev_env.to_device(x, y)
+            with dev_env.autocast():
+                logits = model(x)
+            if logits.shape[-1] < 5:
+                raise UsageError("--real-labels needs an ImageNet classifier (top-5 of at least 5 classes)")
+            try:
+                real.add_result(logits.float())
+            except KeyError as e:
+                raise UsageError(f"--real-labels {real_json}: no ReaL labels for image {e}: the dataset is not the "
+                                 f"ImageNet validation set") from None
+    return real.get_accuracy(k=1), real.get_accuracy(k=5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +308,8 @@ def validate_bulk(args: argparse.Namespace, jobs: Sequence[Tuple[str, str]], dev
             failures.append(f"{model_name}{f' ({ckpt})' if ckpt else ''}: {msg}")
             continue
         for row, w in zip(run_.rows, run_.row_warnings):
-            rows.append(OrderedDict([("model", model_name)] + list(row.items()) + [("checkpoint", ckpt)]))
+            rows.append(OrderedDict([("model", run_.model_name or model_name)] + list(row.items()) +
+                                    [("checkpoint", ckpt)]))
             warns.append(w)
     order = sorted(range(len(rows)), key=lambda j: -_sort_key(rows[j]["top1"]))
     return [rows[j] for j in order], [warns[j] for j in order], failures

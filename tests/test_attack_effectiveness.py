@@ -251,10 +251,12 @@ def test_rows_without_settings_file_are_kept_with_a_warning(sweep, run_dir, tmp_
 
 def test_honesty_warnings_are_reported(run_dir, tmp_path, capsys):
     argv = [a for a in sweep_args(run_dir, epochs=(1,), seeds=(0,), steps=(1,)) if a != "--no-normalize"]
-    rc, out, _ = cli(argv + ["--output-file", str(tmp_path / "loader.csv")], capsys)
+    rc, out, _ = cli(argv + ["--output-file", str(tmp_path / "loader.csv"), "--normalize-model"], capsys)
     assert rc == 0
     warnings = [line for line in out.splitlines() if line.startswith("WARNING: ")]
-    assert any("--no-normalize" in w for w in warnings)  # trained on raw pixels, attacked normalized inputs
+    # trained on raw pixels (the checkpoints' record), attacked normalized inputs because a flag said so
+    assert any("--normalize-model overrides the checkpoint's record (raw [0, 1] inputs" in w for w in warnings)
+    assert any("--no-normalize" in w for w in warnings)
 
 
 # ----------------------------------------------------------------------------------------------

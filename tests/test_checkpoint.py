@@ -23,6 +23,8 @@ from src.checkpoint import (CheckpointError, FinetuneArgumentError, UntrustedChe
                             export_released_checkpoint, extract_state_dict, finetune_from_checkpoint,
                             load_checkpoint_file, load_model_weights, normalization_entry,
                             released_checkpoint_name)
+from src.errors import UsageError
+from src.eval_config import EvalRecord, read_record
 from src.utils import normalize_model
 from util_scripts.prepare_checkpoint import main as prepare_main
 
@@ -378,8 +380,14 @@ def test_export_verifies_the_architecture_and_uses_ema(trained, tmp_path) -> Non
     """Verification builds the named model (meta device) with the checkpoint's class count."""
     small = timm.create_model("preact_resnet_18", num_blocks=(2, 2, 2, 2), num_classes=10)
     ckpt = {"model": small.state_dict(), "model_ema": None}
-    paths = export_released_checkpoint(ckpt, "preact_resnet_18", "cifar10", str(tmp_path), eps=8)
-    assert set(load_checkpoint_file(paths["pth"])) == set(small.state_dict())
+    facts = {"input_size": [3, 32, 32], "crop_pct": 1.0, "interpolation": "bilinear", "normalization": "raw"}
+    with pytest.raises(UsageError, match="pass --input-size C H W, --crop-pct, --interpolation, --normalization"):
+        export_released_checkpoint(ckpt, "preact_resnet_18", "cifar10", str(tmp_path), eps=8)  # records nothing
+    paths = export_released_checkpoint(ckpt, "preact_resnet_18", "cifar10", str(tmp_path), eps=8, eval_overrides=facts)
+    released = load_checkpoint_file(paths["pth"])
+    assert set(released) == set(small.state_dict())
+    assert read_record(released) == EvalRecord(model="preact_resnet_18", num_classes=10, input_size=(3, 32, 32),
+                                               crop_pct=1.0, interpolation="bilinear", normalization="raw")
     with pytest.raises(CheckpointError, match="does not match model wide_resnet28_10"):
         export_released_checkpoint(ckpt, "wide_resnet28_10", "cifar10", str(tmp_path))
     with pytest.raises(CheckpointError, match="no EMA weights"):

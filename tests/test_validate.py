@@ -111,7 +111,9 @@ def test_clean_accuracy_equals_direct_forward(adv_ckpt, capsys):
     assert res["top5"] == pytest.approx(round(top5, 4), abs=1e-4)
     assert res["loss"] == pytest.approx(loss, abs=1e-3)
     assert res["top1"] > 40  # the fixture learned something (chance is 10%)
-    assert math.isnan(res["robust_top1"]) and math.isnan(res["adv_loss"])  # no attack
+    # no attack: no robust numbers, written as JSON null (bare NaN is not JSON)
+    assert res["robust_top1"] is None and res["adv_loss"] is None
+    assert "NaN" not in out
     assert res["warnings"] == []
 
 
@@ -301,7 +303,8 @@ def test_normalize_model_metadata_restored_from_checkpoint(adv_ckpt, tmp_path, c
     # explicit --mean/--std win, and a mismatch with the recorded normalization is reported
     args = V.parse_args(EVAL + ["--checkpoint", path, "--normalize-model", "--mean", "0.5", "--std", "0.5"])
     em = V.create_eval_model(args, dev_env)
-    assert em.mean == (0.5, 0.5, 0.5) and any("differ from the normalization" in n for n in em.notes)
+    assert em.mean == (0.5, 0.5, 0.5) and any("override the checkpoint's recorded normalization" in n
+                                              for n in em.notes)
 
 
 def test_patch_size_surgery_on_xcit(tmp_path, capsys):
@@ -367,7 +370,7 @@ def test_valid_labels_restrict_logits_for_clean_and_attack():
     (["--attack", "pgd", "--attack-eps", "-1"], "--attack-eps must be"),
     (["--checkpoint", "/nonexistent/ck.pth.tar"], "not found"),
     (["--attack", "apgd-ce", "--attack-steps", "10", "20"], "several --attack-steps"),
-    (["--real-labels", "real.json"], "--real-labels is not supported"),
+    (["--real-labels", "/nonexistent/real.json"], "--real-labels file /nonexistent/real.json does not exist"),
     (["--attack-lr", "-2", "--attack", "pgd"], "--attack-lr must be"),
 ])
 def test_bad_input_one_line_exit_2(extra, needle, capsys):
@@ -377,6 +380,46 @@ def test_bad_input_one_line_exit_2(extra, needle, capsys):
     assert lines[-1].startswith("error: ") and needle in lines[-1]
     assert sum(line.startswith("error: ") for line in lines) == 1
     assert "--result" not in out
+
+
+def _imagenet_like_folder(root, n: int) -> str:
+    """``<root>/validation/<label>/ILSVRC2012_val_<k>.JPEG`` from the first ``n`` validation digits."""
+    from PIL import Image
+
+    ds = DigitsDataset("validation")
+    for k in range(n):
+        folder = os.path.join(str(root), "validation", str(int(ds.targets[k])))
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(ds.images[k]).save(os.path.join(folder, f"ILSVRC2012_val_{k + 1:08d}.JPEG"))
+    return str(root)
+
+
+def test_real_labels_clean_real_accuracy_robust_against_dataset_labels(tmp_path, capsys):
+    """--real-labels: top1/top5 through timm's RealLabelsImagenet (images with no ReaL label are skipped),
+    robust accuracy unchanged (the dataset's labels)."""
+    n = 20
+    root = _imagenet_like_folder(tmp_path / "imagenet", n)
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps([list(range(10)) if k % 2 == 0 else [] for k in range(n)]))
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "vit.pth")
+    torch.save(timm.create_model("test_vit", num_classes=10, img_size=32).state_dict(), ckpt)
+    common = [root, "--checkpoint", ckpt] + EVAL[2:] + ["--no-normalize", "--attack", "pgd", "--attack-steps", "1",
+                                                         "--attack-eps", "8"]
+    rc, out, _ = _cli(common, capsys)
+    assert rc == 0
+    plain = _result(out)
+    rc, out, err = _cli(common + ["--real-labels", str(real)], capsys)
+    assert rc == 0
+    res = _result(out)
+    assert plain["top1"] < 100 and res["top1"] == 100.0 and res["top5"] == 100.0  # every ReaL set holds all classes
+    assert (res["robust_top1"], res["adv_loss"]) == (plain["robust_top1"], plain["adv_loss"])
+    assert "ImageNet-ReaL clean accuracy" in err
+    real.write_text(json.dumps([[1]] * (n + 1)))  # labels of another image set
+    rc, _, err = _cli(common + ["--real-labels", str(real)], capsys)
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: --real-labels")
+    rc, _, err = _cli(EVAL + ["--checkpoint", ckpt, "--no-normalize", "--real-labels", str(real)], capsys)  # digits
+    assert rc == 2 and "needs an ImageNet validation image folder" in err
 
 
 def test_checkpoint_for_another_class_count(adv_ckpt, capsys):
@@ -469,17 +512,28 @@ def test_gradient_masking_model_is_flagged_end_to_end(adv_ckpt, capsys):
 
 
 def test_loader_normalized_attack_and_input_mismatch_flagged(adv_ckpt, capsys, tmp_path):
+    attack = ["-b", "50", "--num-examples", "50", "--attack", "pgd", "--attack-steps", "2"]
+    # the training checkpoint records raw [0, 1] inputs: evaluated that way, without a normalization warning
+    rc, out, _ = _cli(EVAL + ["--checkpoint", adv_ckpt] + attack, capsys)
+    assert rc == 0
+    assert not any("normaliz" in w for w in _result(out)["warnings"])
+    # a bare state dict records nothing: the original's default (the loader normalizes), flagged
+    bare = str(tmp_path / "bare.pth")
+    torch.save(torch.load(adv_ckpt, map_location="cpu", weights_only=True)["model"], bare)
     csv_path = str(tmp_path / "r.csv")
-    rc, out, _ = _cli(EVAL + ["--checkpoint", adv_ckpt, "-b", "50", "--num-examples", "50", "--attack", "pgd",
-                              "--attack-steps", "2", "--results-file", csv_path], capsys)
+    rc, out, _ = _cli(EVAL + ["--checkpoint", bare, "--results-file", csv_path] + attack, capsys)
     assert rc == 0
     warnings = _result(out)["warnings"]
     assert any("loader-normalized inputs" in w for w in warnings)
-    assert any("trained on raw [0, 1] inputs" in w for w in warnings)  # from the checkpoint's hparams
     assert any("weak attack" in w for w in warnings)
     assert len(_warning_lines(out)) == len(warnings)
     with open(csv_path) as f:
         assert next(csv.reader(f)) == EXPECTED_CSV  # warnings never become CSV columns
+    # normalizing a raw-trained network: the flag contradicts the record, and the inputs mismatch
+    rc, out, _ = _cli(EVAL + ["--checkpoint", adv_ckpt, "--normalize-model"] + attack, capsys)
+    warnings = _result(out)["warnings"]
+    assert any("--normalize-model overrides the checkpoint's record (raw [0, 1] inputs" in w for w in warnings)
+    assert any("trained on raw [0, 1] inputs" in w for w in warnings)
 
 
 # ----------------------------------------------------------------------------------------------

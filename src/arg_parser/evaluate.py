@@ -68,7 +68,8 @@ def _add_validate_data(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--tf-preprocessing", action="store_true", default=False,
                    help="not supported (rejected): TensorFlow preprocessing")
     g.add_argument("--real-labels", default="", type=str, metavar="FILE",
-                   help="not supported (rejected): ImageNet-ReaL labels define no robust accuracy")
+                   help="ImageNet-ReaL labels (real.json): clean top1/top5 are ReaL accuracy (timm's "
+                        "RealLabelsImagenet); robust accuracy is always against the dataset's labels")
     g.add_argument("--valid-labels", default="", type=str, metavar="FILE",
                    help="file of valid class indices (one per line): the model's logits are restricted to "
                         "them for the clean forward AND the attack")
@@ -160,12 +161,21 @@ def build_validate_parser(prog: str = "validate.py", description: Optional[str] 
                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for add in (_add_validate_data, _add_validate_model, _add_validate_attack, _add_validate_run):
         add(p, sweep)
+    g = p.add_argument_group("Checkpoint record")
+    g.add_argument("--use-test-size", action="store_true", default=False,
+                   help="use the model's timm test_input_size / test_crop_pct (newer timm cfgs; the original never "
+                        "did) instead of the checkpoint's recorded input size and crop")
     return p
 
 
 def parse_validate_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the validate CLI (``argv`` instead of ``sys.argv[1:]`` when given)."""
-    args = build_validate_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from src.eval_config import explicit_dests
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_validate_parser()
+    args = parser.parse_args(argv)
+    args.explicit_flags = explicit_dests(parser, argv)  # flags left at their default never override a checkpoint
     check_validate_args(args)
     return args
 
@@ -199,9 +209,10 @@ def check_validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--log-freq must be >= 0, got {args.log_freq}")
     check_mean_std(args.mean, args.std)
     if args.real_labels:
-        raise UsageError("--real-labels is not supported: ImageNet-ReaL labels give several correct classes per "
-                         "image, which defines no robust accuracy (the original crashed on its robust metrics); "
-                         "evaluate clean ReaL accuracy with timm's validate.py")
+        from src import storage
+
+        if not storage.exists(args.real_labels):
+            raise UsageError(f"--real-labels file {args.real_labels} does not exist")
     if args.tf_preprocessing:
         raise UsageError("--tf-preprocessing is not supported: use the default (PIL) eval transform")
     if args.patch_size is not None and args.patch_size < 1:
@@ -377,8 +388,8 @@ def check_robustbench_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--shard-id must be in 0..--num-shards-1, got shard {args.shard_id} of {args.num_shards}")
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if not args.model:
-        raise UsageError("--model is required (a timm or robust-vits model name)")
+    if not args.model and not args.checkpoint:
+        raise UsageError("--model is required without --checkpoint (a timm or robust-vits model name)")
     if args.normalize and args.dataset != "imagenet":
         raise UsageError("--normalize applies to --dataset imagenet only (as in the original); for CIFAR models "
                          "trained on normalized inputs pass --mean/--std to normalize inside the model")

@@ -10,8 +10,9 @@ __all__ = ["build_export_parser"]
 
 def build_export_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="prepare_checkpoint.py",
-                  description="Export a training checkpoint (local or gs://) as {model}-{dataset}[-eps-{eps}].pth.tar "
-                              "plus a .safetensors copy.")
+                  description="Export a training checkpoint or an original release (local or gs://) as "
+                              "{model}-{dataset}[-eps-{eps}].pth.tar plus a .safetensors copy, both recording what "
+                              "evaluating them needs.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="training checkpoint (e.g. <run>/best.pth.tar), local, gs:// or any fsspec URL")
     p.add_argument("--model", required=True, metavar="NAME", help="model name the weights belong to")
@@ -25,4 +26,19 @@ def build_export_parser() -> argparse.ArgumentParser:
                         "source you trust")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the weights against --model (e.g. models built with extra kwargs)")
+    g = p.add_argument_group("evaluation record", "what evaluating the weights needs, for checkpoints that do not "
+                             "record it (the original's releases and training checkpoints); a given flag replaces "
+                             "the recorded value")
+    g.add_argument("--num-classes", type=int, default=None, metavar="N", help="classes (default: from the weights)")
+    g.add_argument("--patch-size", type=int, default=None, metavar="N",
+                   help="XCiT: the patch size the run adapted the stem to (default: the model's own)")
+    g.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N", help="input C H W of the evaluation")
+    g.add_argument("--crop-pct", type=float, default=None, metavar="PCT", help="center-crop fraction")
+    g.add_argument("--interpolation", default=None, metavar="NAME", help="resize interpolation (e.g. bicubic)")
+    g.add_argument("--normalization", default=None, choices=["model", "raw", "loader"],
+                   help="how the network's inputs were normalized: inside the model (--normalize-model runs), raw "
+                        "[0, 1] pixels, or by the loader")
+    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN",
+                   help="normalization mean (default: the model's)")
+    g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD", help="normalization std")
     return p

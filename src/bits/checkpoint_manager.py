@@ -8,9 +8,11 @@ the new complete file, locally, on ``gs://`` and on ``memory://``.
 
 Dict keys (original-behaviour.md §0.4): epoch, step_count, step_count_global, model, model_ema,
 train_cfg, optimizer, [grad_scaler], version, arch, hparams, metrics, metric_name,
-metric_decreasing. Additions (ignored by the original's loaders): ``normalization`` (mean/std of a
-``--normalize-model`` run), ``checkpoint_history`` (the top-N table, so resume keeps it),
-``lr_scheduler``, ``epoch_state`` / ``epoch_done`` (mid-epoch recovery).
+metric_decreasing. Additions (ignored by the original's loaders): ``eval_config`` (what evaluating
+the checkpoint needs: model, classes, patch size, input size, crop, interpolation, normalization
+mode and mean/std; ``src.eval_config``), ``normalization`` (mean/std of a ``--normalize-model``
+run), ``checkpoint_history`` (the top-N table, so resume keeps it), ``lr_scheduler``,
+``epoch_state`` / ``epoch_done`` (mid-epoch recovery).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from src import storage
 from src.bits.device import tree_to_cpu
 from src.checkpoint import normalization_entry
+from src.eval_config import RECORD_KEY, training_record
 from src.utils import unwrap_model
 
 _logger = logging.getLogger("robust_vits")
@@ -35,7 +38,8 @@ class CheckpointManager:
     """Writes and prunes the checkpoints of one experiment folder."""
 
     def __init__(self, output_dir: str, arch: str, hparams: Dict[str, Any], metric_name: str = "top1",
-                 max_history: int = 10, train_cfg: Optional[Dict[str, Any]] = None):
+                 max_history: int = 10, train_cfg: Optional[Dict[str, Any]] = None,
+                 data_config: Optional[Dict[str, Any]] = None):
         self.output_dir = output_dir
         self.arch = arch
         self.hparams = hparams
@@ -45,6 +49,9 @@ class CheckpointManager:
         self.train_cfg = train_cfg or {}
         self.history: List[Tuple[int, float]] = []  # (epoch, metric), best first
         self.best: Optional[Tuple[int, float]] = None
+        # the run's resolved data config (None: resolved again from hparams and the model)
+        self.data_config = data_config
+        self._eval_config: Optional[Dict[str, Any]] = None
 
     # -- state ----------------------------------------------------------------------------------
     def _better(self, a: float, b: float) -> bool:
@@ -78,9 +85,16 @@ class CheckpointManager:
         norm = normalization_entry(model)
         if norm is not None:
             st["normalization"] = norm
+        st[RECORD_KEY] = self.eval_config(model)
         if extra:
             st.update(extra)
         return tree_to_cpu(st)
+
+    def eval_config(self, model) -> Dict[str, Any]:
+        """What evaluating these checkpoints needs (``src.eval_config``); the same for every epoch."""
+        if self._eval_config is None:
+            self._eval_config = training_record(model, self.arch, self.hparams, self.data_config)
+        return dict(self._eval_config)
 
     def restore_history(self, ckpt: Dict[str, Any]) -> None:
         self.history = [(int(e), float(m)) for e, m in ckpt.get("checkpoint_history") or []]
