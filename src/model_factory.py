@@ -212,10 +212,13 @@ def load_checkpoint(model: nn.Module, checkpoint: str, *, use_ema: bool = False,
     Weights-only unless ``trust`` (``--trust-checkpoint``); every problem is a
     ``CheckpointError``. ``use_ema`` prefers EMA weights and warns when there are none.
     """
-    from src.checkpoint import load_checkpoint_file, load_model_weights
+    from src.checkpoint import CheckpointError, load_checkpoint_file, load_model_weights
 
     ckpt = load_checkpoint_file(checkpoint, trust=trust)
-    report = load_model_weights(model, ckpt, use_ema=use_ema, strict=True)
+    try:
+        report = load_model_weights(model, ckpt, use_ema=use_ema, strict=True)
+    except CheckpointError as e:  # name the file, not the in-memory dict it was read into
+        raise CheckpointError(str(e).replace("<in-memory checkpoint>", str(checkpoint))) from None
     if use_ema and report.state_key not in ("model_ema", "state_dict_ema"):
         _logger.warning("--use-ema: checkpoint %s has no EMA weights; evaluating its model weights", checkpoint)
     hparams = ckpt.get("hparams") if isinstance(ckpt, Mapping) else None

@@ -111,7 +111,7 @@ def test_clean_accuracy_equals_direct_forward(adv_ckpt, capsys):
     assert res["top5"] == pytest.approx(round(top5, 4), abs=1e-4)
     assert res["loss"] == pytest.approx(loss, abs=1e-3)
     assert res["top1"] > 40  # the fixture learned something (chance is 10%)
-    assert math.isnan(res["robust_top1"]) and math.isnan(res["adv_loss"])  # no attack
+    assert res["robust_top1"] is None and res["adv_loss"] is None  # no attack: strict JSON null, not NaN
     assert res["warnings"] == []
 
 
