@@ -507,3 +507,21 @@ def test_remove_stale_temp_of_only_touches_that_file(tmp_path):
         p.write_text("x")
     assert storage.remove_stale_temp_of(str(tmp_path / "report.json")) == [str(mine)]
     assert other.exists() and (tmp_path / "report.json").exists()
+
+
+def test_convergence_csv_and_state_stale_temp_removed(world, tmp_path, capsys):
+    import attack_convergence as ac_cli
+    from src.convergence import STATE_SUFFIX
+    from src.eval_state import state_file_name
+
+    out = tmp_path / "conv.csv"
+    state_dir = tmp_path / f"conv.csv{STATE_SUFFIX}"
+    state_dir.mkdir()
+    stale = [tmp_path / ".conv.csv.tmp-0000beef", state_dir / f".{state_file_name(0, 1)}.tmp-0000beef"]
+    for path in stale:
+        path.write_text("half a file")
+    rc, _, err = cli(ac_cli.main, ["--dataset", "digits", "--checkpoint", world / "ok.pth.tar", "--no-normalize",
+                                   "--attack-eps", "8", "--n-points", "2", "--runs", "1", "--steps-to-try", "1",
+                                   "--output-file", out] + MODEL[:-2] + ["-b", "2"], capsys)
+    assert rc == 0, err
+    assert out.exists() and not [p for p in stale if p.exists()]
