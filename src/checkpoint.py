@@ -38,6 +38,7 @@ from torch import nn
 
 from . import storage
 from .errors import CheckpointError, FinetuneArgumentError, UntrustedCheckpointError
+from .sanity import check_finite_state_dict
 from .utils import unwrap_model
 
 _logger = logging.getLogger(__name__)
@@ -409,6 +410,7 @@ def load_model_weights(model: nn.Module, path_or_ckpt: PathOrCheckpoint, use_ema
     missing, unexpected, shapes = _compare(net.state_dict(), sd)
     if shapes or (strict and (missing or unexpected)):
         raise CheckpointError(_mismatch_message(source, _arch_name(net), missing, unexpected, shapes))
+    check_finite_state_dict(sd, source)  # NaN/inf weights evaluate to ~chance accuracy without a word
     net.load_state_dict(sd, strict=strict)
     return LoadReport(source=source, state_key=meta["state_key"], missing_keys=missing,
                       unexpected_keys=unexpected, normalization=meta.get("normalization"))
@@ -466,8 +468,11 @@ def finetune_from_checkpoint(model: nn.Module, path_or_ckpt: PathOrCheckpoint, n
     3. An absolute ``pos_embed`` is interpolated to the model's grid.
     4. ``reinit_patch_embedding`` keeps the model's fresh ``patch_embed.*`` weights (the original
        declared the flag and ignored it; by default they are loaded, i.e. "keep").
-    5. Everything else is loaded non-strictly; what was not loaded is logged and returned.
-       Other shape mismatches (another architecture) raise ``CheckpointError``.
+    5. Everything else is loaded non-strictly; one line always says how many tensors loaded and
+       names the first ones newly initialised and ignored. Other shape mismatches, a checkpoint
+       that covers less than ``FINETUNE_MIN_BACKBONE_FRACTION`` (half) of the model's non-classifier
+       tensors (another architecture: the run would silently train from scratch) and NaN/inf
+       weights raise ``CheckpointError``.
     """
     if num_classes is None:
         raise FinetuneArgumentError("fine-tuning needs the number of classes of the new task: pass --num-classes")
@@ -504,12 +509,53 @@ def finetune_from_checkpoint(model: nn.Module, path_or_ckpt: PathOrCheckpoint, n
     missing, unexpected, shapes = _compare(model_sd, sd)
     if shapes:
         raise CheckpointError(_mismatch_message(source, _arch_name(net), missing, unexpected, shapes))
+    _check_backbone_loaded(net, model_sd, sd, source, missing, unexpected, reinit_patch_embedding)
+    check_finite_state_dict(sd, source)
     net.load_state_dict(sd, strict=False)
-    _logger.info("fine-tuning from %s (%s): loaded %d tensors; not in checkpoint (newly initialised): %s; "
-                 "ignored from checkpoint: %s", source, meta["state_key"], len(sd) - len(unexpected),
-                 ", ".join(missing) or "none", ", ".join(unexpected) or "none")
+    _report_finetune_load(source, meta["state_key"], len(sd) - len(unexpected), len(model_sd), missing, unexpected)
     return LoadReport(source=source, state_key=meta["state_key"], missing_keys=missing,
                       unexpected_keys=unexpected, normalization=meta.get("normalization"))
+
+
+# At least this share of the model's backbone tensors (every tensor but the classifier's, the
+# BatchNorm step counters and, with --reinit-patch-embedding, the patch embedding) must come from
+# the --finetune checkpoint; below it the checkpoint is for another architecture and "fine-tuning"
+# would silently train from scratch.
+FINETUNE_MIN_BACKBONE_FRACTION = 0.5
+
+
+def _first_names(names: Sequence[str], n: int = 5) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def _check_backbone_loaded(net: nn.Module, model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor],
+                           source: str, missing: Sequence[str], unexpected: Sequence[str],
+                           reinit_patch_embedding: bool) -> None:
+    """Refuse a fine-tuning checkpoint that covers less than half of the model's backbone tensors."""
+    skip = _classifier_keys(net)
+    backbone = [k for k in model_sd if k not in skip and not k.endswith("num_batches_tracked")
+                and not (reinit_patch_embedding and k.startswith("patch_embed."))]
+    if not backbone:
+        return
+    loaded = sum(1 for k in backbone if k in sd)
+    if loaded >= FINETUNE_MIN_BACKBONE_FRACTION * len(backbone):
+        return
+    raise CheckpointError(
+        f"--finetune checkpoint {source} loads only {loaded} of the {len(backbone)} backbone tensors of "
+        f"{_arch_name(net)} (at least {FINETUNE_MIN_BACKBONE_FRACTION:.0%} must load); it was probably trained "
+        f"with another architecture: model keys not in it: {_first_names(list(missing), 3)}; checkpoint keys the "
+        f"model lacks: {_first_names(list(unexpected), 3)}; check --model")
+
+
+def _report_finetune_load(source: str, state_key: str, loaded: int, total: int, missing: Sequence[str],
+                          unexpected: Sequence[str]) -> None:
+    """One visible line (the CLIs' logger) saying what the fine-tuning run starts from."""
+    logging.getLogger("robust_vits").info(
+        "fine-tuning from %s (%s): loaded %d of the model's %d tensors; newly initialised (%d): %s; ignored from "
+        "the checkpoint (%d): %s", source, state_key, loaded, total, len(missing), _first_names(list(missing)),
+        len(unexpected), _first_names(list(unexpected)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -620,6 +666,7 @@ def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, da
     if use_ema and meta["state_key"] not in _EMA_KEYS:
         raise CheckpointError(f"checkpoint {source} has no EMA weights (model_ema is missing or None); "
                               f"export without --use-ema")
+    check_finite_state_dict(state_dict, source)
     recorded = read_record(ckpt, model_hint=model_name)
     size = (eval_overrides or {}).get("input_size") or (recorded.input_size if recorded is not None else None)
     net = _architecture(model_name, state_dict, source, verify, img_size=size[-1] if size else None)

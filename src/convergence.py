@@ -332,6 +332,8 @@ def run_convergence(args: argparse.Namespace, dev_env) -> ConvergenceRun:
     """Attack every pending (batch, restart) chunk and keep the CSV current; returns what was done."""
     path = output_path(args)
     state = _open_state(args, path, dev_env)
+    if dev_env.primary:
+        storage.remove_stale_temp_of(path)  # what a killed earlier write of the CSV left behind
     pending = state.pending(state.load())
     skipped = len(state.chunks) - len(pending)
     if skipped:

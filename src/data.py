@@ -94,11 +94,19 @@ def check_dataset_name(name: Optional[str]) -> None:
 
 
 def create_dataset(name: str, root: Optional[str], split: str, is_training: bool,
-                   batch_size: int = 1, repeats: float = 0, seed: int = 42):
-    """timm's dataset factory plus ``digits``; bad names and missing folders become ``UsageError``."""
+                   batch_size: int = 1, repeats: float = 0, seed: int = 42, class_map: Optional[str] = None,
+                   download: bool = False):
+    """timm's dataset factory plus ``digits``; bad names and missing folders become ``UsageError``.
+
+    Image folders (``name == ''``) are read by ``src.image_folder``: no silent fallback from a
+    missing split folder to the root, class folders checked against the training split (or
+    ``class_map``), unreadable images are errors naming the file, 16-bit PNGs scaled to 8 bits.
+    """
     name = name or ""
     check_dataset_name(name)
     if name.lower() == "digits":
+        if class_map:
+            raise UsageError("--class-map does not apply to the embedded digits dataset")
         return DigitsDataset(split)
     if name.lower().startswith("tfds/"):
         # TensorFlow must be imported after torch / torchvision / timm, or the process segfaults
@@ -110,11 +118,17 @@ def create_dataset(name: str, root: Optional[str], split: str, is_training: bool
                          "in the config); the embedded demo dataset is --dataset digits")
     if needs_root and "://" not in str(root) and not os.path.isdir(root):
         raise UsageError(f"data dir {root} does not exist")
+    if class_map and "://" not in str(class_map) and not os.path.isfile(class_map):
+        raise UsageError(f"--class-map file {class_map} does not exist")
+    if not name:
+        from src.image_folder import create_folder_dataset
+
+        return create_folder_dataset(str(root), split, is_training, class_map=class_map)
     from timm.data import create_dataset as timm_create_dataset
 
     try:
-        return timm_create_dataset(name, root=root, split=split, is_training=is_training,
-                                   batch_size=batch_size, repeats=repeats, seed=seed, download=False)
+        return timm_create_dataset(name, root=root, split=split, is_training=is_training, class_map=class_map,
+                                   batch_size=batch_size, repeats=repeats, seed=seed, download=download)
     except (RuntimeError, FileNotFoundError, AssertionError, ValueError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot load dataset '{name or 'image folder'}' split '{split}' from {root}: {msg}") \
@@ -548,6 +562,10 @@ def create_train_loaders(args, data_config: Dict[str, Any], world_size: int, ran
     eval_bs = args.validation_batch_size or args.batch_size
     eval_ds = create_dataset(args.dataset, args.data_dir, args.val_split, is_training=False, batch_size=eval_bs)
     set_transform(eval_ds, build_eval_transform(data_config))
+    if not args.dataset:  # image folders: not the training images, the same class indices
+        from src.image_folder import check_train_eval_folders
+
+        check_train_eval_folders(train_ds, eval_ds, args.train_split, args.val_split)
     check_three_channels(eval_ds, data_config["input_size"][0])
     ds_classes = dataset_num_classes(train_ds.dataset if args.aug_splits else train_ds)
     if ds_classes is not None and num_classes is not None and ds_classes > num_classes:

@@ -405,6 +405,8 @@ def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
                 storage.check_writable(folder)
             except PermissionError as e:
                 raise UsageError(str(e)) from None
+        for written_file in (path, results.settings_path):  # what a killed earlier write left behind
+            storage.remove_stale_temp_of(written_file)
         results.write_settings(settings)
     # a validate-style namespace for the shared evaluation core
     base = argparse.Namespace(**{**vars(args), "checkpoint": "", "attack_steps": list(args.steps_to_try),

@@ -495,6 +495,7 @@ def evaluate_loop(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional
     gradients of the first batch before attacking (gradient masking, :func:`zero_gradient_fraction`).
     """
     from src.bits.device import reduce_sums
+    from src.sanity import check_input_batch
 
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=dev_env.device)  # c1, ck, loss, r1, rk, adv_loss
@@ -507,6 +508,8 @@ def evaluate_loop(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional
         if max_batches is not None and i >= max_batches:
             break
         x, y = dev_env.to_device(x, y)
+        if i == 0:  # NaN pixels: error; pixels outside the attack's box: warning (src.sanity)
+            check_input_batch(x, attack)
         y = _hard_targets(y)
         clean = _forward_metrics(model, x, y, dev_env, topk)
         k_used = clean["k"]

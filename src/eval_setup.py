@@ -214,26 +214,11 @@ def _num_outputs(model: nn.Module) -> int:
 
 
 def create_eval_dataset(args: argparse.Namespace):
-    """The evaluation split: ``src.data.create_dataset``, or timm's with ``--class-map`` / downloads."""
+    """The evaluation split through ``src.data.create_dataset`` (``--class-map``, downloads, image-folder checks)."""
     from src import data
 
-    if not (args.class_map or args.dataset_download) or str(args.dataset).lower() == "digits":
-        if args.class_map:
-            raise UsageError("--class-map does not apply to the embedded digits dataset")
-        return data.create_dataset(args.dataset, args.data, args.split, is_training=False, batch_size=args.batch_size)
-    data.check_dataset_name(args.dataset)
-    if args.class_map and not storage.exists(args.class_map):
-        raise UsageError(f"--class-map file {args.class_map} does not exist")
-    from timm.data import create_dataset as timm_create_dataset
-
-    try:
-        return timm_create_dataset(args.dataset, root=args.data, split=args.split, is_training=False,
-                                   class_map=args.class_map or None, download=args.dataset_download,
-                                   batch_size=args.batch_size)
-    except (RuntimeError, FileNotFoundError, AssertionError, ValueError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot load dataset '{args.dataset or 'image folder'}' split '{args.split}' from "
-                         f"{args.data}: {msg}") from None
+    return data.create_dataset(args.dataset, args.data, args.split, is_training=False, batch_size=args.batch_size,
+                               class_map=args.class_map or None, download=args.dataset_download)
 
 
 def create_eval_loader(args: argparse.Namespace, em: EvalModel, dev_env: DeviceEnv, dataset: Any = None):
@@ -250,6 +235,9 @@ def create_eval_loader(args: argparse.Namespace, em: EvalModel, dev_env: DeviceE
     data.set_transform(dataset, transform)
     data.check_three_channels(dataset, em.data_config["input_size"][0])
     ds_classes = data.dataset_num_classes(dataset)
+    from src.image_folder import check_folder_class_count
+
+    check_folder_class_count(dataset, em.num_classes, args.class_map)  # a missing class folder shifts labels
     if ds_classes is not None and ds_classes > em.num_classes:
         raise UsageError(f"the dataset has {ds_classes} classes but the model predicts {em.num_classes}; pass "
                          f"--num-classes {ds_classes} (with a checkpoint trained for them)")

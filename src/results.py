@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # annotations only
 
 _logger = logging.getLogger("robust_vits")
 
-__all__ = ["RESULT_KEYS", "result_row", "results_json", "write_results"]
+__all__ = ["RESULT_KEYS", "result_row", "json_safe", "results_json", "write_results"]
 
 # The original's result dict, in its order (the CSV schema downstream tools read; `cropt_pct` sic).
 RESULT_KEYS = ("top1", "top1_err", "top5", "top5_err", "robust_top1", "robust_top1_err", "robust_top5",
@@ -47,32 +47,37 @@ def _json_rows(rows: Sequence[Mapping[str, Any]], warnings: Sequence[Sequence[st
     return [dict(list(r.items()) + [("warnings", list(w))]) for r, w in zip(rows, warnings)]
 
 
-def results_json(rows: Sequence[Mapping[str, Any]], warnings: Sequence[Sequence[str]], as_list: bool = False) -> str:
-    """JSON text: one dict for a single row (timm), else a list; every row has a ``warnings`` list.
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN / inf float replaced by None (JSON ``null``), recursively.
 
-    Numbers that are not finite (robust accuracy without an attack is NaN) are written as ``null``:
-    bare ``NaN`` is not JSON and strict parsers (``jq``, JavaScript, ``json.loads(parse_constant=...)``) refuse it.
+    Python's ``json`` writes bare ``NaN`` / ``Infinity`` tokens, which are not JSON: strict parsers
+    (``jq``, JavaScript, Go, ``json.loads(..., parse_constant=...)`` checks) reject the whole file.
+    A metric that was not measured (robust accuracy without ``--attack``) is ``null``.
     """
-    def finite(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: finite(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [finite(x) for x in v]
-        return v
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
-    data: Any = finite(_json_rows(rows, warnings))
+
+def results_json(rows: Sequence[Mapping[str, Any]], warnings: Sequence[Sequence[str]], as_list: bool = False) -> str:
+    """Strict JSON text (NaN -> ``null``): one dict for a single row (timm), else a list; every row has
+    a ``warnings`` list."""
+    data: Any = _json_rows(rows, warnings)
     if len(data) == 1 and not as_list:
         data = data[0]
-    return json.dumps(data, indent=4, allow_nan=False)
+    return json.dumps(json_safe(data), indent=4, allow_nan=False)
 
 
 def write_results(path: str, rows: Sequence[Mapping[str, Any]], warnings: Optional[Sequence[Sequence[str]]] = None,
                   as_list: bool = False) -> None:
     """Write rows atomically to ``path`` (local, gs://, memory://): ``.json`` -> JSON, else CSV.
 
-    The CSV has exactly the rows' keys (the original's schema; warnings are never CSV columns).
+    The CSV has exactly the rows' keys (the original's schema; warnings are never CSV columns;
+    a NaN stays ``nan`` as the original wrote it); the JSON is strict (NaN -> ``null``).
     """
     warnings = warnings if warnings is not None else [[] for _ in rows]
     if str(path).lower().endswith(".json"):
@@ -88,5 +93,6 @@ def write_results(path: str, rows: Sequence[Mapping[str, Any]], warnings: Option
     folder = storage.dirname(path)
     if folder:
         storage.makedirs(folder)
+    storage.remove_stale_temp_of(path)  # what a killed earlier write of this file left behind
     storage.atomic_write_text(path, text)
     _logger.info("results written to %s", path)

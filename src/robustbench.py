@@ -548,6 +548,7 @@ def _open_state(args: argparse.Namespace, setup: EvaluationSetup, dev_env: Any, 
             storage.check_writable(storage.dirname(args.output) or ".")
         except OSError as e:
             raise UsageError(f"cannot write the report {args.output}: {e}") from None
+        storage.remove_stale_temp_of(args.output)  # what a killed earlier write of the report left behind
     return state, done
 
 

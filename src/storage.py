@@ -24,7 +24,7 @@ import posixpath
 import re
 import signal
 import uuid
-from typing import Any, Iterable, List
+from typing import Any, Iterable, List, Optional
 
 import fsspec
 
@@ -257,17 +257,30 @@ def check_writable(folder: str) -> None:
     remove(probe)
 
 
-def remove_stale_temp(folder: str) -> List[str]:
+def remove_stale_temp(folder: str, name: Optional[str] = None) -> List[str]:
     """Delete the temporary files a killed write left in ``folder``; returns their paths.
 
-    Only call it from the one process that writes to ``folder`` (a concurrent writer's temporary
-    file would be deleted under it).
+    With ``name``, only the temporary files of that one final file name (``.<name>.tmp-<hex>``):
+    what a writer of a shared folder (the working directory, a checkpoints folder another tool
+    writes to) may safely remove. Without it, every temporary file in the folder: only call that
+    from the one process that writes to ``folder`` (a concurrent writer's temporary file would be
+    deleted under it).
     """
     if not isdir(folder):
         return []
-    stale = [join(folder, n) for n in listdir(folder) if is_temp_name(n)]
+    stale = [join(folder, n) for n in listdir(folder)
+             if is_temp_name(n) and (name is None or n.startswith(f".{name}.tmp-"))]
     remove_many(stale)
     return stale
+
+
+def remove_stale_temp_of(path: str) -> List[str]:
+    """Delete what a killed write of ``path`` left next to it (its ``.<name>.tmp-<hex>`` files).
+
+    Called by the writers of result files before they write, so the next run cleans up after a
+    kill, as the atomic-write promise says.
+    """
+    return remove_stale_temp(dirname(path) or ".", name=basename(path))
 
 
 def remove_many(paths: Iterable[str]) -> None:

@@ -199,3 +199,28 @@ def test_set_loader_epoch_reshuffles_and_skips():
     assert len(second) == len(first) - 20 and second != first[20:]
     D.set_loader_epoch(loader, 0, start_batches=2)
     assert list(loader.sampler) == first[20:]
+
+
+def test_split_folder_resolution_never_falls_back_to_another_split(tmp_path):
+    from src.image_folder import resolve_split_folder
+
+    for d in ("train/a", "val/a"):
+        (tmp_path / "std" / d).mkdir(parents=True)
+    std = str(tmp_path / "std")
+    assert resolve_split_folder(std, "validation") == f"{std}/val"  # timm's synonyms
+    assert resolve_split_folder(std, "training") == f"{std}/train"
+    assert resolve_split_folder(std, "train[:50%]") == f"{std}/train"
+    with pytest.raises(UsageError, match=r"no 'test' split folder \(it has train/, val/\)"):
+        resolve_split_folder(std, "test")
+    (tmp_path / "flat" / "cat").mkdir(parents=True)  # DIR is the split itself: class folders only
+    assert resolve_split_folder(str(tmp_path / "flat"), "validation") == str(tmp_path / "flat")
+
+
+def test_class_maps_must_match_exactly():
+    from src.image_folder import check_same_classes
+
+    check_same_classes({"a": 0, "b": 1}, {"a": 0, "b": 1}, "x", "y")
+    with pytest.raises(UsageError, match="missing 'b'; extra 'c'"):
+        check_same_classes({"a": 0, "b": 1}, {"a": 0, "c": 1}, "x", "y")
+    with pytest.raises(UsageError, match="other indices"):
+        check_same_classes({"a": 0, "b": 1}, {"a": 1, "b": 0}, "x", "y")

