@@ -213,7 +213,7 @@ def load_checkpoint(model: nn.Module, checkpoint: str, *, use_ema: bool = False,
     ``CheckpointError``. ``use_ema`` prefers EMA weights and warns when there are none. ``ckpt`` is
     the already read file (``src.checkpoint.load_checkpoint_file``), so it is not read twice.
     """
-    from src.checkpoint import CheckpointError, load_checkpoint_file, load_model_weights
+    from src.checkpoint import load_checkpoint_file, load_model_weights
 
     if ckpt is None:
         ckpt = load_checkpoint_file(checkpoint, trust=trust)
