@@ -334,8 +334,8 @@ def _add_robustbench_additions(p: argparse.ArgumentParser) -> None:
                    help="evaluate the first N examples (default: RobustBench's 10000 for CIFAR, 5000 for ImageNet)")
     g.add_argument("--seed", type=nonneg_int(), default=0, metavar="S",
                    help="AutoAttack seed; each chunk uses seed + index of its first example")
-    g.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow checkpoints that need arbitrary unpickling (only for trusted files)")
+    bool_flag(g, "--trust-checkpoint", command_line_only=TRUST_WHY,
+              help="allow checkpoints that need arbitrary unpickling (only for trusted files)")
     g.add_argument("--use-ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     g.add_argument("--output", default=None,
                    help="JSON report path, local or gs:// (default output/robustbench/<model>-<dataset>-"

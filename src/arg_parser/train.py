@@ -36,6 +36,12 @@ def _check_aa(policy: str) -> None:
     """Build the policy with timm's factories (as src.data does), so a typo fails here, not after loading data."""
     if policy.lower() == "none":
         return
+    import re
+
+    # timm skips a section without a number ('rand-typo' = plain 'rand'): a typo would silently change the policy
+    for section in policy.split("-")[1:]:
+        if len(re.split(r"(\d.*)", section)) < 2:
+            raise ValueError(section)
     from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 
     hparams = dict(translate_const=100, img_mean=(124, 116, 104))
