@@ -195,7 +195,7 @@ def check_validate_args(args: argparse.Namespace) -> None:
         raise UsageError("several --attack-steps values need --attack pgd or targeted_pgd "
                          f"(got --attack '{args.attack}', whose result does not depend on the step count)")
     if len(set(args.attack_steps)) != len(args.attack_steps):
-        raise must("--attack-steps", "values without repeats", list(args.attack_steps))
+        raise must("--attack-steps", "values that are not repeated", list(args.attack_steps))
     lo, hi = args.attack_boundaries
     if not lo < hi:
         raise must("--attack-boundaries", "two values low < high", [lo, hi])
@@ -275,7 +275,7 @@ def check_effectiveness_args(args: argparse.Namespace) -> None:
         if bad:
             raise must(flag, f"integers >= {low}", list(values))
         if _repeated(values):
-            raise must(flag, "values without repeats", list(values))
+            raise must(flag, "values that are not repeated", list(values))
     # the shared checks of validate.py (eps, step size, boundaries, batch size, mean/std, ...)
     check_validate_args(argparse.Namespace(**{**vars(args), "attack_steps": list(args.steps_to_try)}))
 

@@ -7,7 +7,9 @@ additions, see original-behaviour.md §1.1). Differences, each listed in the REA
   silently accepted typos);
 * ``data_dir`` is optional (the embedded ``digits`` dataset needs none) and may come from the YAML;
 * ``--no-normalize`` keeps its effect (the training loader never normalizes) but is honest about it;
-* flags the original accepted and ignored are either implemented or rejected with a clear error.
+* flags the original accepted and ignored are either implemented or rejected with a clear error;
+* every value has a rule (``values.py``) applied alike to the command line and YAML; flags that lower a
+  safety check are command line only; keys of timm's old parser (``bn_tf``) warn and are dropped.
 """
 from __future__ import annotations
 
