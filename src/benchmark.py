@@ -24,15 +24,17 @@ import io
 import json
 import logging
 import os
-import sys
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 import torch.nn as nn
 
 from src import storage
+from src.arg_parser.analysis import BENCHES, PRECISIONS  # noqa: F401 (re-exported)
+from src.arg_parser.analysis import build_benchmark_parser as build_parser  # noqa: F401 (re-exported)
+from src.arg_parser.analysis import parse_benchmark_args as parse_args  # noqa: F401 (re-exported)
 from src.errors import UsageError
 
 _logger = logging.getLogger("robust_vits")
@@ -40,68 +42,7 @@ _logger = logging.getLogger("robust_vits")
 __all__ = ["BENCHES", "PRECISIONS", "build_parser", "parse_args", "model_names", "benchmark_model",
            "write_results", "run"]
 
-BENCHES = ("inference", "train", "both", "adv-train", "all")
-PRECISIONS = ("float32", "float16", "bfloat16", "amp")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "amp": torch.float32}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise UsageError(f"{self.prog}: {message}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """timm's benchmark flags (§1.7) plus adversarial training and torch.compile."""
-    p = _Parser(prog="benchmark.py", description="Inference / training / adversarial-training speed of timm models",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model-list", default="", metavar="FILE", help="text file of model names (bulk mode)")
-    p.add_argument("--model", "-m", default="resnet50", metavar="NAME", help="model name, or a wildcard (bulk mode)")
-    p.add_argument("--bench", default="both", choices=BENCHES, help="what to time ('both': inference and train)")
-    p.add_argument("--results-file", default="", metavar="PATH",
-                   help="write results here: .json gives JSON, anything else CSV (bulk default ./benchmark.csv)")
-    p.add_argument("--num-warm-iter", type=int, default=10, metavar="N", help="untimed warm-up steps")
-    p.add_argument("--num-bench-iter", type=int, default=40, metavar="N", help="timed steps")
-    p.add_argument("-b", "--batch-size", type=int, default=256, metavar="N", help="batch size")
-    p.add_argument("--img-size", type=int, default=None, metavar="N", help="input image size")
-    p.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N", help="input dimensions C H W")
-    p.add_argument("--use-train-size", action="store_true", default=False,
-                   help="the model's training input size instead of its test size")
-    p.add_argument("--num-classes", type=int, default=None, metavar="N", help="number of classes")
-    p.add_argument("--gp", default=None, metavar="POOL", help="global pool type")
-    p.add_argument("--channels-last", action="store_true", default=False, help="channels-last memory layout")
-    p.add_argument("--amp", action="store_true", default=False, help="same as --precision amp")
-    p.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"], help="autocast dtype for amp")
-    p.add_argument("--precision", default="float32", choices=PRECISIONS, help="numeric precision")
-    p.add_argument("--torchscript", action="store_true", default=False, help="torch.jit.script the model")
-    p.add_argument("--torch-compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the model (backend, default inductor)")
-    p.add_argument("--device", default=None, help="device (default: cuda when available, else cpu)")
-    g = p.add_argument_group("Training step")
-    g.add_argument("--opt", default="sgd", help="optimizer (timm create_optimizer_v2 name)")
-    g.add_argument("--lr", type=float, default=1e-4, help="learning rate")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
-    g.add_argument("--drop-path", type=float, default=None, help="drop-path rate")
-    g.add_argument("--attack-steps", type=int, default=2, metavar="K", help="adv-train: PGD steps")
-    g.add_argument("--attack-eps", type=float, default=4.0, metavar="EPS", help="adv-train: eps in /255 units")
-    return p
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.amp:
-        args.precision = "amp"
-    for flag, v, low in (("--batch-size", args.batch_size, 1), ("--num-bench-iter", args.num_bench_iter, 1),
-                         ("--num-warm-iter", args.num_warm_iter, 0), ("--attack-steps", args.attack_steps, 1)):
-        if v < low:
-            raise UsageError(f"{flag} must be >= {low}, got {v}")
-    if args.attack_eps < 0:
-        raise UsageError(f"--attack-eps must be >= 0 (in /255 units), got {args.attack_eps}")
-    if args.torchscript and args.torch_compile:
-        raise UsageError("--torchscript and --torch-compile exclude each other")
-    return args
 
 
 def model_names(args: argparse.Namespace) -> List[str]:

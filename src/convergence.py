@@ -33,17 +33,24 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from src import storage
-from src import validation as V
+from src.arg_parser.analysis import CONVERGENCE_DEFAULT_POINTS as DEFAULT_POINTS  # noqa: F401 (re-exported)
+from src.arg_parser.analysis import CONVERGENCE_DEFAULT_RUNS as DEFAULT_RUNS  # noqa: F401 (re-exported)
+from src.arg_parser.analysis import CONVERGENCE_DEFAULT_STEPS as DEFAULT_STEPS  # noqa: F401 (re-exported)
+from src.arg_parser.analysis import build_convergence_parser as build_parser  # noqa: F401 (re-exported)
+from src.arg_parser.analysis import check_convergence_args as check_args  # noqa: F401 (re-exported)
+from src.arg_parser.analysis import parse_convergence_args as parse_args  # noqa: F401 (re-exported)
 from src.cli import seed_everything
 from src.errors import UsageError
+from src.eval_setup import create_eval_dataset, create_eval_loader, create_eval_model
 from src.eval_state import EvalState
+from src.honesty import normalization_warnings
 
 _logger = logging.getLogger("robust_vits")
 
@@ -52,98 +59,14 @@ __all__ = ["COLUMNS", "DEFAULT_STEPS", "build_parser", "parse_args", "check_args
            "ConvergenceRun", "run_convergence", "run"]
 
 COLUMNS = ("point", "seed", "steps", "loss")
-DEFAULT_STEPS = (0, 1, 2, 5, 10, 50, 100, 200, 500)
-DEFAULT_RUNS = 20
-DEFAULT_POINTS = 100
 STATE_SUFFIX = ".state"
 
-# validate.py flags that do not apply here: dest -> (flag, what to use instead)
-_REFUSED = {"results_file": ("--results-file", "--output-file"), "log_wandb": ("--log-wandb", None)}
 # settings that change the numbers (the fingerprint of the state folder)
 _SETTING_KEYS = ("model", "checkpoint", "use_ema", "dataset", "split", "class_map", "valid_labels", "img_size",
                  "input_size", "crop_pct", "mean", "std", "interpolation", "gp", "test_pool", "patch_size",
                  "num_classes", "no_normalize", "normalize_model", "attack_eps", "attack_lr", "attack_steps",
                  "attack_norm", "attack_boundaries", "amp", "amp_dtype", "tie_step_size", "one_instance",
                  "batch_size", "seed", "runs", "n_points", "steps_to_try")
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    """validate.py's parser (data, model, normalization, attack budget) plus the study's flags."""
-    p = V.build_parser()
-    p.prog = "attack_convergence.py"
-    p.description = ("Per-example robust loss against the number of PGD steps, over random restarts, on "
-                     "correctly classified points")
-    for action in p._actions:  # argparse has no public API to edit inherited arguments
-        if action.dest in _REFUSED:
-            action.default = None
-            action.help = argparse.SUPPRESS
-        elif action.dest == "attack":
-            action.default = "pgd"
-            action.help = "attack of the study: only pgd"
-        elif action.dest == "attack_steps":
-            action.help = ("sets the default step size 1.5 * eps / K used for every step count (the original's; "
-                           "one value)")
-        elif action.dest == "num_examples":
-            action.help = "same as --n-points"
-        elif action.dest == "seed":
-            action.help = "restart r is seeded with seed + r (the CSV's seed column)"
-    g = p.add_argument_group("Attack convergence")
-    g.add_argument("--n-points", type=int, default=None, metavar="N",
-                   help=f"number of correctly classified points, first in dataset order (default {DEFAULT_POINTS}; "
-                        "a multiple of --batch-size)")
-    g.add_argument("--runs", type=int, default=DEFAULT_RUNS, metavar="R", help="random restarts per point")
-    g.add_argument("--steps-to-try", type=int, nargs="+", default=list(DEFAULT_STEPS), metavar="K",
-                   help="PGD step counts whose loss is recorded")
-    g.add_argument("--tie-step-size", action="store_true", default=False,
-                   help="step size 1.5 * eps / k for PGD-k (each k its own attack) instead of the original's "
-                        "1.5 * eps / --attack-steps for every k")
-    g.add_argument("--one-instance", action="store_true", default=False,
-                   help="record the loss after every iteration 0 .. max(--steps-to-try), batch size 1")
-    g.add_argument("--output-file", default=None, metavar="PATH",
-                   help="results CSV (default ./<model>.csv); its resumable state goes to <PATH>.state/")
-    return p
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse and check the command line (``argv`` instead of ``sys.argv[1:]`` when given)."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    check_args(args)
-    return args
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse what cannot work and resolve the derived settings (n_points, steps, batch size)."""
-    for dest, (flag, instead) in _REFUSED.items():
-        if getattr(args, dest, None) is not None:
-            raise UsageError(f"{flag} is not supported by attack_convergence.py" + (f"; use {instead}" if instead else ""))
-    if args.attack != "pgd":
-        raise UsageError(f"attack_convergence.py studies PGD; --attack '{args.attack}' is not supported")
-    if len(args.attack_steps) != 1:
-        raise UsageError("--attack-steps takes one value here (it sets the step size 1.5 * eps / K); the step "
-                         "counts to record are --steps-to-try")
-    if args.n_points is not None and args.num_examples is not None and args.n_points != args.num_examples:
-        raise UsageError(f"--n-points {args.n_points} and --num-examples {args.num_examples} disagree; pass one")
-    args.n_points = args.n_points or args.num_examples or DEFAULT_POINTS
-    args.num_examples = None  # validate's meaning (a batch limit) does not apply
-    if args.n_points < 1 or args.runs < 1:
-        raise UsageError(f"--n-points and --runs must be >= 1, got {args.n_points} and {args.runs}")
-    if any(k < 0 for k in args.steps_to_try) or len(set(args.steps_to_try)) != len(args.steps_to_try):
-        raise UsageError(f"--steps-to-try must be distinct values >= 0, got {args.steps_to_try}")
-    if args.tie_step_size and (args.attack_lr is not None or args.one_instance):
-        raise UsageError("--tie-step-size gives each step count its own step size; it cannot be combined with "
-                         "--attack-lr (one step size) or --one-instance (one trajectory)")
-    if args.one_instance:
-        args.steps_to_try = list(range(max(args.steps_to_try) + 1))
-        args.batch_size = 1
-    args.steps_to_try = sorted(args.steps_to_try)
-    args.batch_size = min(args.batch_size, args.n_points)
-    V.check_args(args)
-    if args.n_points % args.batch_size:
-        raise UsageError(f"--n-points {args.n_points} must be a multiple of --batch-size {args.batch_size}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,9 +81,9 @@ def build_model_and_data(args: argparse.Namespace, dev_env) -> Tuple[Any, Any]:
     """
     from src import data as D
 
-    em = V.create_eval_model(args, dev_env)
-    dataset = V.create_eval_dataset(args)
-    loader = V.create_eval_loader(args, em, dev_env, dataset)
+    em = create_eval_model(args, dev_env)
+    dataset = create_eval_dataset(args)
+    loader = create_eval_loader(args, em, dev_env, dataset)
     if dev_env.world_size > 1:
         loader = D.create_loader(dataset, args.batch_size, is_training=False, workers=args.workers,
                                  pin_memory=args.pin_mem)
@@ -340,7 +263,7 @@ def run_convergence(args: argparse.Namespace, dev_env) -> ConvergenceRun:
         _logger.info("%s: %d of %d chunks already done", state.state_dir, skipped, len(state.chunks))
     if pending:
         em, loader = build_model_and_data(args, dev_env)
-        for w in em.notes + V.normalization_warnings(em.normalization, "pgd", em.trained_inputs):
+        for w in em.notes + normalization_warnings(em.normalization, "pgd", em.trained_inputs):
             _logger.warning(w)
         ids, xs, ys = select_points(em.model, loader, args.n_points, dev_env)
         _logger.info("selected %d correctly classified points (dataset ids %d .. %d)", len(ids), ids[0], ids[-1])

@@ -24,7 +24,6 @@ paper column (3.25 in wide; panel grids 6.75 in), 8 pt text, labelled axes.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import random
@@ -449,22 +448,10 @@ def draw(kind: str, paths: Sequence[str], out_dir: str, labels: Optional[Sequenc
     return written
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise UsageError(f"{self.prog}: {message}")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = _Parser(prog="python -m src.plots", description="Draw the analyses' figures (PNG + PDF) from their CSVs.")
-    p.add_argument("kind", metavar="KIND", help=f"one of: {', '.join(KINDS)}")
-    p.add_argument("csv", nargs="+", metavar="CSV", help="input CSV file(s); one line (or model) per file")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--labels", nargs="+", default=None, metavar="L", help="one label per CSV (default: file names)")
-    p.add_argument("--metric", default=None, help="learning-curves: summary.csv column (default eval_robust_top1)")
-    p.add_argument("--point", type=int, default=None, help="convergence: point id to draw (default: random, seed 42)")
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.kind not in KINDS:
-        raise UsageError(f"unknown plot kind '{args.kind}': choose one of {', '.join(KINDS)}")
+    from src.arg_parser.analysis import parse_plots_args
+
+    args = parse_plots_args(KINDS, argv)
     for path in draw(args.kind, args.csv, args.out, args.labels, metric=args.metric, point=args.point):
         print(path)
     return 0

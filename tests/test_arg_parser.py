@@ -73,8 +73,8 @@ def test_missing_config_file(tmp_path):
 @pytest.mark.parametrize("argv,match", [
     (["--attack-eps", "-1"], "attack-eps"),
     (["--attack-steps", "-2"], "attack-steps"),
-    (["--mean", "0.5", "0.5"], "--mean needs 1 or 3"),
-    (["--attack", "fgsm"], "--attack must be"),
+    (["--mean", "0.5", "0.5"], "--mean: must be 1 or 3 values"),
+    (["--attack", "fgsm"], "--attack: must be one of pgd, targeted_pgd"),
     (["--eval-metric", "robust_top1"], "needs --adv-training"),
     (["--tta", "2"], "--tta"),
 ])
@@ -125,7 +125,7 @@ def test_eval_flag_aliases_are_accepted_everywhere():
     assert build_robustbench_parser().parse_args([]).eps == 8  # the original's default
     train, _ = parse_args(["--eps", "8", "--threat-model", "Linf"])
     assert train.attack_eps == 8 and train.attack_norm == "linf"
-    with pytest.raises(UsageError, match="invalid choice"):
+    with pytest.raises(UsageError, match="must be one of linf, l2, got 'L1'"):
         parse_validate_args(["--threat-model", "L1"])
 
 

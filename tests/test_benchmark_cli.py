@@ -42,7 +42,7 @@ def test_precision_channels_last_compile_and_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["-m", "no_such_model_xyz"], "unknown model"),
-    (["--bench", "profile"], "invalid choice"),
+    (["--bench", "profile"], "--bench: must be one of inference"),
     (["-b", "0"], "--batch-size"),
 ])
 def test_bad_input_exit_2(argv, needle, capsys):

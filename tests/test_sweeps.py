@@ -40,7 +40,7 @@ def test_sweep_grid_points_parse_with_train_py(path, monkeypatch):
     assert sweep["program"] == "train.py" and os.path.exists(os.path.join(ROOT, sweep["program"]))
     assert sweep["method"] == "grid"
     assert sweep["metric"]["name"] in ("eval_robust_top1", "eval_top1")  # summary.csv / W&B keys
-    flags = {s for a in build_parser()._actions for s in a.option_strings}
+    flags = {s for a in build_parser().arguments for s in a.option_strings}
     for name in sweep["parameters"]:
         assert f"--{name}" in flags, f"{os.path.basename(path)}: train.py has no flag --{name}"
     base = _train_argv(sweep)

@@ -366,12 +366,12 @@ def test_valid_labels_restrict_logits_for_clean_and_attack():
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--attack", "fgsm"], "unknown attack 'fgsm'"),
-    (["--attack", "pgd", "--attack-eps", "-1"], "--attack-eps must be"),
+    (["--attack", "fgsm"], "--attack: must be one of '', pgd, targeted_pgd, apgd-ce, autoattack, got 'fgsm'"),
+    (["--attack", "pgd", "--attack-eps", "-1"], "--attack-eps/--eps: must be"),
     (["--checkpoint", "/nonexistent/ck.pth.tar"], "not found"),
     (["--attack", "apgd-ce", "--attack-steps", "10", "20"], "several --attack-steps"),
     (["--real-labels", "/nonexistent/real.json"], "--real-labels file /nonexistent/real.json does not exist"),
-    (["--attack-lr", "-2", "--attack", "pgd"], "--attack-lr must be"),
+    (["--attack-lr", "-2", "--attack", "pgd"], "--attack-lr: must be"),
 ])
 def test_bad_input_one_line_exit_2(extra, needle, capsys):
     rc, out, err = _cli(EVAL + extra, capsys)
@@ -434,7 +434,7 @@ def test_bad_input_real_process_exit_code():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # exactly one line
-    assert out.stderr.startswith("error: unknown attack 'fgsm'")
+    assert out.stderr.startswith("error: validate.py: argument --attack: must be one of") and "'fgsm'" in out.stderr
 
 
 # ----------------------------------------------------------------------------------------------

@@ -449,14 +449,14 @@ def test_normalization_and_in_model_resize(cifar, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--data-dir", "/nonexistent/rb"], "CIFAR-10 test set not found: looked for /nonexistent/rb/cifar-10-batches-py"),
-    (["--dataset", "svhn"], "unknown dataset 'svhn'"),
-    (["--eps", "-1"], "--eps must be a finite number >= 0"),
-    (["--threat-model", "L1"], "unknown threat model 'L1'"),
+    (["--dataset", "svhn"], "--dataset: must be one of cifar10"),
+    (["--eps", "-1"], "--eps/--attack-eps: must be a finite number >= 0"),
+    (["--threat-model", "L1"], "must be one of Linf, L2, got 'L1'"),
     (["--dataset", "imagenet", "--data-dir", "/nonexistent/rb", "--num-classes", "4"],
      "ImageNet validation images not found: looked for /nonexistent/rb/val"),
     (["--normalize"], "--normalize applies to --dataset imagenet only"),
     (["--patch-size", "4"], "--patch-size applies to XCiT-style models"),
-    (["--num-shards", "2", "--shard-id", "2"], "--shard-id must be in"),
+    (["--num-shards", "2", "--shard-id", "2"], "--shard-id: must be in 0..1"),
     (["--n-examples", "11"], "--n-examples 11 is more than the 10 test images"),
     (["--num-classes", "2"], "does not match model rb_toy"),
     (["--num-classes", "2", "--checkpoint", ""], "labels go up to 2 but the model has 2 classes"),

@@ -12,9 +12,11 @@ import argparse
 import math
 import sys
 from collections import OrderedDict
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
-from src.arg_parser.common import CliParser, check_mean_std, norm_name
+from src.arg_parser.common import CliParser, bool_flag, check_mean_std, norm_name
+from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, MEAN, STD, Choice, finite_float, must,
+                                   nonneg_float, nonneg_int, positive_float, positive_int)
 from src.errors import UsageError
 from src.honesty import PGD_ATTACKS
 
@@ -28,6 +30,7 @@ DEFAULT_OUTPUT_NAME = "attack-effectiveness.csv"
 DEFAULT_STEPS = (1, 2, 5, 10, 200)
 DEFAULT_EPOCHS = tuple(range(9, 100, 10))  # 0-based: the 10th, 20th, ... 100th epoch
 DEFAULT_SEEDS = (0, 1, 2)
+TRUST_WHY = "it lets a checkpoint run code while it is loaded"
 # validate.py flags attack_effectiveness.py sets itself for every row: dest -> (flag, what to use instead)
 SWEEP_SETS = OrderedDict([
     ("checkpoint", ("--checkpoint", "--checkpoints-dir (a folder of checkpoint-<epoch>.pth.tar files)")),
@@ -54,14 +57,15 @@ def _add_validate_data(p: argparse.ArgumentParser, sweep: bool) -> None:
                    help="allow downloading torch/ datasets")
     g.add_argument("--class-map", default="", type=str, metavar="FILE",
                    help="file mapping class folder names to indices")
-    g.add_argument("-j", "--workers", default=4, type=int, metavar="N", help="data loading workers per process")
-    g.add_argument("-b", "--batch-size", default=256, type=int, metavar="N", help="batch size per process")
-    g.add_argument("--img-size", default=None, type=int, metavar="N", help="input image size")
-    g.add_argument("--input-size", default=None, nargs=3, type=int, metavar="N", help="input dimensions C H W")
-    g.add_argument("--crop-pct", default=None, type=float, metavar="PCT", help="center-crop fraction")
-    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN", help="dataset mean")
-    g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD", help="dataset std")
-    g.add_argument("--interpolation", default="", type=str, metavar="NAME", help="resize interpolation")
+    g.add_argument("-j", "--workers", default=4, type=nonneg_int(), metavar="N", help="data loading workers per process")
+    g.add_argument("-b", "--batch-size", default=256, type=positive_int(), metavar="N", help="batch size per process")
+    g.add_argument("--img-size", default=None, type=positive_int(), metavar="N", help="input image size")
+    g.add_argument("--input-size", default=None, nargs=3, type=positive_int(), metavar="N", help="input dimensions C H W")
+    g.add_argument("--crop-pct", default=None, type=CROP_PCT, metavar="PCT", help="center-crop fraction")
+    g.add_argument("--mean", type=MEAN, nargs="+", default=None, metavar="MEAN", help="dataset mean")
+    g.add_argument("--std", type=STD, nargs="+", default=None, metavar="STD", help="dataset std")
+    g.add_argument("--interpolation", default="", type=INTERPOLATION, metavar="NAME",
+                   help="resize interpolation: " + ", ".join(INTERPOLATIONS) + " (default: the model's)")
     g.add_argument("--pin-mem", action="store_true", default=False, help="pin CPU memory in the loader")
     g.add_argument("--use-mp-loader", action="store_true", default=False,
                    help="on XLA, wrap the loader in torch_xla's MpDeviceLoader (ignored elsewhere)")
@@ -73,7 +77,7 @@ def _add_validate_data(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--valid-labels", default="", type=str, metavar="FILE",
                    help="file of valid class indices (one per line): the model's logits are restricted to "
                         "them for the clean forward AND the attack")
-    g.add_argument("--num-examples", "--n-examples", type=int, default=None, metavar="N",
+    g.add_argument("--num-examples", "--n-examples", type=positive_int(), default=None, metavar="N",
                    help="evaluate only min(batches, N // (batch size x processes)) full batches")
 
 
@@ -87,18 +91,19 @@ def _add_validate_model(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--checkpoint", default=None if sweep else "", type=str, metavar="PATH",
                    help=argparse.SUPPRESS if sweep else
                    "checkpoint file (local, gs://, memory://), or a folder: every *.pth.tar / *.pth in it")
+    # the sweep uses EMA weights by default (as the original): its switch is --no-ema, --use-ema is accepted
     g.add_argument("--use-ema", action="store_true", default=sweep,
-                   help="use the checkpoints' EMA weights when they have them (the default here, as the original)"
-                   if sweep else "use the checkpoint's EMA weights")
+                   help=argparse.SUPPRESS if sweep else "use the checkpoint's EMA weights")
     if sweep:
         g.add_argument("--no-ema", dest="use_ema", action="store_false", default=argparse.SUPPRESS,
-                       help="evaluate the checkpoints' model weights even when they also hold EMA weights")
-    g.add_argument("--trust-checkpoint", action="store_true", default=False,
-                   help="allow checkpoints that need arbitrary unpickling (runs code from the file)")
-    g.add_argument("--num-classes", type=int, default=None, metavar="N", help="number of classes")
+                       help="evaluate the checkpoints' model weights even when they also hold EMA weights (EMA "
+                            "weights, where a checkpoint has them, are the default here, as in the original)")
+    bool_flag(g, "--trust-checkpoint", command_line_only=TRUST_WHY,
+              help="allow checkpoints that need arbitrary unpickling (runs code from the file)")
+    g.add_argument("--num-classes", type=positive_int(), default=None, metavar="N", help="number of classes")
     g.add_argument("--gp", default=None, type=str, metavar="POOL", help="global pool type")
     g.add_argument("--test-pool", action="store_true", default=False, help="timm test-time pooling")
-    g.add_argument("--patch-size", type=int, default=None, metavar="N",
+    g.add_argument("--patch-size", type=positive_int(), default=None, metavar="N",
                    help="XCiT only: remove stem strides so the model uses N-pixel patches (2, 4, 8)")
     g.add_argument("--torchscript", action="store_true", default=False, help="torch.jit.script the model")
     g.add_argument("-nn", "--no-normalize", action="store_true", default=False,
@@ -111,31 +116,32 @@ def _add_validate_model(p: argparse.ArgumentParser, sweep: bool) -> None:
 def _add_validate_attack(p: argparse.ArgumentParser, sweep: bool) -> None:
     """The attack and its budget."""
     g = p.add_argument_group("Attack")
-    g.add_argument("--attack", default="pgd" if sweep else "", type=str, metavar="NAME",
+    g.add_argument("--attack", default="pgd" if sweep else "", type=Choice(names=ATTACKS), metavar="NAME",
                    help="attack of the sweep: only pgd (APGD-CE rows: --run-apgd-ce)" if sweep else
                    "'' (none), pgd, targeted_pgd, apgd-ce or autoattack")
-    g.add_argument("--attack-eps", "--eps", default=4, type=float, metavar="EPS", help="epsilon in /255 units")
-    g.add_argument("--attack-lr", default=None, type=float, metavar="LR",
+    g.add_argument("--attack-eps", "--eps", default=4, type=nonneg_float(), metavar="EPS", help="epsilon in /255 units")
+    g.add_argument("--attack-lr", default=None, type=nonneg_float(), metavar="LR",
                    help="PGD step size in /255 units for every step count (unset: 1.5 * eps / steps)" if sweep
                    else "PGD step size in /255 units (default: 1.5 * eps / steps)")
-    g.add_argument("--attack-steps", default=None if sweep else [10], type=int, nargs="+", metavar="K",
+    g.add_argument("--attack-steps", default=None if sweep else [10], type=nonneg_int(), nargs="+", metavar="K",
                    help=argparse.SUPPRESS if sweep else "PGD steps; several values evaluate each (one result row "
                                                          "per value)")
-    g.add_argument("--attack-norm", "--threat-model", default="linf", type=norm_name, choices=["linf", "l2"],
-                   help="threat model")
-    g.add_argument("--attack-boundaries", default=(0, 1), type=float, nargs=2, metavar="L",
-                   help="clipping box of adversarial inputs")
+    g.add_argument("--attack-norm", "--threat-model", default="linf", type=Choice(names=("linf", "l2"), normalize=norm_name),
+                   metavar="NORM", help="threat model: linf or l2 (any case)")
+    g.add_argument("--attack-boundaries", default=(0, 1), type=finite_float(order="<"), nargs=2, metavar="L",
+                   help="clipping box of adversarial inputs, low < high")
     g.add_argument("--verbose", action="store_true", default=False, help="AutoAttack progress output")
 
 
 def _add_validate_run(p: argparse.ArgumentParser, sweep: bool) -> None:
     """Seeding, precision, device and outputs."""
     g = p.add_argument_group("Run")
-    g.add_argument("--seed", type=int, default=None if sweep else 0, metavar="S",
+    g.add_argument("--seed", type=nonneg_int(), default=None if sweep else 0, metavar="S",
                    help=argparse.SUPPRESS if sweep else "random seed (reset for every evaluation)")
-    g.add_argument("--log-freq", default=1, type=int, metavar="N", help="batches between log lines (no TTY)")
+    g.add_argument("--log-freq", default=1, type=nonneg_int(), metavar="N", help="batches between log lines (no TTY)")
     g.add_argument("--amp", action="store_true", default=False, help="mixed precision (bfloat16 autocast)")
-    g.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"], help="autocast dtype")
+    g.add_argument("--amp-dtype", default="bfloat16", type=Choice(names=("bfloat16", "float16")), metavar="DTYPE",
+                   help="autocast dtype: bfloat16 or float16")
     g.add_argument("--channels-last", action="store_true", default=False, help="channels-last memory layout")
     g.add_argument("--force-cpu", action="store_true", default=False, help="run on the CPU")
     g.add_argument("--results-file", default=None if sweep else "", type=str, metavar="PATH",
@@ -144,21 +150,21 @@ def _add_validate_run(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--log-wandb", action="store_true", default=None if sweep else False,
                    help=argparse.SUPPRESS if sweep else "log the final numbers into the training run's W&B run "
                                                          "(wandb_run in args.yaml next to the checkpoint)")
-    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=nonneg_int(), default=None,
                    help="set by torch.distributed.launch")
 
 
-def build_validate_parser(prog: str = "validate.py", description: Optional[str] = None,
-                          sweep: bool = False) -> argparse.ArgumentParser:
+def build_validate_parser(prog: str = "validate.py", description: Optional[str] = None, sweep: bool = False,
+                          overrides: Optional[Mapping[str, Mapping[str, Any]]] = None) -> CliParser:
     """timm's validate flags plus the paper's (original-behaviour.md §1.2 and §1.3).
 
     ``sweep`` builds it for attack_effectiveness.py: the flags the sweep sets per row default to
     None (so a given value can be refused by name) and are hidden; ``--attack`` defaults to pgd and
-    EMA weights are preferred (``--no-ema`` turns that off).
+    EMA weights are preferred (``--no-ema`` turns that off). ``overrides`` (dest -> add_argument
+    keywords) lets another tool built on these flags change a default or a help text.
     """
     p = CliParser(prog=prog, description=description or "Clean and adversarial (PGD, APGD-CE, AutoAttack) "
-                                                         "evaluation of timm image classifiers",
-                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                                         "evaluation of timm image classifiers", overrides=overrides)
     for add in (_add_validate_data, _add_validate_model, _add_validate_attack, _add_validate_run):
         add(p, sweep)
     g = p.add_argument_group("Checkpoint record")
@@ -176,37 +182,34 @@ def parse_validate_args(argv: Optional[Sequence[str]] = None) -> argparse.Namesp
     parser = build_validate_parser()
     args = parser.parse_args(argv)
     args.explicit_flags = explicit_dests(parser, argv)  # flags left at their default never override a checkpoint
-    check_validate_args(args)
+    parser.check(check_validate_args, args)
     return args
 
 
 def check_validate_args(args: argparse.Namespace) -> None:
-    """Reject input that would crash deep inside or, worse, give a wrong robust number."""
+    """What one flag's rule cannot see (values.py checks each value): flags that must agree, refused flags.
+
+    Also called on namespaces built by other tools (attack_effectiveness, attack_convergence), so the
+    per-value rules that matter downstream are repeated here in the same message format."""
     if args.attack not in ATTACKS:
-        raise UsageError(f"unknown attack '{args.attack}': choose pgd, targeted_pgd, apgd-ce, autoattack "
-                         "(or '' for clean accuracy only)")
+        raise must("--attack", "one of pgd, targeted_pgd, apgd-ce, autoattack (or '' for clean accuracy only)",
+                   args.attack)
     if args.attack_eps is None or not math.isfinite(args.attack_eps) or args.attack_eps < 0:
-        raise UsageError(f"--attack-eps must be a number >= 0 (in /255 units), got {args.attack_eps}")
+        raise must("--attack-eps", "a finite number >= 0 (in /255 units)", args.attack_eps)
     if args.attack_lr is not None and (not math.isfinite(args.attack_lr) or args.attack_lr < 0):
-        raise UsageError(f"--attack-lr must be >= 0 (in /255 units), got {args.attack_lr}")
+        raise must("--attack-lr", "a finite number >= 0 (in /255 units)", args.attack_lr)
     if any(k < 0 for k in args.attack_steps):
-        raise UsageError(f"--attack-steps must be >= 0, got {args.attack_steps}")
+        raise must("--attack-steps", "integers >= 0", list(args.attack_steps))
     if len(args.attack_steps) > 1 and args.attack not in PGD_ATTACKS:
         raise UsageError("several --attack-steps values need --attack pgd or targeted_pgd "
                          f"(got --attack '{args.attack}', whose result does not depend on the step count)")
     if len(set(args.attack_steps)) != len(args.attack_steps):
-        raise UsageError(f"--attack-steps has repeated values: {args.attack_steps}")
+        raise must("--attack-steps", "values that are not repeated", list(args.attack_steps))
     lo, hi = args.attack_boundaries
     if not lo < hi:
-        raise UsageError(f"--attack-boundaries must be two numbers low < high, got {lo} {hi}")
+        raise must("--attack-boundaries", "two values low < high", [lo, hi])
     if args.batch_size is None or args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if args.num_examples is not None and args.num_examples < 1:
-        raise UsageError(f"--num-examples must be >= 1, got {args.num_examples}")
-    if args.log_freq < 0:
-        raise UsageError(f"--log-freq must be >= 0, got {args.log_freq}")
+        raise must("--batch-size", "an integer >= 1", args.batch_size)
     check_mean_std(args.mean, args.std)
     if args.real_labels:
         from src import storage
@@ -215,8 +218,10 @@ def check_validate_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--real-labels file {args.real_labels} does not exist")
     if args.tf_preprocessing:
         raise UsageError("--tf-preprocessing is not supported: use the default (PIL) eval transform")
-    if args.patch_size is not None and args.patch_size < 1:
-        raise UsageError(f"--patch-size must be >= 1, got {args.patch_size}")
+    if args.img_size is not None and args.input_size is not None and \
+            tuple(args.input_size[1:]) != (args.img_size, args.img_size):
+        raise must("--img-size", f"equal to H and W of --input-size {' '.join(map(str, args.input_size))} "
+                   "(or give only one of them)", args.img_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,15 +238,15 @@ def build_effectiveness_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoints-dir", default=None, metavar="DIR",
                    help="required: folder (local, gs://, memory://) with the training run's "
                         "checkpoint-<epoch>.pth.tar files")
-    g.add_argument("--epochs-to-try", type=int, nargs="+", default=list(DEFAULT_EPOCHS), metavar="E",
+    g.add_argument("--epochs-to-try", type=nonneg_int(), nargs="+", default=list(DEFAULT_EPOCHS), metavar="E",
                    help="0-based epochs whose checkpoint-<E>.pth.tar to evaluate")
     g.add_argument("--validate-standard", action="store_true", default=False,
                    help="also evaluate checkpoint-standard.pth.tar (epoch label 'standard')")
-    g.add_argument("--steps-to-try", type=int, nargs="+", default=list(DEFAULT_STEPS), metavar="K",
+    g.add_argument("--steps-to-try", type=nonneg_int(), nargs="+", default=list(DEFAULT_STEPS), metavar="K",
                    help="PGD step counts (one row each)")
     g.add_argument("--run-apgd-ce", action="store_true", default=False,
                    help="also run APGD-CE once per checkpoint and seed (attack_steps empty)")
-    g.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), metavar="S",
+    g.add_argument("--seeds", type=nonneg_int(), nargs="+", default=list(DEFAULT_SEEDS), metavar="S",
                    help="seeds (each row's RNG is reset to seed + rank)")
     g.add_argument("--output-file", default=None, metavar="PATH",
                    help=f"results CSV (default <checkpoints-dir>/{DEFAULT_OUTPUT_NAME}); rows already in it are "
@@ -251,8 +256,9 @@ def build_effectiveness_parser() -> argparse.ArgumentParser:
 
 def parse_effectiveness_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the attack_effectiveness CLI (``argv`` instead of ``sys.argv[1:]`` when given)."""
-    args = build_effectiveness_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    check_effectiveness_args(args)
+    parser = build_effectiveness_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser.check(check_effectiveness_args, args)
     return args
 
 
@@ -277,10 +283,9 @@ def check_effectiveness_args(args: argparse.Namespace) -> None:
                               ("--seeds", args.seeds, 0)):
         bad = [v for v in values if v < low]
         if bad:
-            raise UsageError(f"{flag} values must be >= {low}, got {bad[0]}")
-        rep = _repeated(values)
-        if rep:
-            raise UsageError(f"{flag} has repeated values: {rep}")
+            raise must(flag, f"integers >= {low}", list(values))
+        if _repeated(values):
+            raise must(flag, "values that are not repeated", list(values))
     # the shared checks of validate.py (eps, step size, boundaries, batch size, mean/std, ...)
     check_validate_args(argparse.Namespace(**{**vars(args), "attack_steps": list(args.steps_to_try)}))
 
@@ -293,10 +298,9 @@ def build_robustbench_parser() -> argparse.ArgumentParser:
     """The original's flags (§1.4) and the resumable, sharded evaluation's."""
     p = CliParser(prog="validate_robustbench.py",
                   description="RobustBench evaluation (clean + AutoAttack 'standard' accuracy) of a timm / "
-                              "robust-vits model.",
-                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              "robust-vits model.")
     g = p.add_argument_group("the original's flags")
-    g.add_argument("--patch-size", type=int, default=None,
+    g.add_argument("--patch-size", type=positive_int(), default=None, metavar="N",
                    help="XCiT only: change the model's patch size by removing stem strides (e.g. 4 for a p16 "
                         "model on CIFAR); default: keep the model's own (the original defaulted to 16 and "
                         "crashed on *_p4_32 models)")
@@ -304,26 +308,29 @@ def build_robustbench_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default="~/torch_data/",
                    help="CIFAR: folder holding cifar-10-batches-py/ or cifar-100-python/ (torchvision format); "
                         "ImageNet: folder holding val/<wnid>/ILSVRC2012_val_*.JPEG")
-    g.add_argument("--crop-pct", type=float, default=None, help="override the model's crop_pct (ImageNet)")
+    g.add_argument("--crop-pct", type=CROP_PCT, default=None, metavar="PCT",
+                   help="override the model's crop_pct (ImageNet)")
     g.add_argument("--normalize", action="store_true",
                    help="ImageNet: normalize in the loader with the model's mean/std (attacks then run in "
                         "normalized space; prefer --mean/--std, which normalize inside the model)")
     g.add_argument("--checkpoint", default=None,
                    help="weights (local, gs://); without it the model's timm pretrained weights are used")
     g.add_argument("--model", default=None, help="timm or robust-vits model name")
-    g.add_argument("--batch-size", type=int, default=512, help="batch size of the forward passes and AutoAttack")
-    g.add_argument("--num-classes", type=int, default=None,
+    g.add_argument("--batch-size", type=positive_int(), default=512, metavar="N", help="batch size of the forward passes and AutoAttack")
+    g.add_argument("--num-classes", type=positive_int(), default=None, metavar="N",
                    help="classes of the model (default: 10 / 100 / 1000 for cifar10 / cifar100 / imagenet)")
-    g.add_argument("--eps", "--attack-eps", type=float, default=8, help="radius in /255 units (both norms: L2 0.5 is 127.5)")
-    g.add_argument("--threat-model", "--attack-norm", default="Linf", help="Linf or L2 (any case)")
+    g.add_argument("--eps", "--attack-eps", type=nonneg_float(), default=8, metavar="EPS", help="radius in /255 units (both norms: L2 0.5 is 127.5)")
+    g.add_argument("--threat-model", "--attack-norm", default="Linf", metavar="NORM",
+                   type=Choice(names=("Linf", "L2"), normalize=lambda v: {"linf": "Linf", "l2": "L2"}.get(v.lower(), v)),
+                   help="Linf or L2 (any case)")
     g.add_argument("--log-wandb", action="store_true",
                    help="log the numbers into the W&B run that trained the checkpoint (args.yaml next to it)")
     g.add_argument("--upsample-in-model", action="store_true",
                    help="CIFAR: resize and crop to the model's input size inside the model, so attacks "
                         "perturb the 32x32 pixels")
-    g.add_argument("--mean", type=float, nargs="+", default=None,
+    g.add_argument("--mean", type=MEAN, nargs="+", default=None, metavar="MEAN",
                    help="normalize inside the model with this mean (missing --std: 1s)")
-    g.add_argument("--std", type=float, nargs="+", default=None,
+    g.add_argument("--std", type=STD, nargs="+", default=None, metavar="STD",
                    help="normalize inside the model with this std (missing --mean: 0s)")
 
     _add_robustbench_additions(p)
@@ -333,29 +340,29 @@ def build_robustbench_parser() -> argparse.ArgumentParser:
 def _add_robustbench_additions(p: argparse.ArgumentParser) -> None:
     """Beyond the original: example count, seeding, safety, resumable sharded state, device."""
     g = p.add_argument_group("robust-vits additions")
-    g.add_argument("--n-examples", "--num-examples", type=int, default=None,
+    g.add_argument("--n-examples", "--num-examples", type=positive_int(), default=None, metavar="N",
                    help="evaluate the first N examples (default: RobustBench's 10000 for CIFAR, 5000 for ImageNet)")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=nonneg_int(), default=0, metavar="S",
                    help="AutoAttack seed; each chunk uses seed + index of its first example")
-    g.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow checkpoints that need arbitrary unpickling (only for trusted files)")
+    bool_flag(g, "--trust-checkpoint", command_line_only=TRUST_WHY,
+              help="allow checkpoints that need arbitrary unpickling (only for trusted files)")
     g.add_argument("--use-ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     g.add_argument("--output", default=None,
                    help="JSON report path, local or gs:// (default output/robustbench/<model>-<dataset>-"
                         "<threat>-eps<eps>.json)")
     g.add_argument("--state-dir", default=None,
                    help="per-shard resumable state (default: <report without .json>.state next to the report)")
-    g.add_argument("--chunk-size", type=int, default=None,
+    g.add_argument("--chunk-size", type=nonneg_int(), default=None, metavar="N",
                    help="examples per chunk: the unit of resumption, sharding and seeding (default: --batch-size; "
                         "0 = all examples in one AutoAttack call, exactly like RobustBench)")
-    g.add_argument("--num-shards", type=int, default=1, help="split the chunks over this many separate jobs")
-    g.add_argument("--shard-id", type=int, default=0, help="which of the --num-shards jobs this is")
+    g.add_argument("--num-shards", type=positive_int(), default=1, metavar="N", help="split the chunks over this many separate jobs")
+    g.add_argument("--shard-id", type=nonneg_int(), default=0, metavar="I", help="which of the --num-shards jobs this is")
     g.add_argument("--merge-only", action="store_true",
                    help="evaluate nothing: merge the shards' state into the report (fails if examples are missing)")
-    g.add_argument("--poll-seconds", type=float, default=5.0,
+    g.add_argument("--poll-seconds", type=positive_float(), default=5.0, metavar="S",
                    help="torchrun: how often rank 0 checks whether the other ranks have finished")
     g.add_argument("--force-cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    g.add_argument("--workers", type=int, default=4, help="data loading processes (ImageNet)")
+    g.add_argument("--workers", type=nonneg_int(), default=4, metavar="N", help="data loading processes (ImageNet)")
 
 
 def parse_robustbench_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -368,26 +375,16 @@ def check_robustbench_args(args: argparse.Namespace) -> None:
     from src.robustbench import DATASETS, canonical_threat_model
 
     if args.dataset not in DATASETS:
-        raise UsageError(f"unknown dataset '{args.dataset}': choose one of {', '.join(DATASETS)}")
+        raise must("--dataset", "one of " + ", ".join(DATASETS), args.dataset)
     args.threat_model = canonical_threat_model(args.threat_model)
     if not math.isfinite(args.eps) or args.eps < 0:
-        raise UsageError(f"--eps must be a finite number >= 0 (in /255 units), got {args.eps}")
-    if args.n_examples is not None and args.n_examples < 1:
-        raise UsageError(f"--n-examples must be >= 1, got {args.n_examples}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise must("--eps", "a finite number >= 0 (in /255 units)", args.eps)
     if args.chunk_size is None:
         args.chunk_size = args.batch_size
-    if args.chunk_size < 0:
-        raise UsageError(f"--chunk-size must be >= 0 (0 = all examples in one chunk), got {args.chunk_size}")
-    if args.poll_seconds <= 0:
-        raise UsageError(f"--poll-seconds must be > 0, got {args.poll_seconds}")
     if args.log_wandb and not args.checkpoint:
         raise UsageError("--log-wandb needs --checkpoint (the W&B run is found through the args.yaml next to it)")
-    if args.num_shards < 1 or not 0 <= args.shard_id < args.num_shards:
-        raise UsageError(f"--shard-id must be in 0..--num-shards-1, got shard {args.shard_id} of {args.num_shards}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if not 0 <= args.shard_id < args.num_shards:
+        raise must("--shard-id", f"in 0..{args.num_shards - 1} (below --num-shards {args.num_shards})", args.shard_id)
     if not args.model and not args.checkpoint:
         raise UsageError("--model is required without --checkpoint (a timm or robust-vits model name)")
     if args.normalize and args.dataset != "imagenet":
@@ -397,5 +394,3 @@ def check_robustbench_args(args: argparse.Namespace) -> None:
         raise UsageError("--upsample-in-model is for CIFAR's 32x32 images; ImageNet preprocessing already "
                          "resizes and crops to the model's input size")
     check_mean_std(args.mean, args.std)
-    if args.patch_size is not None and args.patch_size < 1:
-        raise UsageError(f"--patch-size must be >= 1, got {args.patch_size}")

@@ -7,7 +7,9 @@ additions, see original-behaviour.md §1.1). Differences, each listed in the REA
   silently accepted typos);
 * ``data_dir`` is optional (the embedded ``digits`` dataset needs none) and may come from the YAML;
 * ``--no-normalize`` keeps its effect (the training loader never normalizes) but is honest about it;
-* flags the original accepted and ignored are either implemented or rejected with a clear error.
+* flags the original accepted and ignored are either implemented or rejected with a clear error;
+* every value has a rule (``values.py``) applied alike to the command line and YAML; flags that lower a
+  safety check are command line only; keys of timm's old parser (``bn_tf``) warn and are dropped.
 """
 from __future__ import annotations
 
@@ -17,8 +19,55 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from src.arg_parser.common import CliParser, bool_flag, check_mean_std, load_yaml_config, norm_name
+from src.arg_parser.common import ARGS_YAML_HEADER, CliParser, bool_flag, check_mean_std, load_yaml_config, norm_name
+from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, MEAN, STD, Choice, Num, Text, finite_float,
+                                   fraction, must, nonneg_float, nonneg_int, positive_float, positive_int, rate)
 from src.errors import UsageError
+
+
+def _check_opt(name: str) -> None:
+    import timm.optim
+
+    base = name.lower()
+    base = base[len("lookahead_"):] if base.startswith("lookahead_") else base
+    if base not in timm.optim.list_optimizers():
+        raise ValueError(name)
+
+
+def _check_aa(policy: str) -> None:
+    """Build the policy with timm's factories (as src.data does), so a typo fails here, not after loading data."""
+    if policy.lower() == "none":
+        return
+    import re
+
+    # timm skips a section without a number ('rand-typo' = plain 'rand'): a typo would silently change the policy
+    for section in policy.split("-")[1:]:
+        if len(re.split(r"(\d.*)", section)) < 2:
+            raise ValueError(section)
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    hparams = dict(translate_const=100, img_mean=(124, 116, 104))
+    make = (rand_augment_transform if policy.startswith("rand") else
+            augment_and_mix_transform if policy.startswith("augmix") else auto_augment_transform)
+    make(policy, hparams)
+
+
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly")
+COOLDOWN_SCHEDULERS = ("cosine", "tanh", "poly")  # they train --epochs + --cooldown-epochs
+EVAL_METRICS = ("top1", "top5", "robust_top1", "loss")
+OPTIMIZER = Text(check=_check_opt, what="an optimizer name of timm (timm.optim.list_optimizers())", bad="sgdx")
+AA_POLICY = Text(check=_check_aa, what="an auto-augment policy of timm (rand-..., augmix-..., original, v0, 3a, ...) "
+                                       "or None", bad="rand-q9")
+TRUST_WHY = "it lets a checkpoint run code while it is loaded"
+SKIP_NONFINITE_WHY = "it turns the stop on a NaN/inf loss into skipped steps"
+# keys of timm's train.py the original's configs may hold, which this project has no flag for
+LEGACY_KEYS = {
+    "bn_tf": "TensorFlow BatchNorm defaults, dropped by timm",
+    "grad_checkpointing": "the original's parser had no such flag, so its configs never took effect",
+    "layer_decay": "the original's parser had no such flag, so its configs never took effect",
+    "dataset_download": "the original's parser had no such flag; train.py never downloads datasets",
+    "class_map": "the original's parser had no such flag, so its configs never took effect",
+}
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -28,19 +77,18 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "in the YAML as data_dir)")
     g.add_argument("--dataset", "-d", metavar="NAME", default="",
                    help="dataset: '' (image folder), 'digits' (embedded), torch/<name>, hfds/<name>, tfds/<name>")
-    g.add_argument("--train-split", metavar="NAME", default="train", help="training split (default: train)")
-    g.add_argument("--val-split", metavar="NAME", default="validation",
-                   help="validation split (default: validation)")
+    g.add_argument("--train-split", metavar="NAME", default="train", help="training split")
+    g.add_argument("--val-split", metavar="NAME", default="validation", help="validation split")
     g.add_argument("--combine-dataset", metavar="NAME", default=None,
                    help="second training dataset mixed into every batch (e.g. tfds/cifar_ddpm)")
     g.add_argument("--combine-data-dir", metavar="DIR", default=None,
                    help="root of the combined dataset (default: data_dir)")
-    g.add_argument("--combined-dataset-ratio", type=float, default=0.5,
-                   help="fraction of each batch drawn from the combined dataset (default: 0.5)")
-    g.add_argument("--epoch-repeats", type=float, default=0.0,
-                   help="epoch repeat multiplier for iterable datasets (default: 0)")
-    g.add_argument("--workers", "-j", type=int, default=4, metavar="N",
-                   help="data loading workers per process (default: 4)")
+    g.add_argument("--combined-dataset-ratio", type=finite_float(0, 1, lo_open=True, hi_open=True), default=0.5,
+                   metavar="FRAC", help="fraction of each batch drawn from the combined dataset")
+    g.add_argument("--epoch-repeats", type=nonneg_float(), default=0.0, metavar="N",
+                   help="epoch repeat multiplier for iterable datasets")
+    g.add_argument("--workers", "-j", type=nonneg_int(), default=4, metavar="N",
+                   help="data loading workers per process")
     bool_flag(g, "--pin-mem", help="pin CPU memory in the data loader")
     bool_flag(g, "--use-multi-epochs-loader", help="keep loader workers alive between epochs")
     bool_flag(g, "--use-mp-loader", help="on XLA, wrap loaders in torch_xla's MpDeviceLoader")
@@ -48,7 +96,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Model")
-    g.add_argument("--model", default="resnet50", metavar="MODEL", help="timm model name (default: resnet50)")
+    g.add_argument("--model", default="resnet50", metavar="MODEL", help="timm model name")
     bool_flag(g, "--pretrained", help="start from timm's pretrained weights (needs the network)")
     g.add_argument("--initial-checkpoint", default="", metavar="PATH",
                    help="load these weights into the model before training")
@@ -56,194 +104,225 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="resume model, EMA, optimizer and schedule from a checkpoint "
                         "('auto': the newest last/recovery checkpoint of the experiment folder)")
     bool_flag(g, "--no-resume-opt", help="do not restore the optimizer state when resuming")
-    g.add_argument("--num-classes", type=int, default=None, metavar="N", help="number of classes")
+    g.add_argument("--num-classes", type=positive_int(), default=None, metavar="N", help="number of classes")
     g.add_argument("--gp", default=None, metavar="POOL", help="global pool type (fast, avg, max, avgmax, ...)")
-    g.add_argument("--img-size", type=int, default=None, metavar="N", help="image size")
-    g.add_argument("--input-size", default=None, nargs=3, type=int, metavar="N",
+    g.add_argument("--img-size", type=positive_int(), default=None, metavar="N",
+                   help="image size (H = W; with --input-size both must agree)")
+    g.add_argument("--input-size", default=None, nargs=3, type=positive_int(), metavar="N",
                    help="input dimensions C H W (default: the model's)")
-    g.add_argument("--crop-pct", default=None, type=float, metavar="PCT", help="eval center-crop fraction")
-    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN", help="dataset mean")
-    g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD", help="dataset std")
-    g.add_argument("--interpolation", default="", type=str, metavar="NAME", help="eval resize interpolation")
-    g.add_argument("-b", "--batch-size", type=int, default=256, metavar="N", help="batch size per process")
-    g.add_argument("-vb", "--validation-batch-size", type=int, default=None, metavar="N",
+    g.add_argument("--crop-pct", default=None, type=CROP_PCT, metavar="PCT",
+                   help="eval center-crop fraction")
+    g.add_argument("--mean", type=MEAN, nargs="+", default=None, metavar="MEAN", help="dataset mean")
+    g.add_argument("--std", type=STD, nargs="+", default=None, metavar="STD", help="dataset std")
+    g.add_argument("--interpolation", default="", type=INTERPOLATION, metavar="NAME",
+                   help="eval resize interpolation: " + ", ".join(INTERPOLATIONS) + " (default: the model's)")
+    g.add_argument("-b", "--batch-size", type=positive_int(), default=256, metavar="N", help="batch size per process")
+    g.add_argument("-vb", "--validation-batch-size", type=positive_int(), default=None, metavar="N",
                    help="validation batch size (default: --batch-size)")
-    g.add_argument("-nn", "--no-normalize", action="store_true", default=True,
-                   help="the training loader never normalizes: inputs stay in [0, 1] (always on, as in the "
-                        "original; use --normalize-model to normalize inside the model)")
+    g.add_argument("-nn", "--no-normalize", action="store_true", default=True, help=argparse.SUPPRESS)
     bool_flag(g, "--normalize-model",
-               help="prepend (x - mean) / std to the model, with --mean/--std or the model's defaults")
+               help="prepend (x - mean) / std to the model, with --mean/--std or the model's defaults (the "
+                    "training loader never normalizes: inputs stay in [0, 1], as in the original, whose "
+                    "-nn/--no-normalize is accepted and always on)")
     g.add_argument("--finetune", default=None, metavar="PATH",
                    help="fine-tune from this checkpoint: wrong-shape classifier weights are dropped")
-    g.add_argument("--finetuning-patch-size", type=int, default=None, metavar="N",
+    g.add_argument("--finetuning-patch-size", type=positive_int(), default=None, metavar="N",
                    help="XCiT patch size to adapt the model to before loading --finetune weights")
-    bool_flag(g, "--reinit-patch-embedding", help="with --finetune, do not load the patch embedding weights")
-    bool_flag(g, "--keep-patch-embedding",
-               help="with --finetune, load the patch embedding weights (the default; kept for the configs)")
-    bool_flag(g, "--trust-checkpoint",
-               help="allow checkpoints that need arbitrary unpickling (runs code from the file)")
+    bool_flag(g, "--reinit-patch-embedding",
+              help="with --finetune, do not load the patch embedding weights (loading them is the default; "
+                   "the original's --keep-patch-embedding is accepted and changes nothing)")
+    g.add_argument("--keep-patch-embedding", action="store_true", default=False, help=argparse.SUPPRESS)
+    bool_flag(g, "--trust-checkpoint", command_line_only=TRUST_WHY,
+              help="allow checkpoints that need arbitrary unpickling (runs code from the file; command line only)")
     bool_flag(g, "--torchscript", help="build the model scriptable")
 
 
 def _add_optim_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Optimizer")
-    g.add_argument("--opt", default="sgd", metavar="NAME", help="optimizer (default: sgd)")
-    g.add_argument("--opt-eps", default=None, type=float, metavar="EPS", help="optimizer epsilon")
-    g.add_argument("--opt-betas", default=None, type=float, nargs="+", metavar="BETA", help="optimizer betas")
-    g.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (default: 1e-4)")
-    g.add_argument("--clip-grad", type=float, default=None, metavar="NORM", help="gradient clipping value")
-    g.add_argument("--clip-mode", type=str, default="norm", choices=["norm", "value", "agc"],
-                   help="gradient clipping mode (default: norm)")
+    g.add_argument("--opt", default="sgd", type=OPTIMIZER, metavar="NAME", help="optimizer")
+    g.add_argument("--opt-eps", default=None, type=positive_float(), metavar="EPS", help="optimizer epsilon")
+    g.add_argument("--opt-betas", default=None, type=rate(counts=(2, 3)), nargs="+", metavar="BETA",
+                   help="optimizer betas")
+    g.add_argument("--momentum", type=rate(), default=0.9, metavar="M", help="SGD momentum")
+    g.add_argument("--weight-decay", type=nonneg_float(), default=1e-4, metavar="WD", help="weight decay")
+    g.add_argument("--clip-grad", type=positive_float(), default=None, metavar="NORM", help="gradient clipping value")
+    g.add_argument("--clip-mode", type=Choice(names=("norm", "value", "agc")), default="norm", metavar="MODE",
+                   help="gradient clipping mode: norm, value or agc")
 
 
 def _add_sched_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Learning rate schedule")
-    g.add_argument("--sched", default="cosine", metavar="NAME", help="LR scheduler (default: cosine)")
-    g.add_argument("--lr", type=float, default=0.1, metavar="LR",
+    g.add_argument("--sched", default="cosine", type=Choice(names=SCHEDULERS), metavar="NAME",
+                   help="LR scheduler: " + ", ".join(SCHEDULERS))
+    g.add_argument("--lr", type=positive_float(nullable=True), default=0.1, metavar="LR",
                    help="learning rate (default: 0.1; null in YAML = scale --lr-base by the batch size)")
-    g.add_argument("--lr-base", type=float, default=0.1, metavar="LR", help="base LR for batch --lr-base-size")
-    g.add_argument("--lr-base-size", type=int, default=256, metavar="N", help="batch size of --lr-base")
-    g.add_argument("--lr-base-scale", type=str, default="", metavar="SCALE",
+    g.add_argument("--lr-base", type=positive_float(), default=0.1, metavar="LR",
+                   help="base LR for batch --lr-base-size")
+    g.add_argument("--lr-base-size", type=positive_int(), default=256, metavar="N", help="batch size of --lr-base")
+    g.add_argument("--lr-base-scale", type=Choice(names=("", "linear", "sqrt")), default="", metavar="SCALE",
                    help="'linear' or 'sqrt' (default: sqrt for adam/lamb/adabelief, else linear)")
-    g.add_argument("--lr-noise", type=float, nargs="+", default=None, metavar="pct", help="LR noise on/off epochs")
-    g.add_argument("--lr-noise-pct", type=float, default=0.67, help="LR noise limit percent")
-    g.add_argument("--lr-noise-std", type=float, default=1.0, help="LR noise std-dev")
-    g.add_argument("--lr-cycle-mul", type=float, default=1.0, help="LR cycle length multiplier")
-    g.add_argument("--lr-cycle-decay", type=float, default=0.5, help="LR decay per cycle")
-    g.add_argument("--lr-cycle-limit", type=int, default=1, help="LR cycle limit")
-    g.add_argument("--lr-k-decay", type=float, default=1.0, help="LR k-decay for cosine/poly")
-    g.add_argument("--warmup-lr", type=float, default=1e-4, help="warm-up LR (default: 1e-4)")
-    g.add_argument("--min-lr", type=float, default=1e-5, help="lower LR bound (default: 1e-5)")
-    g.add_argument("--epochs", type=int, default=300, help="epochs (cosine adds --cooldown-epochs)")
-    g.add_argument("--start-epoch", default=None, type=int,
+    g.add_argument("--lr-noise", type=nonneg_float(counts=(1, 2)), nargs="+", default=None, metavar="EPOCH",
+                   help="LR noise on/off epochs")
+    g.add_argument("--lr-noise-pct", type=nonneg_float(), default=0.67, metavar="PCT", help="LR noise limit percent")
+    g.add_argument("--lr-noise-std", type=nonneg_float(), default=1.0, metavar="STD", help="LR noise std-dev")
+    g.add_argument("--lr-cycle-mul", type=positive_float(), default=1.0, metavar="MULT",
+                   help="LR cycle length multiplier")
+    g.add_argument("--lr-cycle-decay", type=finite_float(0, 1, lo_open=True), default=0.5, metavar="MULT",
+                   help="LR decay per cycle")
+    g.add_argument("--lr-cycle-limit", type=positive_int(), default=1, metavar="N", help="LR cycle limit")
+    g.add_argument("--lr-k-decay", type=positive_float(), default=1.0, metavar="K", help="LR k-decay for cosine/poly")
+    g.add_argument("--warmup-lr", type=nonneg_float(), default=1e-4, metavar="LR", help="warm-up LR")
+    g.add_argument("--min-lr", type=nonneg_float(), default=1e-5, metavar="LR", help="lower LR bound")
+    g.add_argument("--epochs", type=positive_int(), default=300, metavar="N",
+                   help="epochs (cosine, tanh and poly add --cooldown-epochs)")
+    g.add_argument("--start-epoch", default=None, type=nonneg_int(), metavar="N",
                    help="first epoch number (overrides the resumed epoch)")
-    g.add_argument("--decay-milestones", default=[30, 60], type=int, nargs="+", help="multistep milestones")
-    g.add_argument("--decay-epochs", type=float, default=100, help="epoch interval to decay LR")
-    g.add_argument("--warmup-epochs", type=int, default=5, help="LR warm-up epochs")
-    g.add_argument("--cooldown-epochs", type=int, default=10, help="epochs at min LR after a cyclic schedule")
-    g.add_argument("--patience-epochs", type=int, default=10, help="plateau patience")
-    g.add_argument("--decay-rate", "--dr", type=float, default=0.1, help="LR decay rate")
+    g.add_argument("--decay-milestones", default=[30, 60], type=nonneg_int(order="<"), nargs="+", metavar="EPOCH",
+                   help="multistep milestones")
+    g.add_argument("--decay-epochs", type=positive_float(nullable=True), default=100, metavar="N",
+                   help="epoch interval to decay LR (step schedule; null in YAML where unused)")
+    g.add_argument("--warmup-epochs", type=nonneg_int(), default=5, metavar="N", help="LR warm-up epochs")
+    g.add_argument("--cooldown-epochs", type=nonneg_int(), default=10, metavar="N",
+                   help="epochs at min LR after a cyclic schedule")
+    g.add_argument("--patience-epochs", type=nonneg_int(), default=10, metavar="N", help="plateau patience")
+    g.add_argument("--decay-rate", "--dr", type=finite_float(0, 1, lo_open=True), default=0.1, metavar="RATE",
+                   help="LR decay rate")
 
 
 def _add_aug_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Augmentation and regularization")
     bool_flag(g, "--no-aug", help="no training augmentation (resize + center crop)")
-    g.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], metavar="PCT", help="RRC scale range")
-    g.add_argument("--ratio", type=float, nargs=2, default=[3.0 / 4.0, 4.0 / 3.0], metavar="RATIO",
-                   help="RRC aspect ratio range")
-    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
-    g.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability")
-    g.add_argument("--color-jitter", type=float, default=0.4, metavar="PCT",
+    g.add_argument("--scale", type=positive_float(order="<="), nargs=2, default=[0.08, 1.0], metavar="PCT",
+                   help="RRC scale range")
+    g.add_argument("--ratio", type=positive_float(order="<="), nargs=2, default=[3.0 / 4.0, 4.0 / 3.0],
+                   metavar="RATIO", help="RRC aspect ratio range")
+    g.add_argument("--hflip", type=fraction(), default=0.5, metavar="PROB", help="horizontal flip probability")
+    g.add_argument("--vflip", type=fraction(), default=0.0, metavar="PROB", help="vertical flip probability")
+    g.add_argument("--color-jitter", type=nonneg_float(nullable=True), default=0.4, metavar="PCT",
                    help="color jitter factor (default: 0.4; null disables)")
-    g.add_argument("--aa", type=str, default=None, metavar="NAME",
+    g.add_argument("--aa", type=AA_POLICY, default=None, metavar="NAME",
                    help="auto-augment policy, e.g. rand-m9-mstd0.5-inc1 ('None' disables)")
-    g.add_argument("--aug-splits", type=int, default=0, help="number of augmentation splits (0 or >= 2)")
+    g.add_argument("--aug-splits", type=nonneg_int(), default=0, metavar="N",
+                   help="number of augmentation splits (0 or >= 2)")
     bool_flag(g, "--jsd-loss", help="Jensen-Shannon divergence + CE loss (needs --aug-splits)")
     bool_flag(g, "--bce-loss", help="binary cross-entropy loss")
-    g.add_argument("--bce-target-thresh", type=float, default=None, help="BCE target threshold")
-    g.add_argument("--reprob", type=float, default=0.0, metavar="PCT", help="random erase probability")
-    g.add_argument("--remode", type=str, default="pixel", choices=["pixel", "rand", "const"],
-                   help="random erase fill mode (default: pixel)")
-    g.add_argument("--recount", type=int, default=1, help="random erase count")
+    g.add_argument("--bce-target-thresh", type=fraction(), default=None, metavar="T", help="BCE target threshold")
+    g.add_argument("--reprob", type=fraction(), default=0.0, metavar="PCT", help="random erase probability")
+    g.add_argument("--remode", type=Choice(names=("pixel", "rand", "const")), default="pixel", metavar="MODE",
+                   help="random erase fill mode: pixel, rand or const")
+    g.add_argument("--recount", type=positive_int(), default=1, metavar="N", help="random erase count")
     bool_flag(g, "--resplit", help="do not random-erase the first (clean) augmentation split")
-    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha")
-    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha")
-    g.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, help="cutmix min/max ratio")
-    g.add_argument("--mixup-prob", type=float, default=1.0, help="mixup/cutmix probability per batch")
-    g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix over mixup")
-    g.add_argument("--mixup-mode", type=str, default="batch", help="batch, pair or elem")
-    g.add_argument("--mixup-off-epoch", default=0, type=int, help="epoch at which mixup is turned off")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
-    g.add_argument("--train-interpolation", type=str, default="random", help="training interpolation")
-    g.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout rate")
-    g.add_argument("--drop-connect", type=float, default=None, metavar="PCT", help="drop connect (deprecated)")
-    g.add_argument("--drop-path", type=float, default=None, metavar="PCT", help="drop path rate")
-    g.add_argument("--drop-block", type=float, default=None, metavar="PCT", help="drop block rate")
-    g.add_argument("--rand-rotation", type=float, default=0, metavar="DEG", help="random rotation in degrees")
+    g.add_argument("--mixup", type=nonneg_float(), default=0.0, metavar="ALPHA", help="mixup alpha")
+    g.add_argument("--cutmix", type=nonneg_float(), default=0.0, metavar="ALPHA", help="cutmix alpha")
+    g.add_argument("--cutmix-minmax", type=fraction(order="<="), nargs=2, default=None, metavar="RATIO",
+                   help="cutmix min/max ratio")
+    g.add_argument("--mixup-prob", type=fraction(), default=1.0, metavar="PROB",
+                   help="mixup/cutmix probability per batch")
+    g.add_argument("--mixup-switch-prob", type=fraction(), default=0.5, metavar="PROB",
+                   help="probability of cutmix over mixup")
+    g.add_argument("--mixup-mode", type=Choice(names=("batch", "pair", "elem")), default="batch", metavar="MODE",
+                   help="batch, pair or elem")
+    g.add_argument("--mixup-off-epoch", default=0, type=nonneg_int(), metavar="N",
+                   help="epoch at which mixup is turned off (0: never)")
+    g.add_argument("--smoothing", type=rate(), default=0.1, metavar="EPS", help="label smoothing")
+    g.add_argument("--train-interpolation", type=Choice(names=("random",) + INTERPOLATIONS), default="random",
+                   metavar="NAME", help="training interpolation: random, " + ", ".join(INTERPOLATIONS))
+    g.add_argument("--drop", type=rate(), default=0.0, metavar="PCT", help="dropout rate")
+    g.add_argument("--drop-connect", type=rate(), default=None, metavar="PCT", help="drop connect (deprecated)")
+    g.add_argument("--drop-path", type=rate(), default=None, metavar="PCT", help="drop path rate")
+    g.add_argument("--drop-block", type=rate(), default=None, metavar="PCT", help="drop block rate")
+    g.add_argument("--rand-rotation", type=finite_float(0, 180), default=0, metavar="DEG",
+                   help="random rotation in degrees")
     bool_flag(g, "--rand-crop", help="RandomCrop(size, padding=--pad) instead of RandomResizedCrop")
-    g.add_argument("--pad", type=int, default=0, metavar="PIXELS",
+    g.add_argument("--pad", type=nonneg_int(), default=0, metavar="PIXELS",
                    help="padding for --rand-crop, or a Pad before RandomResizedCrop")
 
 
 def _add_bn_ema_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("BatchNorm and EMA")
-    g.add_argument("--bn-momentum", type=float, default=None, help="BatchNorm momentum")
-    g.add_argument("--bn-eps", type=float, default=None, help="BatchNorm epsilon")
+    g.add_argument("--bn-momentum", type=fraction(), default=None, metavar="M", help="BatchNorm momentum")
+    g.add_argument("--bn-eps", type=positive_float(), default=None, metavar="EPS", help="BatchNorm epsilon")
     bool_flag(g, "--sync-bn", help="synchronized BatchNorm (distributed)")
-    g.add_argument("--dist-bn", type=str, default="reduce", choices=["broadcast", "reduce", ""],
-                   help="distribute BatchNorm stats after each epoch: reduce, broadcast or '' (default: reduce)")
+    g.add_argument("--dist-bn", type=Choice(names=("broadcast", "reduce", "")), default="reduce", metavar="MODE",
+                   help="distribute BatchNorm stats after each epoch: reduce, broadcast or ''")
     bool_flag(g, "--split-bn", help="separate BatchNorm per augmentation split")
     bool_flag(g, "--model-ema", help="keep an exponential moving average of the weights")
-    g.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay (default: 0.9998)")
+    g.add_argument("--model-ema-decay", type=fraction(), default=0.9998, metavar="DECAY", help="EMA decay")
 
 
 def _add_adv_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Adversarial training")
     g.add_argument("--adv-training", type=str, default=None, metavar="LOSS",
                    help="pgd, trades, or module.path:ClassName of a custom loss (default: clean training)")
-    g.add_argument("--attack", type=str, default="pgd", help="training attack: pgd or targeted_pgd")
-    g.add_argument("--attack-eps", "--eps", type=float, default=4,
-                   help="final epsilon, in /255 units (default: 4)")
-    g.add_argument("--eps-schedule", type=str, default="constant", choices=["constant", "linear", "sine"],
-                   help="epsilon warm-up schedule, per epoch (default: constant)")
-    g.add_argument("--eps-schedule-period", type=int, default=10, help="epoch at which full eps is reached")
-    g.add_argument("--zero-eps-epochs", type=int, default=0, help="initial epochs with eps 0")
-    g.add_argument("--attack-lr", type=float, default=None,
+    g.add_argument("--attack", type=Choice(names=("pgd", "targeted_pgd")), default="pgd", metavar="NAME",
+                   help="training attack: pgd or targeted_pgd")
+    g.add_argument("--attack-eps", "--eps", type=nonneg_float(), default=4, metavar="EPS",
+                   help="final epsilon, in /255 units")
+    g.add_argument("--eps-schedule", type=Choice(names=("constant", "linear", "sine")), default="constant",
+                   metavar="NAME", help="epsilon warm-up schedule, per epoch: constant, linear or sine")
+    g.add_argument("--eps-schedule-period", type=nonneg_int(), default=10, metavar="N",
+                   help="epoch at which full eps is reached")
+    g.add_argument("--zero-eps-epochs", type=nonneg_int(), default=0, metavar="N", help="initial epochs with eps 0")
+    g.add_argument("--attack-lr", type=nonneg_float(), default=None, metavar="LR",
                    help="attack step size in /255 units (default: 1.5 * eps / steps)")
-    g.add_argument("--attack-steps", type=int, default=10, help="PGD steps (training and per-epoch eval)")
-    g.add_argument("--attack-norm", "--threat-model", type=norm_name, default="linf", choices=["linf", "l2"],
-                   help="threat model")
-    g.add_argument("--attack-boundaries", type=int, nargs=2, default=(0, 1), metavar="L",
-                   help="clipping box of adversarial inputs (default: 0 1)")
-    g.add_argument("--eval-attack-eps", type=float, default=None, help="eval epsilon, /255 (default: --attack-eps)")
-    g.add_argument("--trades-beta", type=float, default=6.0, help="TRADES robust loss weight (default: 6)")
-    g.add_argument("--attack-mode", type=str, default="eval", choices=["eval", "train"],
-                   help="model mode while crafting: eval (default, every backend) or train (what the "
-                        "original did on TPU: BN statistics and dropout active)")
-    g.add_argument("--adv-clean-logits", type=str, default="train", choices=["train", "nograd", "skip"],
-                   help="PGD training: clean logits for metrics computed in train mode with a graph "
-                        "(original), without graph and BN update (nograd), or not at all (skip)")
+    g.add_argument("--attack-steps", type=nonneg_int(), default=10, metavar="K",
+                   help="PGD steps (training and per-epoch eval)")
+    g.add_argument("--attack-norm", "--threat-model", type=Choice(names=("linf", "l2"), normalize=norm_name),
+                   default="linf", metavar="NORM", help="threat model: linf or l2 (any case)")
+    g.add_argument("--attack-boundaries", type=Num(kind=int, order="<"), nargs=2, default=(0, 1), metavar="L",
+                   help="clipping box of adversarial inputs, low < high")
+    g.add_argument("--eval-attack-eps", type=nonneg_float(), default=None, metavar="EPS",
+                   help="eval epsilon, /255 (default: --attack-eps)")
+    g.add_argument("--trades-beta", type=nonneg_float(), default=6.0, metavar="BETA", help="TRADES robust loss weight")
+    g.add_argument("--attack-mode", type=Choice(names=("eval", "train")), default="eval", metavar="MODE",
+                   help="model mode while crafting: eval (every backend) or train (what the original did on "
+                        "TPU: BN statistics and dropout active)")
+    g.add_argument("--adv-clean-logits", type=Choice(names=("train", "nograd", "skip")), default="train",
+                   metavar="MODE", help="PGD training: clean logits for metrics computed in train mode with a graph "
+                                        "(train, the original's), without graph and BN update (nograd), or not at "
+                                        "all (skip)")
 
 
 def _add_misc_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Miscellaneous")
-    g.add_argument("--seed", type=int, default=42, metavar="S", help="random seed (default: 42)")
+    g.add_argument("--seed", type=nonneg_int(), default=42, metavar="S", help="random seed")
     bool_flag(g, "--deterministic", help="deterministic algorithms (reproducible CPU runs)")
-    g.add_argument("--log-interval", type=int, default=50, metavar="N", help="steps between log lines")
-    g.add_argument("--recovery-interval", type=int, default=0, metavar="N",
+    g.add_argument("--log-interval", type=positive_int(), default=50, metavar="N", help="steps between log lines")
+    g.add_argument("--recovery-interval", type=nonneg_int(), default=0, metavar="N",
                    help="steps between recovery checkpoints (0: none)")
-    g.add_argument("--checkpoint-hist", type=int, default=10, metavar="N", help="checkpoints to keep")
+    g.add_argument("--checkpoint-hist", type=positive_int(), default=10, metavar="N", help="checkpoints to keep")
     bool_flag(g, "--save-images", help="save the first training batch as a PNG grid in the output folder")
     bool_flag(g, "--amp", help="mixed precision (bfloat16 autocast; float16 + grad scaler on CUDA)")
-    g.add_argument("--amp-dtype", type=str, default="bfloat16", choices=["bfloat16", "float16"],
-                   help="autocast dtype with --amp (default: bfloat16)")
+    g.add_argument("--amp-dtype", type=Choice(names=("bfloat16", "float16")), default="bfloat16", metavar="DTYPE",
+                   help="autocast dtype with --amp: bfloat16 or float16")
     bool_flag(g, "--channels-last", help="channels-last memory layout")
     g.add_argument("--output", default="", metavar="PATH",
                    help="output root, local or gs:// (default: ./output/train)")
     g.add_argument("--experiment", default="", metavar="NAME",
                    help="experiment folder name (default: <date>-<time>-<model>-<size>)")
-    g.add_argument("--eval-metric", default="top1", metavar="METRIC",
-                   help="checkpoint selection metric: top1, robust_top1 or loss (default: top1)")
-    bool_flag(g, "--skip-nonfinite",
-               help="skip optimizer steps with a non-finite loss or gradient (counted in the log) "
-                    "instead of stopping")
-    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
-                   help="set by torch.distributed.launch")
+    g.add_argument("--eval-metric", default="top1", type=Choice(names=EVAL_METRICS), metavar="METRIC",
+                   help="checkpoint selection metric: " + ", ".join(EVAL_METRICS))
+    bool_flag(g, "--skip-nonfinite", command_line_only=SKIP_NONFINITE_WHY,
+              help="skip optimizer steps with a non-finite loss or gradient (counted in the log) "
+                   "instead of stopping (command line only)")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=nonneg_int(), default=None,
+                   metavar="N", help="set by torch.distributed.launch")
     bool_flag(g, "--force-cpu", help="run on the CPU even when an accelerator is present")
     bool_flag(g, "--log-wandb", help="log to Weights & Biases (project = --experiment)")
-    g.add_argument("--run-notes", type=str, default="", help="W&B run notes")
-    g.add_argument("--tta", type=int, default=0, help="not supported by train.py (use validate.py)")
+    g.add_argument("--run-notes", type=str, default="", metavar="TEXT", help="W&B run notes")
+    g.add_argument("--tta", type=nonneg_int(), default=0, metavar="N",
+                   help="not supported by train.py (use validate.py)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="train.py", description="(Adversarial) training of timm image classifiers",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> CliParser:
+    """train.py's flags: every value has its rule (``values.py``); YAML configs pass the same rules."""
+    p = CliParser(prog="train.py", description="(Adversarial) training of timm image classifiers")
     p.add_argument("-c", "--config", default="", type=str, metavar="FILE",
                    help="YAML config whose keys become the defaults of the flags (the command line overrides)")
     for add in (_add_data_args, _add_model_args, _add_optim_args, _add_sched_args, _add_aug_args,
                 _add_bn_ema_args, _add_adv_args, _add_misc_args):
         add(p)
+    p.legacy_keys.update(LEGACY_KEYS)
     return p
 
 
@@ -254,30 +333,34 @@ def config_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _normalize_yaml_values(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    out = dict(cfg)
+def _normalize_values(args: argparse.Namespace) -> None:
     # the original treated aa: None (the string) as "no auto-augment"
-    if isinstance(out.get("aa"), str) and out["aa"].lower() == "none":
-        out["aa"] = None
-    return out
+    if isinstance(args.aa, str) and args.aa.lower() == "none":
+        args.aa = None
 
 
 def parse_args(additional_args: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
     """Parse the train CLI (``additional_args`` instead of ``sys.argv[1:]`` when given).
 
-    Returns ``(args, args_text)``: the namespace and its YAML dump (what goes to ``args.yaml``).
+    Returns ``(args, args_text)``: the namespace and its YAML dump (what goes to ``args.yaml``; its
+    first line marks it as train.py's record, so ``-c <run>/args.yaml`` repeats the run).
     """
+    import os
+
+    from src.cli import setup_logging
+
     argv: List[str] = list(sys.argv[1:] if additional_args is None else additional_args)
     cfg_parser = config_parser()
     known, remaining = cfg_parser.parse_known_args(argv)
     parser = build_parser()
     if known.config:
-        cfg = _normalize_yaml_values(load_yaml_config(known.config, parser))
-        parser.set_defaults(**cfg)
+        setup_logging(primary=os.environ.get("RANK", "0") == "0")  # the config's warning lines, once per job
+        parser.set_defaults(**load_yaml_config(known.config, parser))
     args = parser.parse_args(remaining)
     args.config = known.config
-    check_args(args)
-    args_text = yaml.safe_dump(namespace_to_dict(args), default_flow_style=False, sort_keys=True)
+    _normalize_values(args)
+    parser.check(check_args, args)
+    args_text = ARGS_YAML_HEADER + yaml.safe_dump(namespace_to_dict(args), default_flow_style=False, sort_keys=True)
     return args, args_text
 
 
@@ -290,41 +373,42 @@ def namespace_to_dict(args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Reject values that would otherwise give a silent wrong result or a crash deep inside."""
-    if args.attack_eps is not None and args.attack_eps < 0:
-        raise UsageError(f"--attack-eps must be >= 0, got {args.attack_eps}")
-    if args.eval_attack_eps is not None and args.eval_attack_eps < 0:
-        raise UsageError(f"--eval-attack-eps must be >= 0, got {args.eval_attack_eps}")
-    if args.attack_steps is None or args.attack_steps < 0:
-        raise UsageError(f"--attack-steps must be >= 0, got {args.attack_steps}")
-    if args.attack_lr is not None and args.attack_lr < 0:
-        raise UsageError(f"--attack-lr must be >= 0, got {args.attack_lr}")
-    if args.attack not in ("pgd", "targeted_pgd"):
-        raise UsageError(f"--attack must be pgd or targeted_pgd for training, got '{args.attack}'")
-    if args.eps_schedule_period < 0 or args.zero_eps_epochs < 0:
-        raise UsageError("--eps-schedule-period and --zero-eps-epochs must be >= 0")
-    check_mean_std(args.mean, args.std)
+def total_epochs(args: argparse.Namespace) -> int:
+    """Epochs the schedule trains: cosine, tanh and poly add --cooldown-epochs (timm's rule)."""
+    return args.epochs + (args.cooldown_epochs if args.sched in COOLDOWN_SCHEDULERS else 0)
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
     if args.input_size is not None and args.input_size[0] != 3:
-        raise UsageError(f"--input-size {' '.join(map(str, args.input_size))}: this tool trains on 3-channel (RGB) "
-                         f"images, so C must be 3")
-    if args.batch_size is None or args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.epochs is None or args.epochs < 1:
-        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+        raise must("--input-size", "3 H W (this tool trains on 3-channel RGB images)", list(args.input_size))
+    if args.img_size is not None and args.input_size is not None and \
+            tuple(args.input_size[1:]) != (args.img_size, args.img_size):
+        raise must("--img-size", f"equal to H and W of --input-size {' '.join(map(str, args.input_size))} "
+                   "(or give only one of them)", args.img_size)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What one flag's rule cannot see: flags that must agree with each other, and refused values."""
+    _check_sizes(args)
+    check_mean_std(args.mean, args.std)
+    if not args.no_normalize:
+        raise must("--no-normalize", "true: the training loader never normalizes (set normalize_model: true to "
+                   "normalize inside the model)", False)
+    if args.start_epoch is not None and args.start_epoch >= total_epochs(args):
+        raise must("--start-epoch", f"below the {total_epochs(args)} epochs of the schedule (--epochs "
+                   f"{args.epochs}{' + --cooldown-epochs' if args.sched in COOLDOWN_SCHEDULERS else ''}), or "
+                   "nothing is trained", args.start_epoch)
+    if args.sched == "step" and args.decay_epochs is None:
+        raise must("--decay-epochs", "a number > 0 with --sched step", None)
     if args.tta:
         raise UsageError("--tta is not supported by train.py; evaluate with validate.py instead")
-    if args.aug_splits and args.aug_splits < 2 and args.aug_splits != 0:
-        raise UsageError("--aug-splits must be 0 or >= 2")
+    if args.aug_splits == 1:
+        raise must("--aug-splits", "0 or >= 2", args.aug_splits)
     if args.jsd_loss and args.aug_splits < 2:
         raise UsageError("--jsd-loss needs --aug-splits >= 2")
     if args.split_bn and args.aug_splits < 2:
         raise UsageError("--split-bn needs --aug-splits >= 2")
-    if args.eval_metric not in ("top1", "robust_top1", "loss", "top5"):
-        raise UsageError(f"--eval-metric must be top1, robust_top1 or loss, got '{args.eval_metric}'")
     if args.eval_metric == "robust_top1" and not args.adv_training:
         raise UsageError("--eval-metric robust_top1 needs --adv-training (robust accuracy is not measured)")
-    if args.combine_dataset and not 0 < args.combined_dataset_ratio < 1:
-        raise UsageError("--combined-dataset-ratio must be in (0, 1)")
     if args.reinit_patch_embedding and args.keep_patch_embedding:
         raise UsageError("--reinit-patch-embedding and --keep-patch-embedding exclude each other")
