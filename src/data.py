@@ -173,7 +173,10 @@ def build_train_transform(args, data_config: Dict[str, Any], separate: bool = Fa
 
     size = _size_hw(data_config["input_size"])
     if args.no_aug:
-        interp = args.train_interpolation if args.train_interpolation not in (None, "", "random") else "bilinear"
+        # timm's no-aug path (the original's): the data config's interpolation (bicubic for XCiT), not
+        # the training one; 'random' means bilinear there
+        interp = data_config.get("interpolation") or "bilinear"
+        interp = "bilinear" if interp == "random" else interp
         tfl = [transforms.Resize(size, interpolation=str_to_pil_interp(interp)), transforms.CenterCrop(size),
                transforms.ToTensor()]
         return transforms.Compose(tfl)

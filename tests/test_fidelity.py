@@ -67,3 +67,35 @@ def test_weight_decay_groups_do_not_change_under_normalize_model(tiny_train_args
     assert wrapped_ema == plain_ema
     no_decay = {n for wd, ns in plain if wd == 0 for n in ns}
     assert {"cls_token", "pos_embed"} <= no_decay
+
+
+def test_amp_dtype_auto_is_float16_on_cuda_and_bfloat16_elsewhere():
+    """--amp as the original: float16 autocast (with a grad scaler) on CUDA; bfloat16 on the CPU."""
+    from src.bits.device import initialize_device, resolve_amp_dtype
+    from src.errors import UsageError
+
+    assert resolve_amp_dtype("auto", cuda=True) is torch.float16
+    assert resolve_amp_dtype("auto", cuda=False) is torch.bfloat16
+    assert resolve_amp_dtype("bfloat16", cuda=True) is torch.bfloat16
+    env = initialize_device(force_cpu=True, amp=True)
+    assert env.amp_dtype is torch.bfloat16 and env.create_grad_scaler() is None
+    with pytest.raises(UsageError, match="needs a CUDA device"):
+        initialize_device(force_cpu=True, amp=True, amp_dtype="float16")
+    from src.arg_parser import parse_args
+
+    assert parse_args(["--dataset", "digits", "--amp"])[0].amp_dtype == "auto"
+
+
+def test_no_aug_resizes_with_the_data_config_interpolation():
+    """--no-aug: Resize + CenterCrop with the data config's interpolation (bicubic for XCiT), as timm's
+    no-aug path the original used; not the training interpolation, not bilinear."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    from src.data import build_train_transform
+
+    args = SimpleNamespace(no_aug=True, train_interpolation="random")
+    cfg = {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 1.0}
+    t = build_train_transform(args, cfg)
+    resize = [m for m in t.transforms if isinstance(m, transforms.Resize)][0]
+    assert resize.interpolation == InterpolationMode.BICUBIC

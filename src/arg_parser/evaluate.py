@@ -140,8 +140,8 @@ def _add_validate_run(p: argparse.ArgumentParser, sweep: bool) -> None:
                    help=argparse.SUPPRESS if sweep else "random seed (reset for every evaluation)")
     g.add_argument("--log-freq", default=1, type=nonneg_int(), metavar="N", help="batches between log lines (no TTY)")
     g.add_argument("--amp", action="store_true", default=False, help="mixed precision (bfloat16 autocast)")
-    g.add_argument("--amp-dtype", default="bfloat16", type=Choice(names=("bfloat16", "float16")), metavar="DTYPE",
-                   help="autocast dtype: bfloat16 or float16")
+    g.add_argument("--amp-dtype", default="auto", type=Choice(names=("auto", "bfloat16", "float16")), metavar="DTYPE",
+                   help="autocast dtype with --amp: auto (float16 on CUDA, bfloat16 elsewhere), bfloat16 or float16")
     g.add_argument("--channels-last", action="store_true", default=False, help="channels-last memory layout")
     g.add_argument("--force-cpu", action="store_true", default=False, help="run on the CPU")
     g.add_argument("--results-file", default=None if sweep else "", type=str, metavar="PATH",

@@ -292,9 +292,11 @@ def _add_misc_args(p: argparse.ArgumentParser) -> None:
                    help="steps between recovery checkpoints (0: none)")
     g.add_argument("--checkpoint-hist", type=positive_int(), default=10, metavar="N", help="checkpoints to keep")
     bool_flag(g, "--save-images", help="save the first training batch as a PNG grid in the output folder")
-    bool_flag(g, "--amp", help="mixed precision (bfloat16 autocast; float16 + grad scaler on CUDA)")
-    g.add_argument("--amp-dtype", type=Choice(names=("bfloat16", "float16")), default="bfloat16", metavar="DTYPE",
-                   help="autocast dtype with --amp: bfloat16 or float16")
+    bool_flag(g, "--amp", help="mixed precision: float16 autocast with a grad scaler on CUDA (the original's), "
+                               "bfloat16 autocast on the CPU and XLA")
+    g.add_argument("--amp-dtype", type=Choice(names=("auto", "bfloat16", "float16")), default="auto", metavar="DTYPE",
+                   help="autocast dtype with --amp: auto (float16 on CUDA, bfloat16 elsewhere), bfloat16 or float16 "
+                        "(CUDA only; uses a grad scaler)")
     bool_flag(g, "--channels-last", help="channels-last memory layout")
     g.add_argument("--output", default="", metavar="PATH",
                    help="output root, local or gs:// (default: ./output/train)")

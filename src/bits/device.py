@@ -142,7 +142,18 @@ def _env_int(name: str, default: int) -> int:
     return int(v) if v not in (None, "") else default
 
 
-def initialize_device(force_cpu: bool = False, amp: bool = False, amp_dtype: str = "bfloat16",
+def resolve_amp_dtype(amp_dtype: Optional[str], cuda: bool) -> torch.dtype:
+    """``--amp-dtype``: ``auto`` is float16 on CUDA (with a grad scaler: the original's ``--amp``) and
+    bfloat16 on the CPU (and XLA, which has its own environment)."""
+    if amp_dtype in (None, "", "auto"):
+        amp_dtype = "float16" if cuda else "bfloat16"
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(amp_dtype)
+    if dtype is None:
+        raise UsageError(f"--amp-dtype must be auto, bfloat16 or float16, got {amp_dtype}")
+    return dtype
+
+
+def initialize_device(force_cpu: bool = False, amp: bool = False, amp_dtype: str = "auto",
                       channels_last: bool = False, local_rank: Optional[int] = None,
                       xla: Optional[bool] = None) -> DeviceEnv:
     """Pick the device (XLA when asked for, else CUDA when present, else CPU) and set up distribution.
@@ -168,9 +179,7 @@ def initialize_device(force_cpu: bool = False, amp: bool = False, amp_dtype: str
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(amp_dtype)
-    if dtype is None:
-        raise UsageError(f"--amp-dtype must be bfloat16 or float16, got {amp_dtype}")
+    dtype = resolve_amp_dtype(amp_dtype, use_cuda)
     if amp and dtype == torch.float16 and not use_cuda:
         raise UsageError("--amp-dtype float16 needs a CUDA device; use bfloat16 on the CPU")
     if world_size > 1 and not dist.is_initialized():

@@ -217,10 +217,10 @@ def import_torch_xla() -> _Modules:
     return _Modules(xm=xm, torch_xla=torch_xla, MpDeviceLoader=MpDeviceLoader)
 
 
-def initialize_xla_device(amp: bool = False, amp_dtype: str = "bfloat16",
+def initialize_xla_device(amp: bool = False, amp_dtype: str = "auto",
                           channels_last: bool = False) -> XlaDeviceEnv:
     """The XLA environment of this replica (call it inside the function ``xmp.spawn`` runs)."""
-    if amp and amp_dtype != "bfloat16":
+    if amp and amp_dtype not in ("bfloat16", "auto", "", None):
         raise UsageError(f"--amp-dtype {amp_dtype} is not available on XLA; use bfloat16")
     mods = import_torch_xla()
     from torch_xla import runtime as xr
