@@ -54,11 +54,11 @@ __all__ = [
     "normalization_entry",
     "load_model_weights",
     "finetune_from_checkpoint",
-    "released_checkpoint_name",
-    "save_released_checkpoint",
-    "save_safetensors_checkpoint",
-    "export_released_checkpoint",
+    "compare_state_dicts",
+    "mismatch_message",
+    "resolve_checkpoint",
     "CLASSIFIER_KEYS",
+    "EMA_KEYS",
 ]
 
 Normalization = Tuple[Tuple[float, ...], Tuple[float, ...]]
@@ -69,7 +69,7 @@ PathOrCheckpoint = Union[str, os.PathLike, Mapping[str, Any]]
 CLASSIFIER_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias", "fc.weight", "fc.bias")
 
 # Where a training checkpoint keeps the weights, in order of preference.
-_EMA_KEYS = ("model_ema", "state_dict_ema")
+EMA_KEYS = ("model_ema", "state_dict_ema")
 _MODEL_KEYS = ("model", "state_dict")
 
 
@@ -297,7 +297,7 @@ def extract_state_dict(ckpt: Any, use_ema: bool = False,
                               f"training checkpoint")
     state_key = "bare"
     weights: Any = ckpt
-    candidates = (_EMA_KEYS if use_ema else ()) + _MODEL_KEYS
+    candidates = (EMA_KEYS if use_ema else ()) + _MODEL_KEYS
     for key in candidates:
         if isinstance(ckpt.get(key), Mapping):
             state_key, weights = key, ckpt[key]
@@ -325,7 +325,7 @@ def checkpoint_normalization(ckpt: Any) -> Optional[Normalization]:
     entry = ckpt.get("normalization")
     if isinstance(entry, Mapping) and entry.get("mean") is not None and entry.get("std") is not None:
         return _to_normalization(entry["mean"], entry["std"])
-    for key in ("bare",) + _MODEL_KEYS + _EMA_KEYS:
+    for key in ("bare",) + _MODEL_KEYS + EMA_KEYS:
         weights = ckpt if key == "bare" else ckpt.get(key)
         if not isinstance(weights, Mapping):
             continue
@@ -363,7 +363,7 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def _compare(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]
+def compare_state_dicts(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]
              ) -> Tuple[List[str], List[str], List[str]]:
     """Missing keys, unexpected keys and shape mismatches (``'key: checkpoint (..) vs model (..)'``)."""
     missing = [k for k in model_sd if k not in sd and not k.endswith("num_batches_tracked")]
@@ -373,7 +373,7 @@ def _compare(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor
     return missing, unexpected, shapes
 
 
-def _mismatch_message(source: str, arch: str, missing: Sequence[str], unexpected: Sequence[str],
+def mismatch_message(source: str, arch: str, missing: Sequence[str], unexpected: Sequence[str],
                       shapes: Sequence[str]) -> str:
     parts = []
     if missing:
@@ -386,7 +386,7 @@ def _mismatch_message(source: str, arch: str, missing: Sequence[str], unexpected
             f"--num-classes and model options (--finetune starts from a checkpoint with another head)")
 
 
-def _resolve(path_or_ckpt: PathOrCheckpoint, trust: bool) -> Tuple[Any, str]:
+def resolve_checkpoint(path_or_ckpt: PathOrCheckpoint, trust: bool) -> Tuple[Any, str]:
     if isinstance(path_or_ckpt, (str, os.PathLike)):
         return load_checkpoint_file(path_or_ckpt, trust=trust), str(path_or_ckpt)
     return path_or_ckpt, _describe(path_or_ckpt)
@@ -403,13 +403,13 @@ def load_model_weights(model: nn.Module, path_or_ckpt: PathOrCheckpoint, use_ema
     in ``LoadReport.normalization`` for the caller to use. ``source`` names an in-memory
     checkpoint in messages (its path, when the caller read the file itself).
     """
-    ckpt, described = _resolve(path_or_ckpt, trust)
+    ckpt, described = resolve_checkpoint(path_or_ckpt, trust)
     source = source or described
     sd, meta = extract_state_dict(ckpt, use_ema=use_ema, source=source)
     net = unwrap_model(model)
-    missing, unexpected, shapes = _compare(net.state_dict(), sd)
+    missing, unexpected, shapes = compare_state_dicts(net.state_dict(), sd)
     if shapes or (strict and (missing or unexpected)):
-        raise CheckpointError(_mismatch_message(source, _arch_name(net), missing, unexpected, shapes))
+        raise CheckpointError(mismatch_message(source, _arch_name(net), missing, unexpected, shapes))
     check_finite_state_dict(sd, source)  # NaN/inf weights evaluate to ~chance accuracy without a word
     net.load_state_dict(sd, strict=strict)
     return LoadReport(source=source, state_key=meta["state_key"], missing_keys=missing,
@@ -476,7 +476,7 @@ def finetune_from_checkpoint(model: nn.Module, path_or_ckpt: PathOrCheckpoint, n
     """
     if num_classes is None:
         raise FinetuneArgumentError("fine-tuning needs the number of classes of the new task: pass --num-classes")
-    ckpt, source = _resolve(path_or_ckpt, trust)
+    ckpt, source = resolve_checkpoint(path_or_ckpt, trust)
     sd, meta = extract_state_dict(ckpt, use_ema=use_ema, source=source)
     net = unwrap_model(model)
 
@@ -506,9 +506,9 @@ def finetune_from_checkpoint(model: nn.Module, path_or_ckpt: PathOrCheckpoint, n
             del sd[key]
         _logger.info("--reinit-patch-embedding: keeping the new patch embedding (%d tensors not loaded)", len(dropped))
 
-    missing, unexpected, shapes = _compare(model_sd, sd)
+    missing, unexpected, shapes = compare_state_dicts(model_sd, sd)
     if shapes:
-        raise CheckpointError(_mismatch_message(source, _arch_name(net), missing, unexpected, shapes))
+        raise CheckpointError(mismatch_message(source, _arch_name(net), missing, unexpected, shapes))
     _check_backbone_loaded(net, model_sd, sd, source, missing, unexpected, reinit_patch_embedding)
     check_finite_state_dict(sd, source)
     net.load_state_dict(sd, strict=False)
@@ -556,131 +556,3 @@ def _report_finetune_load(source: str, state_key: str, loaded: int, total: int, 
         "fine-tuning from %s (%s): loaded %d of the model's %d tensors; newly initialised (%d): %s; ignored from "
         "the checkpoint (%d): %s", source, state_key, loaded, total, len(missing), _first_names(list(missing)),
         len(unexpected), _first_names(list(unexpected)))
-
-
-# --------------------------------------------------------------------------------------------
-# released checkpoints (export)
-
-
-def _format_eps(eps: Union[int, float, str]) -> str:
-    value = float(eps)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps}")
-    return f"{value:g}"
-
-
-def released_checkpoint_name(model_name: str, dataset: str, eps: Optional[Union[int, float, str]] = None) -> str:
-    """``{model}-{dataset}[-eps-{eps}]`` (no extension): the original's release naming."""
-    for what, value in (("model", model_name), ("dataset", dataset)):
-        if not value or "/" in value or "\\" in value or value.startswith("."):
-            raise ValueError(f"{what} name {value!r} cannot be used in a file name (no '/', not empty)")
-    name = f"{model_name}-{dataset}"
-    if eps is not None:
-        name += f"-eps-{_format_eps(eps)}"
-    return name
-
-
-def _plain_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
-    # Own, contiguous CPU copies: no views into a larger training checkpoint, no shared storage
-    # (safetensors refuses shared tensors).
-    return OrderedDict((k, v.detach().to("cpu").contiguous().clone()) for k, v in state_dict.items())
-
-
-def save_released_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str,
-                             record: Optional[Mapping[str, Any]] = None) -> None:
-    """Write the released format: the bare unwrapped state dict, atomically; ``record`` (what
-    evaluating it needs) rides in the state dict's ``_metadata``, which loaders ignore."""
-    sd = _plain_state_dict(state_dict)
-    if record is not None:
-        from .eval_config import attach_to_state_dict
-
-        attach_to_state_dict(sd, record)
-    storage.torch_save(sd, path)
-
-
-def save_safetensors_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str,
-                                normalization: Optional[Normalization] = None,
-                                metadata: Optional[Mapping[str, Any]] = None) -> None:
-    """Write ``state_dict`` as safetensors; mean/std and other facts go in its string metadata."""
-    from safetensors.torch import save as st_save
-
-    md = {str(k): str(v) for k, v in (metadata or {}).items() if v is not None}
-    md["format"] = "pt"
-    if normalization is not None:
-        md["mean"] = json.dumps(list(normalization[0]))
-        md["std"] = json.dumps(list(normalization[1]))
-    storage.atomic_write_bytes(path, st_save(dict(_plain_state_dict(state_dict)), metadata=md))
-
-
-def _architecture(model_name: str, state_dict: Mapping[str, torch.Tensor], source: str, verify: bool,
-                  img_size: Optional[int] = None) -> nn.Module:
-    """The network ``model_name`` as the weights describe it (class count from the classifier), built on
-    the meta device (no memory, no compute); with ``verify`` the weights must fit it exactly, so a
-    checkpoint is never released under the wrong architecture name."""
-    import timm
-
-    from . import models  # noqa: F401 - registers the project's models
-
-    if not timm.is_model(model_name):
-        raise ValueError(f"unknown model '{model_name}' (not in timm's registry, nor a robust-vits model)")
-    kwargs: Dict[str, Any] = {}
-    if img_size is not None:  # models with position embeddings are built for their input size
-        from .model_factory import accepted_options
-
-        if accepted_options(model_name, {"img_size": img_size})["img_size"]:
-            kwargs["img_size"] = img_size
-    with torch.device("meta"):
-        net = timm.create_model(model_name, **kwargs)
-        classifier = (getattr(net, "pretrained_cfg", None) or {}).get("classifier")
-        classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
-        if classifier and f"{classifier}.weight" in state_dict:
-            net = timm.create_model(model_name, num_classes=int(state_dict[f"{classifier}.weight"].shape[0]), **kwargs)
-    if verify:
-        missing, unexpected, shapes = _compare(net.state_dict(), state_dict)
-        if missing or unexpected or shapes:
-            raise CheckpointError(_mismatch_message(source, model_name, missing, unexpected, shapes))
-    return net
-
-
-def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, dataset: str, output_dir: str,
-                               eps: Optional[Union[int, float, str]] = None, use_ema: bool = False,
-                               trust: bool = False, verify: bool = True,
-                               eval_overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
-    """Turn a training checkpoint (or a downloaded original release) into self-describing released files;
-    returns ``{'pth': path, 'safetensors': path}``.
-
-    ``{output_dir}/{model}-{dataset}[-eps-{eps}].pth.tar`` holds the bare unwrapped state dict (the
-    original's release format, loadable by timm and RobustBench-style code) whose ``_metadata``
-    carries the evaluation record (``src.eval_config``); the ``.safetensors`` twin carries the same
-    tensors, the record as JSON and arch, dataset, eps, which weights, mean/std. The record comes
-    from the checkpoint (``eval_config``, or the original's ``hparams``), with ``eval_overrides``
-    (prepare_checkpoint's flags) on top; what cannot be inferred is asked for (``UsageError``).
-    """
-    from .eval_config import complete_record, read_record
-    from .models import MODEL_ALIASES
-
-    model_name = MODEL_ALIASES.get(model_name, model_name)  # README spellings -> registered names
-    stem = storage.join(output_dir, released_checkpoint_name(model_name, dataset, eps))  # bad names fail first
-    ckpt, source = _resolve(checkpoint, trust)
-    state_dict, meta = extract_state_dict(ckpt, use_ema=use_ema, source=source)
-    if use_ema and meta["state_key"] not in _EMA_KEYS:
-        raise CheckpointError(f"checkpoint {source} has no EMA weights (model_ema is missing or None); "
-                              f"export without --use-ema")
-    check_finite_state_dict(state_dict, source)
-    recorded = read_record(ckpt, model_hint=model_name)
-    size = (eval_overrides or {}).get("input_size") or (recorded.input_size if recorded is not None else None)
-    net = _architecture(model_name, state_dict, source, verify, img_size=size[-1] if size else None)
-    arch = ckpt.get("arch") if isinstance(ckpt, Mapping) else None
-    if isinstance(arch, str) and arch != model_name:
-        _logger.warning("checkpoint %s was trained as '%s' and is exported as '%s'", source, arch, model_name)
-    record = complete_record(recorded, model_name, net, eval_overrides)
-    _logger.info("evaluation record: %s", json.dumps(record))
-
-    storage.makedirs(output_dir)
-    paths = {"pth": stem + ".pth.tar", "safetensors": stem + ".safetensors"}
-    save_released_checkpoint(state_dict, paths["pth"], record=record)
-    metadata = {"arch": model_name, "dataset": dataset, "eps": None if eps is None else _format_eps(eps),
-                "weights": meta["state_key"], "eval_config": json.dumps(record)}
-    normalization = (record["mean"], record["std"]) if record["normalization"] == "model" else None
-    save_safetensors_checkpoint(state_dict, paths["safetensors"], normalization=normalization, metadata=metadata)
-    return paths

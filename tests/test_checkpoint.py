@@ -20,9 +20,9 @@ from torch import nn
 import src.models  # noqa: F401 - registers the project's models
 from src import storage
 from src.checkpoint import (CheckpointError, FinetuneArgumentError, UntrustedCheckpointError, checkpoint_normalization,
-                            export_released_checkpoint, extract_state_dict, finetune_from_checkpoint,
-                            load_checkpoint_file, load_model_weights, normalization_entry,
-                            released_checkpoint_name)
+                            extract_state_dict, finetune_from_checkpoint, load_checkpoint_file, load_model_weights,
+                            normalization_entry)
+from src.checkpoint_export import export_released_checkpoint, released_checkpoint_name
 from src.errors import UsageError
 from src.eval_config import EvalRecord, read_record
 from src.utils import normalize_model

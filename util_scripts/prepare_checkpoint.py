@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's `src` im
 
 from src.arg_parser.common import check_mean_std  # noqa: E402
 from src.arg_parser.export import build_export_parser as build_parser  # noqa: E402
-from src.checkpoint import export_released_checkpoint  # noqa: E402
+from src.checkpoint_export import export_released_checkpoint  # noqa: E402
 from src.errors import UsageError, run_cli  # noqa: E402
 
 

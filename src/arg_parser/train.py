@@ -154,7 +154,7 @@ def _add_sched_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Learning rate schedule")
     g.add_argument("--sched", default="cosine", type=Choice(names=SCHEDULERS), metavar="NAME",
                    help="LR scheduler: " + ", ".join(SCHEDULERS))
-    g.add_argument("--lr", type=positive_float(nullable=True), default=0.1, metavar="LR",
+    g.add_argument("--lr", type=nonneg_float(nullable=True), default=0.1, metavar="LR",
                    help="learning rate (default: 0.1; null in YAML = scale --lr-base by the batch size)")
     g.add_argument("--lr-base", type=positive_float(), default=0.1, metavar="LR",
                    help="base LR for batch --lr-base-size")
