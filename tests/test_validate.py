@@ -387,10 +387,12 @@ def _imagenet_like_folder(root, n: int) -> str:
     from PIL import Image
 
     ds = DigitsDataset("validation")
-    for k in range(n):
-        folder = os.path.join(str(root), "validation", str(int(ds.targets[k])))
+    per_class = {c: [i for i, t in enumerate(ds.targets) if int(t) == c][:n // 10] for c in range(10)}
+    picks = sorted(i for idx in per_class.values() for i in idx)  # every class present, as a real val split
+    for k, i in enumerate(picks):
+        folder = os.path.join(str(root), "validation", str(int(ds.targets[i])))
         os.makedirs(folder, exist_ok=True)
-        Image.fromarray(ds.images[k]).save(os.path.join(folder, f"ILSVRC2012_val_{k + 1:08d}.JPEG"))
+        Image.fromarray(ds.images[i]).save(os.path.join(folder, f"ILSVRC2012_val_{k + 1:08d}.JPEG"))
     return str(root)
 
 
