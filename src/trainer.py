@@ -524,7 +524,7 @@ def run_epochs(task: TrainTask, plan: OutputPlan, progress: Progress, outputs: R
     if dev_env.primary and best is not None:
         _logger.info("*** Best metric: %s (epoch %d)", best[1], best[0])
     return {"output_dir": plan.output_dir, "eval": eval_metrics, "train": train_metrics, "best": best,
-            "num_epochs": task.num_epochs, "seconds": time.time() - t0}
+            "num_epochs": task.num_epochs, "seconds": time.time() - t0, "primary": dev_env.primary}
 
 
 def _stopped(stop: StopSignals, plan: OutputPlan, where: str, checkpoint: str) -> None:
