@@ -156,7 +156,10 @@ class StopSignals:
 def check_inputs(args: argparse.Namespace) -> None:
     """Training-specific checks of the arguments that need no model or data."""
     from src.data import check_dataset_name, needs_data_dir
+    from src.smoke import check_caps
 
+    check_caps(args)
+    retain_mode(args)
     check_dataset_name(args.dataset)
     if args.combine_dataset:
         check_dataset_name(args.combine_dataset)
@@ -228,8 +231,10 @@ def _build_objectives(task: TrainTask) -> None:
 def build_loaders(args, data_config, dev_env: DeviceEnv, num_classes: Optional[int]):
     """The training loader (optionally combined with a second dataset) and the evaluation loader."""
     from src.data import create_train_loaders
+    from src.smoke import apply_sample_caps
 
-    return create_train_loaders(args, data_config, dev_env.world_size, dev_env.global_rank, num_classes)
+    loaders = create_train_loaders(args, data_config, dev_env.world_size, dev_env.global_rank, num_classes)
+    return apply_sample_caps(args, *loaders)  # the smoke-test caps, when given
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,8 +292,9 @@ def plan_output(task: TrainTask) -> OutputPlan:
                 n == "last.pth.tar" or n.startswith("recovery-") for n in storage.listdir(output_dir)):
             # starting over would drop the summary rows and the checkpoints of the earlier run
             raise UsageError(f"--resume auto: no readable last/recovery checkpoint in {output_dir}; resume one "
-                             "explicitly with --resume PATH (e.g. a checkpoint-<epoch>.pth.tar there) or use "
-                             "another --experiment")
+                             "explicitly with --resume PATH (e.g. a checkpoint-<epoch>.pth.tar there, with "
+                             "--no-resume-opt unless the run kept --checkpoint-full-state) or use another "
+                             "--experiment")
         if plan.resume_path is None and not args.experiment:
             _logger.warning("--resume auto without --experiment starts a new run in %s: the default experiment "
                             "name is new for every run (date and time), so there is nothing to resume. Pass the "
@@ -309,6 +315,11 @@ def _load_resume(path: str, args: argparse.Namespace) -> Dict[str, Any]:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
         raise UsageError(f"--resume {path} is not a training checkpoint (no 'model'/'epoch' keys); use "
                          "--initial-checkpoint or --finetune for bare weights")
+    if not args.no_resume_opt and ckpt.get("optimizer") is None:
+        raise CheckpointError(
+            f"--resume {path} holds no optimizer state (checkpoint-<epoch> and best files keep weights only, "
+            "unless trained with --checkpoint-full-state): resume from last.pth.tar or a recovery-<step>.pth.tar "
+            "of the run, or pass --no-resume-opt to continue from these weights with a fresh optimizer")
     return ckpt
 
 
@@ -327,9 +338,12 @@ def restore(task: TrainTask, plan: OutputPlan) -> Progress:
             load_model_weights(parts.model, ckpt, use_ema=False, strict=True)
         except CheckpointError as e:  # name the file, not the in-memory dict it was read into
             raise CheckpointError(str(e).replace("<in-memory checkpoint>", f"--resume {plan.resume_path}")) from None
-        if parts.model_ema is not None and ckpt.get("model_ema") is not None:
-            unwrap_model(parts.model_ema).load_state_dict(ckpt["model_ema"])
-        if not args.no_resume_opt:
+        if parts.model_ema is not None:
+            if ckpt.get("model_ema") is not None:
+                unwrap_model(parts.model_ema).load_state_dict(ckpt["model_ema"])
+            else:  # no EMA in the file: the average restarts from the resumed weights, not from the init
+                parts.model_ema.set(parts.model)
+        if not args.no_resume_opt:  # present: _load_resume checked
             parts.optimizer.load_state_dict(ckpt["optimizer"])
         if parts.grad_scaler is not None and ckpt.get("grad_scaler") is not None:
             parts.grad_scaler.load_state_dict(ckpt["grad_scaler"])
@@ -354,11 +368,21 @@ def restore(task: TrainTask, plan: OutputPlan) -> Progress:
 # Step 4: prepare the output folder (the run's first write)
 # ----------------------------------------------------------------------------------------------
 
+def retain_mode(args: argparse.Namespace) -> str:
+    """What checkpoint-<epoch> / best files keep (``--checkpoint-full-state``, ``--checkpoint-weights-only``)."""
+    from src.bits.checkpoint_manager import RETAIN_FULL, RETAIN_WEIGHTS, RETAIN_WEIGHTS_ONLY
+
+    if args.checkpoint_full_state and args.checkpoint_weights_only:
+        raise UsageError("--checkpoint-full-state and --checkpoint-weights-only exclude each other")
+    return RETAIN_FULL if args.checkpoint_full_state else \
+        RETAIN_WEIGHTS_ONLY if args.checkpoint_weights_only else RETAIN_WEIGHTS
+
+
 def prepare_output(task: TrainTask, plan: OutputPlan, progress: Progress, args_text: str) -> RunOutputs:
     """Checkpoint manager, summary and W&B; on the primary, make the folder agree with the resume point."""
     args = task.args
     manager = CheckpointManager(plan.output_dir, args.model, task.hparams, metric_name=args.eval_metric,
-                                max_history=args.checkpoint_hist,
+                                max_history=args.checkpoint_hist, retain=retain_mode(args),
                                 train_cfg=dict(num_epochs=task.num_epochs, log_interval=args.log_interval,
                                                recovery_interval=args.recovery_interval, accumulate_steps=1))
     if plan.resume_ckpt is not None:
@@ -441,8 +465,13 @@ def _epoch_hooks(task: TrainTask, outputs: RunOutputs, first_epoch: bool) -> Epo
 def _position_loader(loader, epoch: int, epoch_state: Optional[EpochState]) -> None:
     """Shuffle for this epoch and skip the batches a mid-epoch recovery point already did."""
     from src.data import set_loader_epoch
+    from src.smoke import CappedLoader
 
-    set_loader_epoch(loader, epoch, epoch_state.batches_done if epoch_state is not None else 0)
+    start = epoch_state.batches_done if epoch_state is not None else 0
+    if isinstance(loader, CappedLoader):  # --max-train-steps: the cap counts from the epoch's start
+        loader.start = start
+        loader = loader.loader
+    set_loader_epoch(loader, epoch, start)
 
 
 def _evaluate_epoch(task: TrainTask) -> Dict[str, float]:
