@@ -397,15 +397,31 @@ def prepare_output(task: TrainTask, plan: OutputPlan, progress: Progress, args_t
         raise UsageError(f"cannot write to the output folder {plan.output_dir}: {e.strerror or e}") from None
     resume_step = int(plan.resume_ckpt.get("step_count_global", 0)) if plan.resume_ckpt is not None else None
     manager.prepare_folder(progress.start_epoch, resume_step)
-    args_yaml = storage.join(plan.output_dir, "args.yaml")
-    if not (plan.continuing and storage.exists(args_yaml)):
-        storage.atomic_write_text(args_yaml, args_text)
+    _write_args_yaml(task, plan, progress, args_text)
     outputs.summary.truncate_from(progress.start_epoch)
     if args.log_wandb:
         outputs.wandb_run = _init_wandb(args, plan.output_dir)
     _logger.info("output folder %s; training epochs %d..%d", plan.output_dir, progress.start_epoch,
                  task.num_epochs - 1)
     return outputs
+
+
+def _write_args_yaml(task: TrainTask, plan: OutputPlan, progress: Progress, args_text: str) -> None:
+    """``args.yaml``: written by a new run; on resume rewritten with the arguments now in use and a
+    ``resume_history`` entry, after ONE warning line listing what changed against the checkpoint."""
+    from src.resume_record import changed_hparams, describe_changes, history_entry, write_args_yaml
+
+    path = storage.join(plan.output_dir, "args.yaml")
+    if plan.resume_ckpt is None:
+        if not (plan.continuing and storage.exists(path)):
+            storage.atomic_write_text(path, args_text)
+        return
+    changes = changed_hparams(plan.resume_ckpt.get("hparams"), task.hparams)
+    if changes:
+        _logger.warning("resuming %s with %d changed setting%s: %s (recorded in args.yaml resume_history)",
+                        plan.resume_path, len(changes), "" if len(changes) == 1 else "s", describe_changes(changes))
+    write_args_yaml(path, args_text, history_entry(plan.resume_path, progress.start_epoch, changes),
+                    keep_record=plan.continuing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,6 +620,7 @@ def _init_wandb(args: argparse.Namespace, output_dir: str):
     run = wandb.init(project=args.experiment or os.path.basename(output_dir), config=config, notes=notes,
                      dir=dir_, name=os.path.basename(output_dir))
     url = getattr(run, "url", None)
-    storage.atomic_append_text(storage.join(output_dir, "args.yaml"),
-                               f"wandb_run: {url or 'offline:' + run.id}\n")
+    from src.resume_record import set_record
+
+    set_record(storage.join(output_dir, "args.yaml"), "wandb_run", url or "offline:" + run.id)
     return run
