@@ -21,7 +21,7 @@ _logger = logging.getLogger("robust_vits")
 
 SUBSET_SEED = 0  # the subset depends on the dataset and N only, never on --seed
 
-__all__ = ["SUBSET_SEED", "CappedLoader", "check_caps", "fixed_subset", "apply_sample_caps"]
+__all__ = ["SUBSET_SEED", "CappedLoader", "check_caps", "fixed_subset", "loader_over", "apply_sample_caps"]
 
 
 def check_caps(args: argparse.Namespace) -> None:
@@ -60,21 +60,24 @@ class CappedLoader:
                 return
 
 
-def fixed_subset(dataset: Any, n: int, what: str) -> Any:
-    """A fixed random subset of ``n`` examples of a map-style dataset (in dataset order)."""
+def fixed_subset(dataset: Any, n: int, what: str, flag: Optional[str] = None) -> Any:
+    """A fixed random subset of ``n`` examples of a map-style dataset (in dataset order); ``flag``
+    names the option in messages (default ``--<what>-num-samples``)."""
+    flag = flag or f"--{what}-num-samples"
     if isinstance(dataset, torch.utils.data.IterableDataset):
-        raise UsageError(f"--{what}-num-samples needs a dataset with random access; this {what} set is read as a "
-                         f"stream (tfds/wds): cap the training with --max-train-steps instead")
+        hint = ": cap the training with --max-train-steps instead" if what == "train" else ""
+        raise UsageError(f"{flag} needs a dataset with random access; this {what} set is read as a stream "
+                         f"(tfds/wds){hint}")
     size = len(dataset)
     if n >= size:
-        _logger.info("--%s-num-samples %d: the %s set has only %d images, all used", what, n, what, size)
+        _logger.info("%s %d: the %s set has only %d images, all used", flag, n, what, size)
         return dataset
     g = torch.Generator().manual_seed(SUBSET_SEED)
     idx = torch.randperm(size, generator=g)[:n].sort().values.tolist()
     return torch.utils.data.Subset(dataset, idx)
 
 
-def _rebuilt(loader: Any, dataset: Any, is_training: bool) -> Any:
+def loader_over(loader: Any, dataset: Any, is_training: bool) -> Any:
     """The same loader (batch size, sharding, workers, seed) over another dataset."""
     from src.data import create_loader
 
@@ -95,7 +98,7 @@ def apply_sample_caps(args: argparse.Namespace, train_loader: Any, eval_loader: 
     n_train: Optional[int] = getattr(args, "train_num_samples", None)
     if n_train:
         inner = train_loader.loader_a if isinstance(train_loader, CombinedLoaders) else train_loader
-        capped = _rebuilt(inner, fixed_subset(inner.dataset, n_train, "train"), True)
+        capped = loader_over(inner, fixed_subset(inner.dataset, n_train, "train"), True)
         if len(capped) == 0:
             raise UsageError(f"--train-num-samples {n_train} is fewer than one batch ({inner.batch_size} per "
                              f"process x {getattr(inner.sampler, 'world_size', 1)} processes); raise it or lower "
@@ -104,7 +107,7 @@ def apply_sample_caps(args: argparse.Namespace, train_loader: Any, eval_loader: 
             if isinstance(train_loader, CombinedLoaders) else capped
     n_val: Optional[int] = getattr(args, "val_num_samples", None)
     if n_val:
-        eval_loader = _rebuilt(eval_loader, fixed_subset(eval_loader.dataset, n_val, "val"), False)
+        eval_loader = loader_over(eval_loader, fixed_subset(eval_loader.dataset, n_val, "val"), False)
     if getattr(args, "max_train_steps", None):
         train_loader = CappedLoader(train_loader, args.max_train_steps)
     if n_train or n_val or getattr(args, "max_train_steps", None):

@@ -52,6 +52,7 @@ class TrainTask:
     eps_schedule: Optional[Callable[[int], float]] = None
     mixup_fn: Optional[Callable] = None
     random_erasing: Optional[Callable] = None
+    monitor: Any = None  # src.attack_monitor.AttackMonitor with --monitor-attack-steps
 
     @property
     def hparams(self) -> Dict[str, Any]:
@@ -220,6 +221,9 @@ def _build_objectives(task: TrainTask) -> None:
         # logged in /255 units, as the original's summary (train_eps 4.0 for eps 4/255)
         task.eps_schedule = eps_schedule(args.eps_schedule, args.attack_eps, args.eps_schedule_period,
                                          args.zero_eps_epochs)
+    from src.attack_monitor import build_monitor
+
+    task.monitor = build_monitor(args, task.eval_loader, task.num_classes, task.num_epochs, dev_env)
     task.mixup_fn = setup_task.create_mixup(args, task.num_classes)
     if args.reprob > 0:
         from src.data import NotNormalizedRandomErasing
@@ -387,7 +391,11 @@ def prepare_output(task: TrainTask, plan: OutputPlan, progress: Progress, args_t
                                                recovery_interval=args.recovery_interval, accumulate_steps=1))
     if plan.resume_ckpt is not None:
         manager.restore_history(plan.resume_ckpt)
-    outputs = RunOutputs(manager=manager, summary=SummaryCsv(storage.join(plan.output_dir, "summary.csv")))
+    from src.attack_monitor import MONITOR_COLUMN
+    from src.bits.summary import SUMMARY_COLUMNS
+
+    columns = SUMMARY_COLUMNS + ([MONITOR_COLUMN] if task.monitor is not None else [])
+    outputs = RunOutputs(manager=manager, summary=SummaryCsv(storage.join(plan.output_dir, "summary.csv"), columns))
     if not task.dev_env.primary:
         return outputs
     # first write of the run: every check on the user's input has passed by now
@@ -557,9 +565,11 @@ def run_epochs(task: TrainTask, plan: OutputPlan, progress: Progress, outputs: R
                          outputs.manager.path(f"recovery-{num_updates}.pth.tar"))
             _check_finite_weights(parts.model, epoch, "end of the epoch")
             eval_metrics = _evaluate_epoch(task)
+            monitor = task.monitor.measure(parts.model, epoch, dev_env, args.attack_mode) \
+                if task.monitor is not None and task.monitor.due(epoch) else {}
             parts.lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
             if dev_env.primary:
-                best = _record_epoch(task, outputs, epoch, num_updates, train_metrics, eval_metrics)
+                best = _record_epoch(task, outputs, epoch, num_updates, train_metrics, eval_metrics, monitor)
             dev_env.barrier()
             if stop.requested and epoch + 1 < task.num_epochs:
                 _stopped(stop, plan, f"after epoch {epoch}", outputs.manager.path("last.pth.tar"))
@@ -580,14 +590,18 @@ def _stopped(stop: StopSignals, plan: OutputPlan, where: str, checkpoint: str) -
 
 
 def _record_epoch(task: TrainTask, outputs: RunOutputs, epoch: int, num_updates: int,
-                  train_metrics: Dict[str, float], eval_metrics: Dict[str, float]):
+                  train_metrics: Dict[str, float], eval_metrics: Dict[str, float],
+                  monitor: Optional[Dict[str, float]] = None):
     """Summary row, W&B, and the epoch's checkpoints; returns the best (epoch, metric) so far."""
+    from src.attack_monitor import MONITOR_COLUMN
+
     parts = task.parts
-    row = summary_row(epoch, train_metrics, eval_metrics)
+    row = summary_row(epoch, train_metrics, eval_metrics,
+                      {MONITOR_COLUMN: (monitor or {}).get(MONITOR_COLUMN, float("nan"))} if task.monitor else None)
     outputs.summary.append(row)
     _write_summary_png(outputs.summary, task.args.model)
     if outputs.wandb_run is not None:
-        outputs.wandb_run.log(row)
+        outputs.wandb_run.log({**row, **(monitor or {})})
     return outputs.manager.save_epoch(parts.model, parts.optimizer, epoch, len(task.train_loader), num_updates,
                                       eval_metrics, model_ema=parts.model_ema, grad_scaler=parts.grad_scaler,
                                       lr_scheduler=parts.lr_scheduler)

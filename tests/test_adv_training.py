@@ -91,7 +91,7 @@ def test_custom_loss_plugin(tmp_path):
 @pytest.mark.parametrize("spec,match", [
     ("nosuchmodule:Loss", "cannot import"),
     ("tests.plugin_losses:Nope", "not an nn.Module"),
-    ("fgsm", "pgd, trades or module.path:ClassName"),
+    ("fgsm", "pgd, trades, module.path:ClassName or path/to/file.py:ClassName"),
 ])
 def test_bad_loss_spec(tmp_path, spec, match):
     with pytest.raises(UsageError, match=match):

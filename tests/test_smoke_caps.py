@@ -106,5 +106,5 @@ def test_bad_caps_are_one_clear_error(tmp_path):
         def __iter__(self):
             return iter([])
 
-    with pytest.raises(UsageError, match="--max-train-steps instead"):
+    with pytest.raises(UsageError, match="--train-num-samples needs.*--max-train-steps instead"):
         fixed_subset(Stream(), 5, "train")
