@@ -7,7 +7,6 @@ normalization inside the model, fine-tuning, the pluggable loss interface).
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import logging
 import math

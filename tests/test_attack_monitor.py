@@ -63,6 +63,8 @@ def test_weak_training_attack_is_flagged_and_written_to_the_summary(tmp_path, lo
     assert gap > 20
     warnings = [m for lvl, m in log_records if lvl == logging.WARNING and "far weaker than PGD-10" in m]
     assert len(warnings) == 1 and f"{gap:.1f}%" in warnings[0] and "PGD-1, step 0.05/255" in warnings[0]
+    assert os.path.exists(os.path.join(res["output_dir"], "summary.png"))  # the extra column does not stop it
+    assert not any("could not draw" in m for _, m in log_records)
 
 
 def test_matched_attack_has_no_gap_and_the_monitor_changes_no_training_number(tmp_path, log_records):
