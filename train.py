@@ -19,7 +19,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, args_text = parse_args(argv)
     result = run_training(args, args_text)
     ev = result["eval"]
-    if ev:
+    if ev and result["primary"]:  # under torchrun, one process prints the result
         print(f"final eval: top1 {ev['top1']:.2f}  robust_top1 {ev['robust_top1']:.2f}  loss {ev['loss']:.4f}"
               f"  ({result['seconds']:.0f}s, outputs in {result['output_dir']})")
     return 0

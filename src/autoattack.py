@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,25 +83,135 @@ class _FloatLogits(nn.Module):
         return self.model(x).float()
 
 
+_INITIAL = re.compile(r"initial accuracy: ([\d.]+)%")
+_RUNNING = re.compile(r"running (\S+)$")
+_BATCH = re.compile(r"(\S+) - (\d+)/(\d+) - (\d+) out of (\d+) successfully perturbed")
+_AFTER = re.compile(r"robust accuracy after (\S+): ([\d.]+)% \(total time ([\d.]+) s\)")
+
+
+class _AttackProgress:
+    """AutoAttack's progress from its own log lines: which attack runs, how many points are left
+    robust, and (through its ``attack_single_run`` calls) each restart / target class of it.
+
+    pyautoattack logs these at DEBUG level once per attack and batch, and nothing during the
+    restarts (one APGD-CE batch of 20 ImageNet images: minutes of silence); here they become a
+    :class:`src.progress.Progress` (a bar on a TTY, log lines otherwise, rank 0 only).
+    """
+
+    def __init__(self, adversary, n: int, label: str):
+        from src.progress import Progress
+
+        self.adversary, self.n = adversary, n
+        self.attacks = list(adversary.attacks_to_run)
+        self.progress = Progress(len(self.attacks), f"AutoAttack {label} on {n} images", unit="attack")
+        self.robust: Optional[int] = None
+        self.attack, self.runs, self.batch, self.t_attack, self.t_runs = "", 0, (1, 1), time.time(), 0.0
+        self.points, self.t_run = n, time.time()
+        for obj in {id(a): a for a in (adversary.apgd, adversary.apgd_targeted, adversary.fab,
+                                        adversary.square)}.values():
+            obj.attack_single_run = self._counted(obj.attack_single_run)
+        self.queries = 0
+        adversary.square.margin_and_loss = self._queries_counted(adversary.square.margin_and_loss)
+
+    def _runs_per_batch(self) -> int:
+        a = self.adversary
+        return {"apgd-ce": a.apgd.n_restarts, "apgd-dlr": a.apgd.n_restarts, "fab": a.fab.n_restarts,
+                "apgd-t": a.apgd_targeted.n_target_classes * a.apgd_targeted.n_restarts,
+                "fab-t": a.fab.n_target_classes, "square": a.square.n_restarts}.get(self.attack, 1)
+
+    def _counted(self, run):
+        def counted(*args, **kwargs):
+            t0 = self.t_run = time.time()
+            self.queries = 0
+            out = run(*args, **kwargs)
+            self.runs += 1
+            self.t_runs += time.time() - t0
+            total = max(self._runs_per_batch(), self.runs)
+            eta = self.t_runs / self.runs * (total - self.runs)
+            from src.progress import format_eta
+
+            self.progress.note(f"{self.attack.upper()} run {self.runs}/{total} of batch {self.batch[0]}/"
+                               f"{self.batch[1]} ({self.t_runs / self.runs:.1f} s/run, batch ETA {format_eta(eta)})"
+                               f"{self._left()}")
+            return out
+        return counted
+
+    def _queries_counted(self, margin_and_loss):
+        """Square makes up to ``n_queries`` model queries per run without a word: count them."""
+        def counted(*args, **kwargs):
+            self.queries += 1
+            if self.queries % 50 == 0:
+                from src.progress import format_eta
+
+                n_q, spent = self.adversary.square.n_queries, time.time() - self.t_run
+                eta = spent / self.queries * max(n_q - self.queries, 0)
+                self.progress.note(f"SQUARE query {self.queries}/{n_q} of run {self.runs + 1} (ETA of the run "
+                                   f"{format_eta(eta)}){self._left()}")
+            return margin_and_loss(*args, **kwargs)
+        return counted
+
+    def _left(self) -> str:
+        return f", {self.robust}/{self.n} left robust" if self.robust is not None else ""
+
+    def message(self, msg: str) -> None:
+        m = _INITIAL.match(msg)
+        if m:
+            self.robust = round(float(m.group(1)) / 100 * self.n)
+            self.progress.note(f"{self.robust}/{self.n} correctly classified; attacks: "
+                               f"{', '.join(a.upper() for a in self.attacks)}", force=True)
+            return
+        m = _RUNNING.match(msg)
+        if m:
+            self.attack, self.runs, self.t_runs, self.batch, self.t_attack = m.group(1), 0, 0.0, (1, 1), time.time()
+            self.points = self.robust if self.robust is not None else self.n  # what this attack works on
+            self.progress.note(f"running {self.attack.upper()}{self._left()}")
+            return
+        m = _BATCH.match(msg)
+        if m:
+            if self.robust is not None:
+                self.robust -= int(m.group(4))
+            nb = int(m.group(3))
+            self.batch, self.runs, self.t_runs = (min(int(m.group(2)) + 1, nb), nb), 0, 0.0
+            self.progress.note(f"{self.attack.upper()} batch {m.group(2)}/{nb} done{self._left()}")
+            return
+        m = _AFTER.match(msg)
+        if m:
+            self.robust = round(float(m.group(2)) / 100 * self.n)
+            self.progress.update(1, images=self.points,
+                                 status=f"{m.group(1)} done in {time.time() - self.t_attack:.1f} s: {self.robust}/"
+                                        f"{self.n} left robust ({m.group(2)}%)", force=True)
+        elif msg.startswith("no robust datapoints left"):
+            self.progress.note("no robust points left: the remaining attacks are skipped", force=True)
+
+    def close(self) -> None:
+        self.progress.close()
+
+
 class _CaptureHandler(logging.Handler):
-    """Collects AutoAttack's warnings as flags; forwards its progress lines when verbose."""
+    """Collects AutoAttack's warnings as flags; turns its progress lines into progress (and forwards
+    them verbatim when verbose)."""
 
     def __init__(self, verbose: bool):
         super().__init__(logging.DEBUG)
         self.verbose = verbose
         self.flags: List[str] = []
+        self.progress: Optional[_AttackProgress] = None
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
         if record.levelno >= logging.WARNING:
             self.flags.append(msg)
-        elif self.verbose:
+            return
+        if self.progress is not None:
+            self.progress.message(msg)
+        if self.verbose:
             _logger.info("AutoAttack: %s", msg)
 
 
 @contextlib.contextmanager
-def _captured_messages(verbose: bool) -> Iterator[List[str]]:
-    """Route the 'auto-attack' logger (and pyautoattack's warnings.warn calls) into a list.
+def _captured_messages(verbose: bool) -> Iterator[_CaptureHandler]:
+    """Route the 'auto-attack' logger (and pyautoattack's warnings.warn calls) into a handler that
+    keeps the flags (``handler.flags``) and reports progress (``handler.progress``, set by the caller).
 
     The logger's level and propagation are restored afterwards; warnings not raised by
     pyautoattack are re-emitted unchanged.
@@ -107,18 +219,20 @@ def _captured_messages(verbose: bool) -> Iterator[List[str]]:
     aa_logger = logging.getLogger(AUTOATTACK_LOGGER)
     handler = _CaptureHandler(verbose)
     old_level, old_propagate = aa_logger.level, aa_logger.propagate
-    aa_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    aa_logger.setLevel(logging.DEBUG)  # its progress lines are DEBUG records
     aa_logger.propagate = False
     aa_logger.addHandler(handler)
     flags = handler.flags
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            yield flags
+            yield handler
     finally:
         aa_logger.removeHandler(handler)
         aa_logger.setLevel(old_level)
         aa_logger.propagate = old_propagate
+        if handler.progress is not None:
+            handler.progress.close()
     for w in caught:
         if "pyautoattack" in str(w.filename):
             flags.append(str(w.message))
@@ -219,7 +333,8 @@ def run_autoattack(model: nn.Module,
     wrapped = _FloatLogits(model, model_dtype)
 
     own_flags: List[str] = [TRAIN_MODE_FLAG] if model.training else []
-    with _captured_messages(verbose) as flags, _fork_rng(device):
+    with _captured_messages(verbose) as handler, _fork_rng(device):
+        flags = handler.flags
         _reset_dynamic_check()
         if version == "apgd-ce":
             adversary = AutoAttack(wrapped, attacks=["apgd-ce"], device=device, eps=float(eps), norm=aa_norm,
@@ -230,6 +345,7 @@ def run_autoattack(model: nn.Module,
                                    version=version)
         if version != "apgd-ce":
             own_flags += _fit_targets_to_classes(adversary, version, _num_classes(wrapped, x, device))
+        handler.progress = _AttackProgress(adversary, len(x), version)
         x_adv, y_adv = adversary.run_standard_evaluation(
             x, y, batch_size=bs, state_path=Path(state_path) if state_path is not None else None)
     all_flags = list(dict.fromkeys(own_flags + flags))  # AutoAttack repeats some checks per attack

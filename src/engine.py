@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
@@ -19,6 +18,7 @@ import torch.nn as nn
 
 from src.bits.device import DeviceEnv
 from src.errors import NonFiniteLossError
+from src.progress import Progress
 
 _logger = logging.getLogger("robust_vits")
 
@@ -54,14 +54,6 @@ def _hard_targets(y: torch.Tensor) -> torch.Tensor:
 
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.detach().argmax(dim=-1) == y).sum()
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _all_finite(params) -> bool:
@@ -240,34 +232,21 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
 
 
 class _EpochLog:
-    """A progress bar on a TTY, else a log line every ``interval`` batches (primary process only)."""
+    """Training progress: a bar on a TTY, else a line every ``interval`` batches (primary only)."""
 
     def __init__(self, desc: str, total: int, done: int, dev_env: DeviceEnv, interval: int):
-        self.desc, self.total, self.dev_env, self.interval = desc, total, dev_env, interval
-        self.bar = _progress(total, desc, dev_env.primary)
-        if self.bar is not None:
-            self.bar.update(done)
-        self.t_start = self.t_log = time.time()
-        self.n_log = 0
+        self.progress = Progress(total, desc, primary=dev_env.primary, log_every=interval, log_seconds=None,
+                                 world_size=dev_env.world_size, done=done)
+        self.interval, self.t_start = interval, time.time()
 
     def batch(self, bsz: int, done: int, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        self.n_log += bsz
-        if self.bar is not None:
-            self.bar.update(1)
-        if not (self.dev_env.primary and self.interval and done % self.interval == 0):
-            return
-        now = time.time()
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {float(loss):.4f}")
-        else:
-            rate = self.n_log * self.dev_env.world_size / max(now - self.t_log, 1e-9)
-            _logger.info("%s [%d/%d] loss %.4f lr %.3e %.1f img/s", self.desc,
-                         done, self.total, float(loss), _mean_lr(optimizer), rate)
-        self.t_log, self.n_log = now, 0
+        status = None
+        if self.interval and done % self.interval == 0:
+            status = lambda: f"loss {float(loss):.4f} lr {_mean_lr(optimizer):.3e}"  # noqa: E731 (synced when shown)
+        self.progress.update(1, images=bsz, status=status)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.progress.close()
 
     def seconds(self) -> float:
         return time.time() - self.t_start
@@ -442,34 +421,24 @@ def _forward_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dev_env
 
 
 class _EvalProgress:
-    """tqdm on a TTY, else a log line every ``log_freq`` batches (primary process only)."""
+    """Evaluation progress with images/s and ETA: a bar on a TTY, else a line every ``log_freq``
+    batches and at least every ``progress.LOG_SECONDS`` (primary process only)."""
 
     def __init__(self, total: int, dev_env: DeviceEnv, log_freq: int, desc: str, attacked: bool):
-        self.total, self.dev_env, self.log_freq, self.attacked = total, dev_env, log_freq, attacked
-        self.bar = _progress(total, desc, dev_env.primary)
-        self.t_log, self.n_log = time.time(), 0
+        self.attacked = attacked
+        self.progress = Progress(total, desc, primary=dev_env.primary, log_every=log_freq,
+                                 world_size=dev_env.world_size)
 
     def update(self, i: int, batch: int, sums: torch.Tensor, count: int, k: int) -> None:
-        self.n_log += batch
-        if self.bar is not None:
-            self.bar.update(1)
-        due = self.log_freq and ((i + 1) % self.log_freq == 0 or i + 1 == self.total)
-        if not self.dev_env.primary or (self.bar is None and not due):
-            return
-        now = time.time()
-        s = sums.tolist()
-        rate = self.n_log * self.dev_env.world_size / max(now - self.t_log, 1e-9)
-        robust = f" robust@1 {100 * s[3] / count:.2f}" if self.attacked else ""
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{rate:.1f} img/s acc@1 {100 * s[0] / count:.2f}{robust}")
-        else:
-            _logger.info("Test: [%d/%d] %.1f img/s loss %.4f acc@1 %.2f acc@%d %.2f%s", i + 1, self.total, rate,
-                         s[2] / count, 100 * s[0] / count, k, 100 * s[1] / count, robust)
-        self.t_log, self.n_log = now, 0
+        def status() -> str:  # one host sync, only when a line or the bar shows it
+            s = sums.tolist()
+            robust = f" robust@1 {100 * s[3] / count:.2f}" if self.attacked else ""
+            return f"loss {s[2] / count:.4f} acc@1 {100 * s[0] / count:.2f} acc@{k} {100 * s[1] / count:.2f}{robust}"
+
+        self.progress.update(1, images=batch, status=status)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.progress.close()
 
 
 def _sampler_indices(loader, count: int) -> Optional[torch.Tensor]:

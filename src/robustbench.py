@@ -484,7 +484,9 @@ def _evaluate_pending(args: argparse.Namespace, setup: EvaluationSetup, state: A
     state.begin_run({"device": str(dev_env.device)})
     eps = float(args.eps) / 255.0
     seen_flags: set = set()
-    for k, (start, end) in enumerate(pending):
+    from src.progress import track_ranges  # chunks done, images/s and ETA (rank 0 only)
+
+    for k, (start, end) in enumerate(track_ranges(pending, f"{tag}RobustBench AutoAttack", dev_env.primary)):
         t_chunk = time.time()
         x, y = load_chunk(setup.examples, start, end, args.workers)
         clean, robust, flags = evaluate_chunk(model, x, y, threat_model=args.threat_model, eps=eps,

@@ -252,9 +252,13 @@ def create_train_loss(args: argparse.Namespace, dev_env, num_classes: int) -> nn
 
 
 def create_eval_attack(args: argparse.Namespace, dev_env, num_classes: int):
-    """Per-epoch eval attack (§1.1 item 11): untargeted, eval eps, training step count, NLL-sum."""
+    """Per-epoch eval attack (§1.1 item 11): untargeted, eval eps, NLL-sum, with the training step
+    count (the original) or ``--eval-attack-steps`` (step size ``--attack-lr`` or 1.5 * eps / steps)."""
     if not args.adv_training:
         return None
+    steps = getattr(args, "eval_attack_steps", None)
+    if steps is not None:
+        args = argparse.Namespace(**{**vars(args), "attack_steps": steps})
     cfg = resolve_attack_cfg(args, eval=True)
     return make_attack(cfg.name, cfg.eps, cfg.step_size, cfg.steps, cfg.norm, cfg.boundaries,
                        criterion=nn.NLLLoss(reduction="sum"), dev_env=dev_env, num_classes=num_classes)

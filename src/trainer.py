@@ -53,6 +53,7 @@ class TrainTask:
     eps_schedule: Optional[Callable[[int], float]] = None
     mixup_fn: Optional[Callable] = None
     random_erasing: Optional[Callable] = None
+    monitor: Any = None  # src.attack_monitor.AttackMonitor with --monitor-attack-steps
 
     @property
     def hparams(self) -> Dict[str, Any]:
@@ -157,7 +158,10 @@ class StopSignals:
 def check_inputs(args: argparse.Namespace) -> None:
     """Training-specific checks of the arguments that need no model or data."""
     from src.data import check_dataset_name, needs_data_dir
+    from src.smoke import check_caps
 
+    check_caps(args)
+    retain_mode(args)
     check_dataset_name(args.dataset)
     if args.combine_dataset:
         check_dataset_name(args.combine_dataset)
@@ -218,6 +222,9 @@ def _build_objectives(task: TrainTask) -> None:
         # logged in /255 units, as the original's summary (train_eps 4.0 for eps 4/255)
         task.eps_schedule = eps_schedule(args.eps_schedule, args.attack_eps, args.eps_schedule_period,
                                          args.zero_eps_epochs)
+    from src.attack_monitor import build_monitor
+
+    task.monitor = build_monitor(args, task.eval_loader, task.num_classes, task.num_epochs, dev_env)
     task.mixup_fn = setup_task.create_mixup(args, task.num_classes)
     if args.reprob > 0:
         from src.data import NotNormalizedRandomErasing
@@ -229,8 +236,10 @@ def _build_objectives(task: TrainTask) -> None:
 def build_loaders(args, data_config, dev_env: DeviceEnv, num_classes: Optional[int]):
     """The training loader (optionally combined with a second dataset) and the evaluation loader."""
     from src.data import create_train_loaders
+    from src.smoke import apply_sample_caps
 
-    return create_train_loaders(args, data_config, dev_env.world_size, dev_env.global_rank, num_classes)
+    loaders = create_train_loaders(args, data_config, dev_env.world_size, dev_env.global_rank, num_classes)
+    return apply_sample_caps(args, *loaders)  # the smoke-test caps, when given
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,8 +297,9 @@ def plan_output(task: TrainTask) -> OutputPlan:
                 n == "last.pth.tar" or n.startswith("recovery-") for n in storage.listdir(output_dir)):
             # starting over would drop the summary rows and the checkpoints of the earlier run
             raise UsageError(f"--resume auto: no readable last/recovery checkpoint in {output_dir}; resume one "
-                             "explicitly with --resume PATH (e.g. a checkpoint-<epoch>.pth.tar there) or use "
-                             "another --experiment")
+                             "explicitly with --resume PATH (e.g. a checkpoint-<epoch>.pth.tar there, with "
+                             "--no-resume-opt unless the run kept --checkpoint-full-state) or use another "
+                             "--experiment")
         if plan.resume_path is None and not args.experiment:
             _logger.warning("--resume auto without --experiment starts a new run in %s: the default experiment "
                             "name is new for every run (date and time), so there is nothing to resume. Pass the "
@@ -310,6 +320,11 @@ def _load_resume(path: str, args: argparse.Namespace) -> Dict[str, Any]:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
         raise UsageError(f"--resume {path} is not a training checkpoint (no 'model'/'epoch' keys); use "
                          "--initial-checkpoint or --finetune for bare weights")
+    if not args.no_resume_opt and ckpt.get("optimizer") is None:
+        raise CheckpointError(
+            f"--resume {path} holds no optimizer state (checkpoint-<epoch> and best files keep weights only, "
+            "unless trained with --checkpoint-full-state): resume from last.pth.tar or a recovery-<step>.pth.tar "
+            "of the run, or pass --no-resume-opt to continue from these weights with a fresh optimizer")
     return ckpt
 
 
@@ -328,9 +343,12 @@ def restore(task: TrainTask, plan: OutputPlan) -> Progress:
             load_model_weights(parts.model, ckpt, use_ema=False, strict=True)
         except CheckpointError as e:  # name the file, not the in-memory dict it was read into
             raise CheckpointError(str(e).replace("<in-memory checkpoint>", f"--resume {plan.resume_path}")) from None
-        if parts.model_ema is not None and ckpt.get("model_ema") is not None:
-            unwrap_model(parts.model_ema).load_state_dict(ckpt["model_ema"])
-        if not args.no_resume_opt:
+        if parts.model_ema is not None:
+            if ckpt.get("model_ema") is not None:
+                unwrap_model(parts.model_ema).load_state_dict(ckpt["model_ema"])
+            else:  # no EMA in the file: the average restarts from the resumed weights, not from the init
+                parts.model_ema.set(parts.model)
+        if not args.no_resume_opt:  # present: _load_resume checked
             parts.optimizer.load_state_dict(ckpt["optimizer"])
         if parts.grad_scaler is not None and ckpt.get("grad_scaler") is not None:
             parts.grad_scaler.load_state_dict(ckpt["grad_scaler"])
@@ -355,17 +373,31 @@ def restore(task: TrainTask, plan: OutputPlan) -> Progress:
 # Step 4: prepare the output folder (the run's first write)
 # ----------------------------------------------------------------------------------------------
 
+def retain_mode(args: argparse.Namespace) -> str:
+    """What checkpoint-<epoch> / best files keep (``--checkpoint-full-state``, ``--checkpoint-weights-only``)."""
+    from src.bits.checkpoint_manager import RETAIN_FULL, RETAIN_WEIGHTS, RETAIN_WEIGHTS_ONLY
+
+    if args.checkpoint_full_state and args.checkpoint_weights_only:
+        raise UsageError("--checkpoint-full-state and --checkpoint-weights-only exclude each other")
+    return RETAIN_FULL if args.checkpoint_full_state else \
+        RETAIN_WEIGHTS_ONLY if args.checkpoint_weights_only else RETAIN_WEIGHTS
+
+
 def prepare_output(task: TrainTask, plan: OutputPlan, progress: Progress, args_text: str) -> RunOutputs:
     """Checkpoint manager, summary and W&B; on the primary, make the folder agree with the resume point."""
     args = task.args
     manager = CheckpointManager(plan.output_dir, args.model, task.hparams, metric_name=args.eval_metric,
-                                max_history=args.checkpoint_hist,
+                                max_history=args.checkpoint_hist, retain=retain_mode(args),
                                 train_cfg=dict(num_epochs=task.num_epochs, log_interval=args.log_interval,
                                                recovery_interval=args.recovery_interval, accumulate_steps=1),
                                 data_config=task.data_config)
     if plan.resume_ckpt is not None:
         manager.restore_history(plan.resume_ckpt)
-    outputs = RunOutputs(manager=manager, summary=SummaryCsv(storage.join(plan.output_dir, "summary.csv")))
+    from src.attack_monitor import MONITOR_COLUMN
+    from src.bits.summary import SUMMARY_COLUMNS
+
+    columns = SUMMARY_COLUMNS + ([MONITOR_COLUMN] if task.monitor is not None else [])
+    outputs = RunOutputs(manager=manager, summary=SummaryCsv(storage.join(plan.output_dir, "summary.csv"), columns))
     if not task.dev_env.primary:
         return outputs
     # first write of the run: every check on the user's input has passed by now
@@ -375,15 +407,31 @@ def prepare_output(task: TrainTask, plan: OutputPlan, progress: Progress, args_t
         raise UsageError(f"cannot write to the output folder {plan.output_dir}: {e.strerror or e}") from None
     resume_step = int(plan.resume_ckpt.get("step_count_global", 0)) if plan.resume_ckpt is not None else None
     manager.prepare_folder(progress.start_epoch, resume_step)
-    args_yaml = storage.join(plan.output_dir, "args.yaml")
-    if not (plan.continuing and storage.exists(args_yaml)):
-        storage.atomic_write_text(args_yaml, args_text)
+    _write_args_yaml(task, plan, progress, args_text)
     outputs.summary.truncate_from(progress.start_epoch)
     if args.log_wandb:
         outputs.wandb_run = _init_wandb(args, plan.output_dir)
     _logger.info("output folder %s; training epochs %d..%d", plan.output_dir, progress.start_epoch,
                  task.num_epochs - 1)
     return outputs
+
+
+def _write_args_yaml(task: TrainTask, plan: OutputPlan, progress: Progress, args_text: str) -> None:
+    """``args.yaml``: written by a new run; on resume rewritten with the arguments now in use and a
+    ``resume_history`` entry, after ONE warning line listing what changed against the checkpoint."""
+    from src.resume_record import changed_hparams, describe_changes, history_entry, write_args_yaml
+
+    path = storage.join(plan.output_dir, "args.yaml")
+    if plan.resume_ckpt is None:
+        if not (plan.continuing and storage.exists(path)):
+            storage.atomic_write_text(path, args_text)
+        return
+    changes = changed_hparams(plan.resume_ckpt.get("hparams"), task.hparams)
+    if changes:
+        _logger.warning("resuming %s with %d changed setting%s: %s (recorded in args.yaml resume_history)",
+                        plan.resume_path, len(changes), "" if len(changes) == 1 else "s", describe_changes(changes))
+    write_args_yaml(path, args_text, history_entry(plan.resume_path, progress.start_epoch, changes),
+                    keep_record=plan.continuing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,8 +491,13 @@ def _epoch_hooks(task: TrainTask, outputs: RunOutputs, first_epoch: bool) -> Epo
 def _position_loader(loader, epoch: int, epoch_state: Optional[EpochState]) -> None:
     """Shuffle for this epoch and skip the batches a mid-epoch recovery point already did."""
     from src.data import set_loader_epoch
+    from src.smoke import CappedLoader
 
-    set_loader_epoch(loader, epoch, epoch_state.batches_done if epoch_state is not None else 0)
+    start = epoch_state.batches_done if epoch_state is not None else 0
+    if isinstance(loader, CappedLoader):  # --max-train-steps: the cap counts from the epoch's start
+        loader.start = start
+        loader = loader.loader
+    set_loader_epoch(loader, epoch, start)
 
 
 def _evaluate_epoch(task: TrainTask) -> Dict[str, float]:
@@ -515,9 +568,11 @@ def run_epochs(task: TrainTask, plan: OutputPlan, progress: Progress, outputs: R
             _check_finite_weights(parts.model, epoch, "end of the epoch")
             seed_everything(EVAL_SEED + dev_env.global_rank)  # validate.py's default seed: it reproduces this
             eval_metrics = _evaluate_epoch(task)
+            monitor = task.monitor.measure(parts.model, epoch, dev_env, args.attack_mode) \
+                if task.monitor is not None and task.monitor.due(epoch) else {}
             parts.lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
             if dev_env.primary:
-                best = _record_epoch(task, outputs, epoch, num_updates, train_metrics, eval_metrics)
+                best = _record_epoch(task, outputs, epoch, num_updates, train_metrics, eval_metrics, monitor)
             dev_env.barrier()
             if stop.requested and epoch + 1 < task.num_epochs:
                 _stopped(stop, plan, f"after epoch {epoch}", outputs.manager.path("last.pth.tar"))
@@ -527,7 +582,7 @@ def run_epochs(task: TrainTask, plan: OutputPlan, progress: Progress, outputs: R
     if dev_env.primary and best is not None:
         _logger.info("*** Best metric: %s (epoch %d)", best[1], best[0])
     return {"output_dir": plan.output_dir, "eval": eval_metrics, "train": train_metrics, "best": best,
-            "num_epochs": task.num_epochs, "seconds": time.time() - t0}
+            "num_epochs": task.num_epochs, "seconds": time.time() - t0, "primary": dev_env.primary}
 
 
 def _stopped(stop: StopSignals, plan: OutputPlan, where: str, checkpoint: str) -> None:
@@ -538,14 +593,18 @@ def _stopped(stop: StopSignals, plan: OutputPlan, where: str, checkpoint: str) -
 
 
 def _record_epoch(task: TrainTask, outputs: RunOutputs, epoch: int, num_updates: int,
-                  train_metrics: Dict[str, float], eval_metrics: Dict[str, float]):
+                  train_metrics: Dict[str, float], eval_metrics: Dict[str, float],
+                  monitor: Optional[Dict[str, float]] = None):
     """Summary row, W&B, and the epoch's checkpoints; returns the best (epoch, metric) so far."""
+    from src.attack_monitor import MONITOR_COLUMN
+
     parts = task.parts
-    row = summary_row(epoch, train_metrics, eval_metrics)
+    row = summary_row(epoch, train_metrics, eval_metrics,
+                      {MONITOR_COLUMN: (monitor or {}).get(MONITOR_COLUMN, float("nan"))} if task.monitor else None)
     outputs.summary.append(row)
     _write_summary_png(outputs.summary, task.args.model)
     if outputs.wandb_run is not None:
-        outputs.wandb_run.log(row)
+        outputs.wandb_run.log({**row, **(monitor or {})})
     return outputs.manager.save_epoch(parts.model, parts.optimizer, epoch, len(task.train_loader), num_updates,
                                       eval_metrics, model_ema=parts.model_ema, grad_scaler=parts.grad_scaler,
                                       lr_scheduler=parts.lr_scheduler)
@@ -578,6 +637,7 @@ def _init_wandb(args: argparse.Namespace, output_dir: str):
     run = wandb.init(project=args.experiment or os.path.basename(output_dir), config=config, notes=notes,
                      dir=dir_, name=os.path.basename(output_dir))
     url = getattr(run, "url", None)
-    storage.atomic_append_text(storage.join(output_dir, "args.yaml"),
-                               f"wandb_run: {url or 'offline:' + run.id}\n")
+    from src.resume_record import set_record
+
+    set_record(storage.join(output_dir, "args.yaml"), "wandb_run", url or "offline:" + run.id)
     return run

@@ -30,8 +30,9 @@ def _rows(path):
 @pytest.fixture(scope="module")
 def three_epoch_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
+    # the original's layout (optimizer in every checkpoint), so a checkpoint-<epoch> resumes exactly
     res = run_train(TINY_TRAIN + ["--epochs", "3", "--output", str(out), "--experiment", "run",
-                                  "--model-ema", "--model-ema-decay", "0.9"])
+                                  "--model-ema", "--model-ema-decay", "0.9", "--checkpoint-full-state"])
     return res
 
 

@@ -92,6 +92,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     bool_flag(g, "--pin-mem", help="pin CPU memory in the data loader")
     bool_flag(g, "--use-multi-epochs-loader", help="keep loader workers alive between epochs")
     bool_flag(g, "--use-mp-loader", help="on XLA, wrap loaders in torch_xla's MpDeviceLoader")
+    g.add_argument("--train-num-samples", type=positive_int(nullable=True), default=None, metavar="N",
+                   help="smoke test: train on a fixed random subset of N training images (the same every "
+                        "epoch, resume and seed)")
+    g.add_argument("--val-num-samples", type=positive_int(nullable=True), default=None, metavar="N",
+                   help="smoke test: evaluate each epoch on a fixed random subset of N validation images")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -187,6 +192,9 @@ def _add_sched_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patience-epochs", type=nonneg_int(), default=10, metavar="N", help="plateau patience")
     g.add_argument("--decay-rate", "--dr", type=finite_float(0, 1, lo_open=True), default=0.1, metavar="RATE",
                    help="LR decay rate")
+    g.add_argument("--max-train-steps", type=positive_int(nullable=True), default=None, metavar="N",
+                   help="smoke test: every epoch ends after N optimizer steps (the schedule counts N steps "
+                        "per epoch)")
 
 
 def _add_aug_args(p: argparse.ArgumentParser) -> None:
@@ -281,6 +289,20 @@ def _add_adv_args(p: argparse.ArgumentParser) -> None:
                    metavar="MODE", help="PGD training: clean logits for metrics computed in train mode with a graph "
                                         "(train, the original's), without graph and BN update (nograd), or not at "
                                         "all (skip)")
+    g.add_argument("--eval-attack-steps", type=nonneg_int(nullable=True), default=None, metavar="N",
+                   help="PGD steps of the per-epoch evaluation (default: --attack-steps, as the original); "
+                        "step size --attack-lr or 1.5 * eps / N")
+    g.add_argument("--monitor-attack-steps", type=positive_int(nullable=True), default=None, metavar="K",
+                   help="attack-strength monitor: measure the relative robust-loss gap (L_K - L_train) / L_K "
+                        "between the training attack and PGD-K (step 1.5 * eps / K) at the epoch's eps; "
+                        "written to summary.csv (monitor_gap, in %%) and W&B (default: off)")
+    g.add_argument("--monitor-every", type=positive_int(), default=1, metavar="N",
+                   help="run the monitor every N epochs (and after the last one)")
+    g.add_argument("--monitor-examples", type=positive_int(), default=512, metavar="N",
+                   help="fixed random validation subset the monitor attacks")
+    g.add_argument("--monitor-warn-gap", type=nonneg_float(), default=20.0, metavar="PCT",
+                   help="warn when the monitor's gap exceeds PCT %% (healthy runs in the paper's data: "
+                        "PGD-1 vs PGD-200 at most 12.7 %%)")
 
 
 def _add_misc_args(p: argparse.ArgumentParser) -> None:
@@ -314,6 +336,12 @@ def _add_misc_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--run-notes", type=str, default="", metavar="TEXT", help="W&B run notes")
     g.add_argument("--tta", type=nonneg_int(), default=0, metavar="N",
                    help="not supported by train.py (use validate.py)")
+    bool_flag(g, "--checkpoint-full-state",
+              help="keep optimizer, grad-scaler and scheduler state in every checkpoint (the original's layout); "
+                   "by default only last.pth.tar and recovery files, which resuming needs, keep them")
+    bool_flag(g, "--checkpoint-weights-only",
+              help="checkpoint-<epoch> and best files keep one set of weights: the ones their metric was "
+                   "measured on (the EMA's with --model-ema, stored as 'model'), plus metadata")
 
 
 def build_parser() -> CliParser:

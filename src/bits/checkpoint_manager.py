@@ -1,8 +1,12 @@
 """Training checkpoints in the original's format (timm.bits CheckpointManager, version 3).
 
 Files in the experiment folder: ``last.pth.tar`` (every epoch), ``checkpoint-<epoch>.pth.tar`` for
-the top ``--checkpoint-hist`` epochs by ``--eval-metric``, ``best.pth.tar`` (strict improvement),
-and ``recovery-<global step>.pth.tar`` every ``--recovery-interval`` steps (the two newest kept).
+the top ``--checkpoint-hist`` epochs by ``--eval-metric``, ``best.pth.tar`` (strict improvement,
+a hard link to its ``checkpoint-<epoch>`` where the filesystem allows), and
+``recovery-<global step>.pth.tar`` every ``--recovery-interval`` steps (the two newest kept).
+Only ``last`` and recovery files keep the optimizer / scaler / scheduler state resuming needs;
+the retained files keep weights, EMA and metadata (``retain``; the original's full layout with
+``--checkpoint-full-state``, one set of weights with ``--checkpoint-weights-only``).
 Every file is written atomically through ``src.storage``: a kill at any instant leaves the old or
 the new complete file, locally, on ``gs://`` and on ``memory://``.
 
@@ -33,13 +37,44 @@ _logger = logging.getLogger("robust_vits")
 
 CHECKPOINT_VERSION = 3
 
+# What the retained checkpoints (checkpoint-<epoch>, best) keep; last.pth.tar and recovery files
+# always keep the full state, because resuming needs it.
+RETAIN_FULL = "full"              # everything, optimizer included (the original's layout)
+RETAIN_WEIGHTS = "weights"        # weights, EMA weights and metadata (default)
+RETAIN_WEIGHTS_ONLY = "weights-only"  # one set of weights: those the metric was measured on
+RETAIN_MODES = (RETAIN_FULL, RETAIN_WEIGHTS, RETAIN_WEIGHTS_ONLY)
+RESUME_ONLY_KEYS = ("optimizer", "grad_scaler", "lr_scheduler")
+
+
+def retained_state(st: Dict[str, Any], retain: str) -> Dict[str, Any]:
+    """The part of a full training state a retained checkpoint keeps (see ``RETAIN_MODES``).
+
+    ``weights-only`` stores the weights the selection metric was measured on as ``model``: the
+    EMA's when there is one (the per-epoch evaluation measures the EMA then), so every evaluation
+    CLI loads exactly the selected weights; ``weights_from`` records which they were.
+    """
+    if retain == RETAIN_FULL:
+        return st
+    out = {k: v for k, v in st.items() if k not in RESUME_ONLY_KEYS}
+    out["resumable"] = False  # resuming from it needs --no-resume-opt (a fresh optimizer)
+    if retain == RETAIN_WEIGHTS_ONLY:
+        if out.get("model_ema") is not None:
+            out["model"], out["weights_from"] = out["model_ema"], "model_ema"
+        else:
+            out["weights_from"] = "model"
+        out["model_ema"] = None
+    return out
+
 
 class CheckpointManager:
     """Writes and prunes the checkpoints of one experiment folder."""
 
     def __init__(self, output_dir: str, arch: str, hparams: Dict[str, Any], metric_name: str = "top1",
                  max_history: int = 10, train_cfg: Optional[Dict[str, Any]] = None,
-                 data_config: Optional[Dict[str, Any]] = None):
+                 data_config: Optional[Dict[str, Any]] = None, retain: str = RETAIN_WEIGHTS):
+        if retain not in RETAIN_MODES:
+            raise ValueError(f"retain must be one of {RETAIN_MODES}, got '{retain}'")
+        self.retain = retain  # what checkpoint-<epoch> / best files keep (last and recovery keep everything)
         self.output_dir = output_dir
         self.arch = arch
         self.hparams = hparams
@@ -123,7 +158,7 @@ class CheckpointManager:
                 if is_best:
                     self.best = (epoch, float(metric))
                 st = self._state(model, optimizer, epoch, step_count, step_count_global, metrics=metrics, **kw)
-                storage.torch_save(st, self.path(f"checkpoint-{epoch}.pth.tar"))
+                storage.torch_save(retained_state(st, self.retain), self.path(f"checkpoint-{epoch}.pth.tar"))
                 if is_best:  # the same bytes: a hard link where the filesystem allows
                     storage.link_or_copy(self.path(f"checkpoint-{epoch}.pth.tar"), self.path("best.pth.tar"))
         if st is None:

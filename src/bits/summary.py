@@ -1,4 +1,5 @@
-"""``summary.csv``: one row per epoch, columns exactly as the original (§1.1 item 15).
+"""``summary.csv``: one row per epoch, columns exactly as the original (§1.1 item 15); an extra
+column only when an option asks for it (``--monitor-attack-steps``: ``monitor_gap``).
 
 The file is rewritten atomically on every row (it is small), so a kill never leaves half a line;
 on resume the rows of epochs that will be trained again are dropped, so the file never holds a
@@ -60,10 +61,15 @@ class SummaryCsv:
         _write(self.path, self.columns, rows)
 
 
-def summary_row(epoch: int, train: Dict[str, float], evaluation: Dict[str, float]) -> Dict[str, object]:
+def summary_row(epoch: int, train: Dict[str, float], evaluation: Dict[str, float],
+                extra: Optional[Dict[str, float]] = None) -> Dict[str, object]:
+    """The original's columns, plus ``extra`` ones (e.g. the attack monitor's gap; written only when
+    the ``SummaryCsv`` was made with those columns)."""
     row: Dict[str, object] = {"epoch": epoch}
     for k in ("loss", "top1", "robust_top1", "eps", "lr"):
         row[f"train_{k}"] = float(train.get(k, float("nan")))
     for k in ("loss", "top1", "robust_top1"):
         row[f"eval_{k}"] = float(evaluation.get(k, float("nan")))
+    for k, v in (extra or {}).items():
+        row[k] = float(v)
     return row
