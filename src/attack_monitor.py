@@ -107,10 +107,6 @@ def build_monitor(args: argparse.Namespace, eval_loader: Any, num_classes: Optio
         return None
     if not args.adv_training:
         raise UsageError("--monitor-attack-steps needs --adv-training (it compares the training attack with PGD-K)")
-    for flag, v in (("--monitor-attack-steps", k), ("--monitor-every", args.monitor_every),
-                    ("--monitor-examples", args.monitor_examples)):
-        if v is None or v < 1:
-            raise UsageError(f"{flag} must be >= 1, got {v}")
     cfg = resolve_attack_cfg(args, eval=False)
     train_attack = make_train_attack(cfg.name, cfg.eps_schedule, cfg.eps, cfg.eps_schedule_period,
                                      cfg.zero_eps_epochs, cfg.step_size, cfg.steps, cfg.norm, cfg.boundaries,

@@ -21,15 +21,7 @@ _logger = logging.getLogger("robust_vits")
 
 SUBSET_SEED = 0  # the subset depends on the dataset and N only, never on --seed
 
-__all__ = ["SUBSET_SEED", "CappedLoader", "check_caps", "fixed_subset", "loader_over", "apply_sample_caps"]
-
-
-def check_caps(args: argparse.Namespace) -> None:
-    """Each cap is a positive integer when given."""
-    for flag in ("max_train_steps", "train_num_samples", "val_num_samples", "eval_attack_steps"):
-        v = getattr(args, flag, None)
-        if v is not None and v < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+__all__ = ["SUBSET_SEED", "CappedLoader", "fixed_subset", "loader_over", "apply_sample_caps"]
 
 
 class CappedLoader:

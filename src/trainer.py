@@ -158,9 +158,7 @@ class StopSignals:
 def check_inputs(args: argparse.Namespace) -> None:
     """Training-specific checks of the arguments that need no model or data."""
     from src.data import check_dataset_name, needs_data_dir
-    from src.smoke import check_caps
 
-    check_caps(args)
     retain_mode(args)
     check_dataset_name(args.dataset)
     if args.combine_dataset:

@@ -93,7 +93,7 @@ def test_eval_attack_steps_sets_the_per_epoch_attack():
 def test_monitor_needs_adversarial_training_and_positive_settings(tmp_path):
     with pytest.raises(UsageError, match="needs --adv-training"):
         run_train(TINY_TRAIN + ["--output", str(tmp_path), "--epochs", "1", "--monitor-attack-steps", "5"])
-    with pytest.raises(UsageError, match="--monitor-every must be >= 1"):
+    with pytest.raises(UsageError, match="argument --monitor-every: must be an integer >= 1"):
         run_train(ADV + ["--output", str(tmp_path), "--monitor-attack-steps", "5", "--monitor-every", "0"])
     assert not os.listdir(tmp_path)
 

@@ -96,7 +96,7 @@ def test_capped_loader_counts_from_the_epoch_start():
 
 def test_bad_caps_are_one_clear_error(tmp_path):
     base = TINY_TRAIN + ["--output", str(tmp_path), "--epochs", "1"]
-    with pytest.raises(UsageError, match="--max-train-steps must be >= 1"):
+    with pytest.raises(UsageError, match="argument --max-train-steps: must be an integer >= 1"):
         run_train(base + ["--max-train-steps", "0"])
     with pytest.raises(UsageError, match="fewer than one batch"):
         run_train(base + ["--train-num-samples", "10"])

@@ -289,7 +289,7 @@ def _add_adv_args(p: argparse.ArgumentParser) -> None:
                    metavar="MODE", help="PGD training: clean logits for metrics computed in train mode with a graph "
                                         "(train, the original's), without graph and BN update (nograd), or not at "
                                         "all (skip)")
-    g.add_argument("--eval-attack-steps", type=nonneg_int(nullable=True), default=None, metavar="N",
+    g.add_argument("--eval-attack-steps", type=positive_int(nullable=True), default=None, metavar="N",
                    help="PGD steps of the per-epoch evaluation (default: --attack-steps, as the original); "
                         "step size --attack-lr or 1.5 * eps / N")
     g.add_argument("--monitor-attack-steps", type=positive_int(nullable=True), default=None, metavar="K",
