@@ -242,13 +242,25 @@ def build_eval_transform(data_config: Dict[str, Any]):
     ])
 
 
+class SplitViews:
+    """The views of one image for ``--aug-splits``: the clean (primary) view plus ``num_splits - 1``
+    augmented ones, from timm's separated (primary, secondary, final) transforms."""
+
+    def __init__(self, transforms3, num_splits: int):
+        self.primary, self.secondary, self.final = transforms3
+        self.num_splits = num_splits
+
+    def __call__(self, img) -> tuple:
+        base = self.primary(img)
+        return tuple([self.final(base)] + [self.final(self.secondary(base)) for _ in range(self.num_splits - 1)])
+
+
 class AugSplitsDataset(Dataset):
     """AugMix-style views: the clean (primary) view plus ``num_splits - 1`` augmented views."""
 
     def __init__(self, dataset, transforms3, num_splits: int):
         self.dataset = dataset
-        self.primary, self.secondary, self.final = transforms3
-        self.num_splits = num_splits
+        self.views = SplitViews(transforms3, num_splits)
         set_transform(dataset, None)
 
     def __len__(self) -> int:
@@ -256,9 +268,7 @@ class AugSplitsDataset(Dataset):
 
     def __getitem__(self, i: int):
         img, target = self.dataset[i]
-        base = self.primary(img)
-        views = [self.final(base)] + [self.final(self.secondary(base)) for _ in range(self.num_splits - 1)]
-        return tuple(views), target
+        return self.views(img), target
 
 
 class IterableAugSplitsDataset(torch.utils.data.IterableDataset):
@@ -272,8 +282,7 @@ class IterableAugSplitsDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, dataset, transforms3, num_splits: int):
         self.dataset = dataset
-        self.primary, self.secondary, self.final = transforms3
-        self.num_splits = num_splits
+        self.views = SplitViews(transforms3, num_splits)
         set_transform(dataset, None)
 
     def __len__(self) -> int:
@@ -289,9 +298,7 @@ class IterableAugSplitsDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         for img, target in self.dataset:
-            base = self.primary(img)
-            views = [self.final(base)] + [self.final(self.secondary(base)) for _ in range(self.num_splits - 1)]
-            yield tuple(views), target
+            yield self.views(img), target
 
 
 def aug_splits_dataset(dataset, transforms3, num_splits: int):
