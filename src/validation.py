@@ -114,11 +114,11 @@ class ValidationRun:
 
 def validate(args: argparse.Namespace, dev_env: Optional[DeviceEnv] = None,
              model_override: Optional[EvalModel] = None) -> ValidationRun:
-    """Evaluate ``args.model`` / ``args.checkpoint`` once per ``--attack-steps`` value.
+    """Evaluate ``args.model`` / ``args.checkpoint`` once per ``--attack-eps`` and ``--attack-steps`` value.
 
     The model and loader are built once; the RNG is reset to ``seed + rank`` before every
-    evaluation pass, so each step count's PGD random starts are reproducible. Rows get an
-    ``attack_steps`` column when several step counts ran.
+    evaluation pass, so each pass's PGD random starts are reproducible. Rows get an
+    ``attack_eps`` / ``attack_steps`` column when several eps / step counts ran.
     """
     own_env = dev_env is None
     if own_env:
@@ -136,41 +136,59 @@ def validate(args: argparse.Namespace, dev_env: Optional[DeviceEnv] = None,
             _logger.warning("Use --normalize-model (or --no-normalize for models trained on raw [0, 1] inputs).")
             _logger.warning("=" * 100)
         steps_list = list(args.attack_steps) if args.attack else [args.attack_steps[0]]
-        multi = len(args.attack_steps) > 1
-        rows, evals = [], []
-        for steps in steps_list:
-            seed_everything(args.seed + dev_env.global_rank)
-            attack = build_eval_attack(args, steps, em.num_classes, dev_env)
-            what = f"{args.attack}-{steps}" if args.attack in PGD_ATTACKS else (args.attack or "clean")
-            if attack is not None:
-                _logger.info("attack %s eps %g/255 (%s)%s", what, args.attack_eps, args.attack_norm,
-                             f" step {args.attack_lr:g}/255" if args.attack_lr is not None and
-                             args.attack in PGD_ATTACKS else "")
-            ev = evaluate_model(em.model, loader, dev_env, attack, max_batches=max_batches, log_freq=args.log_freq,
-                                check_gradients=args.attack in PGD_ATTACKS)
-            row = result_row(ev, em)
-            if multi:
-                row["attack_steps"] = steps
-            rows.append(row)
-            evals.append(ev)
-            _logger.info("%s: evaluated %d examples%s in %.1fs: top1 %.4f robust_top1 %.4f", what, ev.num_examples,
-                         f" (--num-examples {args.num_examples})" if args.num_examples else "", ev.seconds,
-                         row["top1"], row["robust_top1"])
+        eps_list = list(getattr(args, "attack_eps_values", None) or [args.attack_eps]) if args.attack else \
+            [args.attack_eps]
+        multi, multi_eps = len(args.attack_steps) > 1, len(eps_list) > 1
+        rows, evals, groups = [], [], []
+        for eps in eps_list:
+            eps_args = argparse.Namespace(**{**vars(args), "attack_eps": eps})
+            group = []
+            for steps in steps_list:
+                row, ev = _evaluate_once(eps_args, steps, em, loader, dev_env, max_batches)
+                if multi_eps:
+                    row["attack_eps"] = eps
+                if multi:
+                    row["attack_steps"] = steps
+                rows.append(row)
+                evals.append(ev)
+                group.append(row)
+            groups.append(group)
         if args.real_labels:  # after the attacks: this extra clean pass must not move their random starts
             _use_real_labels(rows, real_labels_accuracy(args.real_labels, em.model, loader, dev_env, max_batches))
         n = evals[0].num_examples if evals else 0
         flags = list(dict.fromkeys(f for ev in evals for f in ev.attack_flags))
         zero = max((ev.zero_grad_fraction for ev in evals if ev.zero_grad_fraction is not None), default=None)
-        run_level = honesty_warnings(rows if multi else [], n, attack=args.attack,
-                                     steps=steps_list if args.attack else (), normalization_mode=em.normalization,
-                                     trained_inputs=em.trained_inputs, attack_flags=flags, zero_grad_fraction=zero,
-                                     notes=em.notes)
-        row_warnings = [list(dict.fromkeys(robust_above_clean_warnings(r) + run_level)) for r in rows]
+        row_warnings = []
+        for group in groups:  # step counts are compared within one eps only
+            run_level = honesty_warnings(group if multi else [], n, attack=args.attack,
+                                         steps=steps_list if args.attack else (), normalization_mode=em.normalization,
+                                         trained_inputs=em.trained_inputs, attack_flags=flags,
+                                         zero_grad_fraction=zero, notes=em.notes)
+            row_warnings += [list(dict.fromkeys(robust_above_clean_warnings(r) + run_level)) for r in group]
         return ValidationRun(rows=rows, row_warnings=row_warnings, num_examples=n, evals=evals,
                              model_name=em.model_name or args.model)
     finally:
         if own_env:
             shutdown(dev_env)
+
+
+def _evaluate_once(args: argparse.Namespace, steps: int, em: EvalModel, loader: Any, dev_env: DeviceEnv,
+                   max_batches: Optional[int]) -> Tuple["OrderedDict[str, Any]", Any]:
+    """One evaluation pass (clean, or with the attack at ``args.attack_eps`` and ``steps``) from a fixed seed."""
+    seed_everything(args.seed + dev_env.global_rank)
+    attack = build_eval_attack(args, steps, em.num_classes, dev_env)
+    what = f"{args.attack}-{steps}" if args.attack in PGD_ATTACKS else (args.attack or "clean")
+    if attack is not None:
+        _logger.info("attack %s eps %g/255 (%s)%s", what, args.attack_eps, args.attack_norm,
+                     f" step {args.attack_lr:g}/255" if args.attack_lr is not None and
+                     args.attack in PGD_ATTACKS else "")
+    ev = evaluate_model(em.model, loader, dev_env, attack, max_batches=max_batches, log_freq=args.log_freq,
+                        check_gradients=args.attack in PGD_ATTACKS)
+    row = result_row(ev, em)
+    _logger.info("%s: evaluated %d examples%s in %.1fs: top1 %.4f robust_top1 %.4f", what, ev.num_examples,
+                 f" (--num-examples {args.num_examples})" if args.num_examples else "", ev.seconds,
+                 row["top1"], row["robust_top1"])
+    return row, ev
 
 
 def _use_real_labels(rows: Sequence["OrderedDict[str, Any]"], accuracy: Tuple[float, float]) -> None:

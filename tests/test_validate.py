@@ -592,3 +592,27 @@ def test_torchrun_two_processes_exact_clean_metrics(adv_ckpt, tmp_path, capsys):
     # random starts differ per process, so robust accuracy may move by noise only
     assert abs(b["robust_top1"] - a["robust_top1"]) <= 2 * _noise(a["robust_top1"], 100)
     assert out.stdout.count("--result") == 1  # only the primary process reports
+
+
+def test_several_eps_give_one_row_each_and_a_robustness_curve(adv_ckpt, tmp_path, capsys):
+    """--attack-eps 0 8 32: one row per eps (attack_eps column), robust accuracy falling with eps,
+    and the CSV draws as the robustness curve."""
+    import csv
+
+    from src.plots import draw
+
+    out = str(tmp_path / "eps.csv")
+    rc, stdout, err = _cli(EVAL + ["--checkpoint", adv_ckpt, "--attack", "pgd", "--attack-steps", "2",
+                                   "--attack-eps", "0", "8", "32", "--num-examples", "100", "-b", "50",
+                                   "--results-file", out], capsys)
+    assert rc == 0, err
+    rows = list(csv.DictReader(open(out)))
+    assert [float(r["attack_eps"]) for r in rows] == [0.0, 8.0, 32.0]
+    robust = [float(r["robust_top1"]) for r in rows]
+    assert robust[0] == pytest.approx(float(rows[0]["top1"]))  # eps 0 changes nothing
+    assert robust[0] >= robust[1] >= robust[2] and robust[2] < robust[0]
+    assert len({r["top1"] for r in rows}) == 1  # the same clean pass every time
+    files = draw("robustness", [out], str(tmp_path / "fig"))
+    assert any(f.endswith(".png") for f in files)
+    rc, _, err = _cli(EVAL + ["--checkpoint", adv_ckpt, "--attack", "pgd", "--attack-eps", "8", "8"], capsys)
+    assert rc == 2 and "repeated" in err

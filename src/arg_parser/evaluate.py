@@ -119,7 +119,13 @@ def _add_validate_attack(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--attack", default="pgd" if sweep else "", type=Choice(names=ATTACKS), metavar="NAME",
                    help="attack of the sweep: only pgd (APGD-CE rows: --run-apgd-ce)" if sweep else
                    "'' (none), pgd, targeted_pgd, apgd-ce or autoattack")
-    g.add_argument("--attack-eps", "--eps", default=4, type=nonneg_float(), metavar="EPS", help="epsilon in /255 units")
+    if not p.several_eps:
+        g.add_argument("--attack-eps", "--eps", default=4, type=nonneg_float(), metavar="EPS",
+                       help="epsilon in /255 units")
+    else:
+        g.add_argument("--attack-eps", "--eps", default=[4.0], type=nonneg_float(), nargs="+", metavar="EPS",
+                       help="epsilon in /255 units; several values give one result row each (with an attack_eps "
+                            "column: the robustness curve that `python -m src.plots robustness` draws)")
     g.add_argument("--attack-lr", default=None, type=nonneg_float(), metavar="LR",
                    help="PGD step size in /255 units for every step count (unset: 1.5 * eps / steps)" if sweep
                    else "PGD step size in /255 units (default: 1.5 * eps / steps)")
@@ -155,16 +161,19 @@ def _add_validate_run(p: argparse.ArgumentParser, sweep: bool) -> None:
 
 
 def build_validate_parser(prog: str = "validate.py", description: Optional[str] = None, sweep: bool = False,
-                          overrides: Optional[Mapping[str, Mapping[str, Any]]] = None) -> CliParser:
+                          overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                          several_eps: bool = False) -> CliParser:
     """timm's validate flags plus the paper's (original-behaviour.md §1.2 and §1.3).
 
     ``sweep`` builds it for attack_effectiveness.py: the flags the sweep sets per row default to
     None (so a given value can be refused by name) and are hidden; ``--attack`` defaults to pgd and
     EMA weights are preferred (``--no-ema`` turns that off). ``overrides`` (dest -> add_argument
-    keywords) lets another tool built on these flags change a default or a help text.
+    keywords) lets another tool built on these flags change a default or a help text. ``several_eps``
+    (validate.py itself) lets ``--attack-eps`` take several values, one result row each.
     """
     p = CliParser(prog=prog, description=description or "Clean and adversarial (PGD, APGD-CE, AutoAttack) "
                                                          "evaluation of timm image classifiers", overrides=overrides)
+    p.several_eps = several_eps
     for add in (_add_validate_data, _add_validate_model, _add_validate_attack, _add_validate_run):
         add(p, sweep)
     g = p.add_argument_group("Checkpoint record")
@@ -179,9 +188,15 @@ def parse_validate_args(argv: Optional[Sequence[str]] = None) -> argparse.Namesp
     from src.eval_config import explicit_dests
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_validate_parser()
+    parser = build_validate_parser(several_eps=True)
     args = parser.parse_args(argv)
     args.explicit_flags = explicit_dests(parser, argv)  # flags left at their default never override a checkpoint
+    # several --attack-eps values: validate() runs one pass per value; args.attack_eps is the first,
+    # so everything that reads one eps (attack building, honesty checks) keeps working
+    args.attack_eps_values = list(dict.fromkeys(float(e) for e in args.attack_eps))
+    if len(args.attack_eps_values) != len(args.attack_eps):
+        raise must("--attack-eps", "values that are not repeated", list(args.attack_eps))
+    args.attack_eps = args.attack_eps_values[0]
     parser.check(check_validate_args, args)
     return args
 
