@@ -137,7 +137,11 @@ def _load_safetensors(path: str, data: bytes) -> Dict[str, Any]:
     metadata = dict(header.get("__metadata__") or {})
     out: Dict[str, Any] = {"state_dict": state_dict, "safetensors_metadata": metadata}
     if "mean" in metadata and "std" in metadata:
-        out["normalization"] = {"mean": json.loads(metadata["mean"]), "std": json.loads(metadata["std"])}
+        try:
+            out["normalization"] = {"mean": json.loads(metadata["mean"]), "std": json.loads(metadata["std"])}
+        except ValueError:
+            raise CheckpointError(f"checkpoint {path}: its mean/std metadata is not JSON "
+                                  f"({metadata['mean']!r}, {metadata['std']!r})") from None
     return out
 
 
@@ -155,6 +159,9 @@ def _open_checkpoint(path: str) -> Tuple[int, bytes, Any, Any]:
             # Local files are read through a file handle: a multi-GB training checkpoint is not
             # held twice in memory. Remote files are fetched once (no small random-access reads).
             local = path[len("file://"):] if path.startswith("file://") else path
+            if os.path.exists(local) and not os.path.isdir(local) and not os.path.isfile(local):
+                # a FIFO, socket or device would block or stream forever
+                raise CheckpointError(f"checkpoint {path} is not a regular file (a pipe, socket or device)")
             size = os.path.getsize(local)
             with open(local, "rb") as f:
                 head = f.read(16)
@@ -253,11 +260,23 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def _to_normalization(mean: Any, std: Any) -> Normalization:
+    """Recorded mean/std as float tuples; anything that cannot normalize RGB images is a CheckpointError."""
     def as_tuple(v: Any) -> Tuple[float, ...]:
         if isinstance(v, torch.Tensor):
             return tuple(float(x) for x in v.flatten().tolist())
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return (float(v),)
         return tuple(float(x) for x in v)
-    return as_tuple(mean), as_tuple(std)
+    try:
+        m, sd = as_tuple(mean), as_tuple(std)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"the checkpoint's normalization metadata is not numbers: mean {mean!r}, "
+                              f"std {std!r}") from None
+    if len(m) not in (1, 3) or len(sd) not in (1, 3) or not all(math.isfinite(x) for x in m + sd) \
+            or any(x <= 0 for x in sd):
+        raise CheckpointError(f"the checkpoint's normalization metadata is invalid (mean {list(m)}, std {list(sd)}): "
+                              "1 or 3 finite values each and std > 0 are needed (a damaged or hand-edited file)")
+    return m, sd
 
 
 def _strip_wrappers(state_dict: Mapping[str, torch.Tensor]) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, Any]]:

@@ -168,7 +168,12 @@ def create_eval_model(args: argparse.Namespace, dev_env: DeviceEnv, checkpoint: 
     for note in notes[len(settings.notes):]:
         _logger.warning(note)
     if args.valid_labels:
-        model = ValidLabels(model, _read_valid_labels(args.valid_labels))
+        labels, outputs = _read_valid_labels(args.valid_labels), _num_outputs(model)
+        past = [i for i in labels if not 0 <= i < outputs]
+        if past:
+            raise UsageError(f"--valid-labels file {args.valid_labels}: index {past[0]} is not one of the model's "
+                             f"{outputs} classes (0..{outputs - 1})")
+        model = ValidLabels(model, labels)
     num_classes = _num_outputs(model)
     _logger.info(describe(settings.model, num_classes, patch_size, data_config, mode, mean, std, source))
     param_count = sum(p.numel() for p in model.parameters())

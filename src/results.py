@@ -11,6 +11,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 
 from src import storage
+from src.errors import UsageError
 
 if TYPE_CHECKING:  # annotations only
     from src.engine import EvalResult
@@ -70,6 +71,43 @@ def results_json(rows: Sequence[Mapping[str, Any]], warnings: Sequence[Sequence[
     if len(data) == 1 and not as_list:
         data = data[0]
     return json.dumps(json_safe(data), indent=4, allow_nan=False)
+
+
+def check_results_target(path: str) -> None:
+    """Refuse, before any work, a ``--results-file`` that would replace something other than an
+    earlier results file of the same kind (a training ``summary.csv``, a checkpoint, a folder, a
+    JSON or CSV of another tool); also make sure its folder can be written."""
+    what = f"--results-file {path}"
+    if storage.isdir(path):
+        raise UsageError(f"{what} is a folder; give a file name ending in .csv or .json")
+    if storage.exists(path):
+        json_file = str(path).lower().endswith(".json")
+        try:
+            text = storage.read_bytes(path)[:1 << 20].decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            text = None
+        if text is None or not (_is_results_json(text) if json_file else _is_results_csv(text)):
+            raise UsageError(f"{what} exists and is not a validate.py results {'JSON' if json_file else 'CSV'}; "
+                             "it is not replaced: choose another file name")
+    folder = storage.dirname(path)
+    try:
+        storage.check_writable(folder or ".")
+    except OSError as e:
+        raise UsageError(f"{what}: cannot write to {folder or '.'} ({e})") from None
+
+
+def _is_results_csv(text: str) -> bool:
+    header = next(csv.reader(io.StringIO(text)), [])
+    return {"top1", "robust_top1", "loss"} <= set(header)
+
+
+def _is_results_json(text: str) -> bool:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return False
+    rows = data if isinstance(data, list) else [data]
+    return bool(rows) and all(isinstance(r, dict) and "top1" in r and "robust_top1" in r for r in rows)
 
 
 def write_results(path: str, rows: Sequence[Mapping[str, Any]], warnings: Optional[Sequence[Sequence[str]]] = None,

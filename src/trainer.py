@@ -318,6 +318,15 @@ def _load_resume(path: str, args: argparse.Namespace) -> Dict[str, Any]:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
         raise UsageError(f"--resume {path} is not a training checkpoint (no 'model'/'epoch' keys); use "
                          "--initial-checkpoint or --finetune for bare weights")
+    for key in ("epoch", "step_count_global"):
+        value = ckpt.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"--resume {path}: its '{key}' is {value!r}, not a count; the file is damaged "
+                                  "or was not written by train.py")
+    saved_opt = (ckpt.get("hparams") or {}).get("opt")
+    if not args.no_resume_opt and saved_opt is not None and str(saved_opt).lower() != str(args.opt).lower():
+        raise UsageError(f"--resume {path} holds the state of optimizer '{saved_opt}', this run uses '{args.opt}'; "
+                         "pass --no-resume-opt to start the optimizer state fresh")
     if not args.no_resume_opt and ckpt.get("optimizer") is None:
         raise CheckpointError(
             f"--resume {path} holds no optimizer state (checkpoint-<epoch> and best files keep weights only, "
@@ -346,8 +355,13 @@ def restore(task: TrainTask, plan: OutputPlan) -> Progress:
                 unwrap_model(parts.model_ema).load_state_dict(ckpt["model_ema"])
             else:  # no EMA in the file: the average restarts from the resumed weights, not from the init
                 parts.model_ema.set(parts.model)
-        if not args.no_resume_opt:  # present: _load_resume checked
-            parts.optimizer.load_state_dict(ckpt["optimizer"])
+        if not args.no_resume_opt:  # present and of the same optimizer: _load_resume checked
+            try:
+                parts.optimizer.load_state_dict(ckpt["optimizer"])
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                raise UsageError(f"--resume {plan.resume_path}: its optimizer state does not fit this run's "
+                                 f"optimizer ({type(e).__name__}: {e}); pass --no-resume-opt to start it "
+                                 "fresh") from None
         if parts.grad_scaler is not None and ckpt.get("grad_scaler") is not None:
             parts.grad_scaler.load_state_dict(ckpt["grad_scaler"])
         progress.num_updates = int(ckpt.get("step_count_global", 0))

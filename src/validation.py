@@ -37,7 +37,7 @@ from src.eval_setup import (EvalModel, ValidLabels, build_eval_attack, create_ev
 from src.honesty import (FEW_STEPS, PGD_ATTACKS, attack_strength_warnings, binomial_se,  # noqa: F401
                          gradient_warnings, honesty_warnings, normalization_warnings, robust_above_clean_warnings,
                          weak_attack_warnings)
-from src.results import RESULT_KEYS, result_row, results_json, write_results  # noqa: F401
+from src.results import RESULT_KEYS, check_results_target, result_row, results_json, write_results  # noqa: F401
 from src.wandb_link import attack_label, log_to_wandb, wandb_target  # noqa: F401
 
 _logger = logging.getLogger("robust_vits")
@@ -360,6 +360,8 @@ def run(args: argparse.Namespace) -> int:
         from src.data import check_dataset_name
 
         check_dataset_name(args.dataset)
+        if args.results_file:  # before hours of attacks, not after
+            check_results_target(args.results_file)
         jobs: List[Tuple[str, str]] = []
         if args.checkpoint and storage.isdir(args.checkpoint):
             checkpoints = find_checkpoints(args.checkpoint)
