@@ -177,7 +177,7 @@ def _original_training_checkpoint(best, path):
     """The original's training checkpoint (timm.bits, version 3): no eval_config, no normalization entry."""
     ck = torch.load(best, map_location="cpu", weights_only=True)
     torch.save({"epoch": 0, "step_count": 5, "step_count_global": 5, "model": ck["model"], "model_ema": None,
-                "train_cfg": {}, "optimizer": ck["optimizer"], "version": 3, "arch": "xcit_tiny_test_p16",
+                "train_cfg": {}, "optimizer": ck.get("optimizer") or {"state": {}, "param_groups": []}, "version": 3, "arch": "xcit_tiny_test_p16",
                 "hparams": XCIT_HPARAMS, "metrics": ck["metrics"], "metric_name": "robust_top1",
                 "metric_decreasing": False}, path)
     return ck["model"]
