@@ -141,7 +141,7 @@ def test_missing_bucket_is_named():
         storage.check_output_location("nobucket://nope/runs", "--output")
 
 
-def test_memory_output_of_a_run_warns_once(tmp_path, capsys):
+def test_memory_output_of_a_run_warns_once(capsys):
     out_dir = f"memory://ux-{os.getpid()}/runs"
     rc, _, err = _cli(train_cli, TINY_TRAIN + SMOKE + ["--output", out_dir, "--experiment", "x"], capsys)
     assert rc == 0, err
