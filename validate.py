@@ -3,7 +3,7 @@
 
 ``--attack`` pgd / targeted_pgd / apgd-ce / autoattack with ``--attack-eps`` (and ``--attack-lr``) in
 /255 units; several ``--attack-steps`` values give one result row each (what validate_pgd.py did);
-``--checkpoint DIR`` or a model wildcard evaluates many (bulk mode, ./results-all.csv). Results print as
+``--checkpoint DIR`` or a model wildcard evaluates many (bulk mode, results-all.csv in that DIR). Results print as
 ``--result`` + JSON, preceded by ``WARNING:`` lines when the numbers cannot be trusted. Flags:
 ``python validate.py --help``. Multi-GPU: ``torchrun --nproc_per_node N validate.py ...``.
 """

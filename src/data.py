@@ -129,8 +129,13 @@ def create_dataset(name: str, root: Optional[str], split: str, is_training: bool
     try:
         return timm_create_dataset(name, root=root, split=split, is_training=is_training, class_map=class_map,
                                    batch_size=batch_size, repeats=repeats, seed=seed, download=download)
-    except (RuntimeError, FileNotFoundError, AssertionError, ValueError, KeyError) as e:
+    except (RuntimeError, OSError, AssertionError, ValueError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if download and isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            # urllib's URLError / socket errors from torchvision's download (offline machine, proxy)
+            raise UsageError(f"cannot download dataset '{name}' into {root} (--dataset-download): {msg}; check "
+                             "the network connection, or download it elsewhere and copy it into the data dir") \
+                from None
         raise UsageError(f"cannot load dataset '{name or 'image folder'}' split '{split}' from {root}: {msg}") \
             from None
 

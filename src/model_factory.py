@@ -16,10 +16,11 @@ attack_effectiveness.py all come through here, so they cannot disagree.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -64,9 +65,29 @@ def check_model_name(name: str) -> None:
     import src.models  # noqa: F401  (registers the project's models)
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{str(name).split('_')[0]}*")[:5]
+        close = similar_model_names(str(name), timm.list_models())
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise UsageError(f"unknown model '{name}'{hint}")
+
+
+def _squash(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def similar_model_names(name: str, known: Sequence[str], n: int = 5) -> List[str]:
+    """Registered names a user probably meant by ``name``, best first.
+
+    Underscores, dashes and case are ignored (``resnet_18`` and ``ResNet-18`` find ``resnet18``),
+    then difflib's ratio ranks the rest, so a typo finds its neighbours instead of every model
+    sharing the first word."""
+    by_squashed: Dict[str, List[str]] = {}
+    for k in known:
+        by_squashed.setdefault(_squash(k), []).append(k)
+    target = _squash(name)
+    out = list(by_squashed.get(target, []))
+    for s in difflib.get_close_matches(target, list(by_squashed), n=n, cutoff=0.6):
+        out.extend(k for k in by_squashed[s] if k not in out)
+    return out[:n]
 
 
 def accepted_options(name: str, options: Mapping[str, Any]) -> Dict[str, bool]:

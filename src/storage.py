@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import logging
 import os
 import posixpath
 import re
@@ -27,6 +28,10 @@ import uuid
 from typing import Any, Iterable, List, Optional
 
 import fsspec
+
+from src.errors import UsageError
+
+_logger = logging.getLogger("robust_vits")
 
 
 def is_local(path: str) -> bool:
@@ -286,3 +291,36 @@ def remove_stale_temp_of(path: str) -> List[str]:
 def remove_many(paths: Iterable[str]) -> None:
     for p in paths:
         remove(p)
+
+
+def check_output_location(path: str, what: str) -> None:
+    """Check, before any long work, that an output location can be used; warn about ``memory://``.
+
+    A ``memory://`` output lives only in this process, so it vanishes silently at exit: one warning
+    says so. A remote URL (``gs://bucket/dir``) gets one cheap metadata probe, so a bucket that does
+    not exist, missing credentials, a missing fsspec backend or no network fail now with one line
+    naming ``path`` instead of after the run's first epoch with a raw client traceback. Raises
+    ``src.errors.UsageError``; local paths are checked where they are first written.
+    """
+    path = str(path)
+    if is_local(path):
+        return
+    if path.startswith("memory://"):
+        _logger.warning("%s %s is in memory:// (this process's memory): it is gone when the process exits; "
+                        "use a local path or gs:// to keep it", what, path)
+        return
+    try:
+        fs, p = _fs(path)
+        try:
+            fs.info(p)
+        except FileNotFoundError:  # a folder to be created is fine; its bucket (top level) must exist
+            top = p.strip("/").split("/")[0]
+            if top and top != p.strip("/"):
+                fs.info(top)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: its bucket does not exist (or is not visible with these "
+                         "credentials)") from None
+    except Exception as e:  # noqa: BLE001 - any client failure (auth, network, missing backend) is the user's to fix
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{what} {path} cannot be reached ({type(e).__name__}: {msg}); check the path, the "
+                         "credentials and the network connection") from None

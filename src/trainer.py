@@ -286,6 +286,8 @@ def _same_folder(a: str, b: str) -> bool:
 def plan_output(task: TrainTask) -> OutputPlan:
     """Decide the folder (on the primary process, shared with the others) and read the resume file."""
     args, dev_env = task.args, task.dev_env
+    if dev_env.primary and args.output:
+        storage.check_output_location(args.output, "--output")
     output_dir, continuing = resolve_output_dir(args, task.data_config) if dev_env.primary else (None, False)
     output_dir, continuing = dev_env.broadcast_object((output_dir, continuing))
     plan = OutputPlan(output_dir=output_dir, continuing=continuing, resume_path=args.resume)

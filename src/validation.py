@@ -70,6 +70,7 @@ __all__ = [
     "find_checkpoints",
     "bulk_model_names",
     "validate_bulk",
+    "bulk_results_path",
     "retry_smaller_batch",
     "write_results",
     "wandb_target",
@@ -78,7 +79,8 @@ __all__ = [
 ]
 
 NORMALIZATION_MODES = ("loader", "raw", "model")
-DEFAULT_BULK_RESULTS = "./results-all.csv"
+DEFAULT_BULK_RESULTS_NAME = "results-all.csv"
+DEFAULT_BULK_RESULTS = "./" + DEFAULT_BULK_RESULTS_NAME
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +312,8 @@ def validate_bulk(args: argparse.Namespace, jobs: Sequence[Tuple[str, str]], dev
                   ) -> Tuple[List["OrderedDict[str, Any]"], List[List[str]], List[str]]:
     """Validate every ``(model, checkpoint)``; rows get ``model`` first and ``checkpoint`` last.
 
-    Returns rows sorted by top1 (descending), their warnings, and one line per failed job (a
+    Returns rows sorted by robust_top1 when an attack ran, else by top1 (descending; ties by
+    top1), their warnings, and one line per failed job (a
     failed job does not stop the others).
     """
     rows, warns, failures = [], [], []
@@ -329,8 +332,21 @@ def validate_bulk(args: argparse.Namespace, jobs: Sequence[Tuple[str, str]], dev
             rows.append(OrderedDict([("model", run_.model_name or model_name)] + list(row.items()) +
                                     [("checkpoint", ckpt)]))
             warns.append(w)
-    order = sorted(range(len(rows)), key=lambda j: -_sort_key(rows[j]["top1"]))
+    # a robustness evaluation ranks by what it measured: robust accuracy when an attack ran
+    key = "robust_top1" if any(_sort_key(r.get("robust_top1")) > -math.inf for r in rows) else "top1"
+    order = sorted(range(len(rows)), key=lambda j: (-_sort_key(rows[j].get(key)), -_sort_key(rows[j]["top1"])))
     return [rows[j] for j in order], [warns[j] for j in order], failures
+
+
+def bulk_results_path(args: argparse.Namespace) -> str:
+    """Where bulk mode writes its table: ``--results-file``, else ``results-all.csv`` in the
+    evaluated checkpoint folder (next to what it describes, never the current directory by
+    surprise), else ``./results-all.csv`` for a list of models."""
+    if args.results_file:
+        return args.results_file
+    if args.checkpoint and storage.isdir(args.checkpoint):
+        return storage.join(args.checkpoint, DEFAULT_BULK_RESULTS_NAME)
+    return DEFAULT_BULK_RESULTS
 
 
 def _sort_key(v: float) -> float:
@@ -360,7 +376,8 @@ def run(args: argparse.Namespace) -> int:
         from src.data import check_dataset_name
 
         check_dataset_name(args.dataset)
-        if args.results_file:  # before hours of attacks, not after
+        if args.results_file and dev_env.primary:  # before hours of attacks, not after
+            storage.check_output_location(args.results_file, "--results-file")
             check_results_target(args.results_file)
         jobs: List[Tuple[str, str]] = []
         if args.checkpoint and storage.isdir(args.checkpoint):
@@ -379,10 +396,15 @@ def run(args: argparse.Namespace) -> int:
             if args.log_wandb:
                 raise UsageError("--log-wandb logs one checkpoint into its training run; it does not work in bulk "
                                  "mode")
+            results_path = bulk_results_path(args)
+            if dev_env.primary:
+                check_results_target(results_path)  # an earlier bulk table is replaced, nothing else
+                _logger.info("bulk mode: %d evaluations; the table goes to %s (--results-file to change)",
+                             len(jobs), results_path)
             rows, warns, failures = validate_bulk(args, jobs, dev_env)
             if dev_env.primary:
                 if rows:
-                    write_results(args.results_file or DEFAULT_BULK_RESULTS, rows, warns, as_list=True)
+                    write_results(results_path, rows, warns, as_list=True)
                     _print_report(rows, warns, as_list=True)
                 if failures:
                     print(f"error: {len(failures)} of {len(jobs)} evaluations failed: " + "; ".join(failures),

@@ -219,15 +219,16 @@ def test_bulk_mode_over_checkpoint_folder(adv_run, capsys, tmp_path, monkeypatch
     rc, out, _ = _cli(EVAL + ["--checkpoint", str(folder), "--no-normalize", "-b", "100", "--num-examples", "100",
                               "--attack", "pgd", "--attack-eps", "8", "--attack-steps", "2"], capsys)
     assert rc == 0
-    with open(tmp_path / "results-all.csv") as f:  # the default bulk results file
+    assert not (tmp_path / "results-all.csv").exists()  # never the current directory by surprise
+    with open(folder / "results-all.csv") as f:  # the default bulk results file: in the evaluated folder
         rows = list(csv.DictReader(f))
-    with open(tmp_path / "results-all.csv") as f:
+    with open(folder / "results-all.csv") as f:
         assert next(csv.reader(f)) == ["model"] + EXPECTED_CSV + ["checkpoint"]
     assert sorted(r["checkpoint"] for r in rows) == sorted([str(folder / "ckpt-2.pth"),
                                                             str(folder / "ckpt-10.pth.tar")])
     assert all(r["model"] == "test_vit" for r in rows)
-    top1 = [float(r["top1"]) for r in rows]
-    assert top1 == sorted(top1, reverse=True)
+    robust = [float(r["robust_top1"]) for r in rows]  # an attack ran: ranked by robust accuracy
+    assert robust == sorted(robust, reverse=True)
     assert len(_result(out)) == 2
 
 

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Measure the README's demo and validate-example numbers and write them into README.md.
+
+The README quotes what ``make demo`` and the Evaluation section's first ``validate.py`` command
+print. Those numbers depend on the CPU (its floating-point kernels change the sums' rounding, so a
+few examples near the decision boundary flip), so they are measured here, on the machine that runs
+this script, and written between ``<!-- readme-numbers:NAME -->`` / ``<!-- /readme-numbers:NAME -->``
+markers together with the machine and the date, instead of being typed in by hand.
+
+Usage: ``.venv/bin/python util_scripts/readme_numbers.py [--readme README.md]`` (a few minutes on a
+2-core CPU: it trains the quickstart into a temporary folder and evaluates its best checkpoint).
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CMD = ["train.py", "-c", "configs/quickstart.yaml"]
+VALIDATE_ARGS = ["--dataset", "digits", "-b", "100", "-j", "0", "--attack", "pgd", "--attack-eps", "32",
+                 "--attack-steps", "2", "20"]
+_FINAL_RE = re.compile(r"final eval: top1 ([0-9.]+)\s+robust_top1 ([0-9.]+)")
+_NOT_CONVERGED_RE = re.compile(r"\(([0-9.]+) > ([0-9.]+) points\): the attack has not converged")
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """Replace what lies between the ``name`` markers with ``body`` (markers kept).
+
+    Raises ValueError unless the README has exactly one such pair, in order, so a damaged README is
+    never rewritten silently."""
+    start, end = f"<!-- readme-numbers:{name} -->", f"<!-- /readme-numbers:{name} -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"README needs exactly one '{start}' followed by one '{end}'")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{body.strip()}\n{end}{tail}"
+
+
+def machine() -> str:
+    """CPU model (from /proc/cpuinfo) and the thread count torch uses, for the README's caveat."""
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import torch
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def _run(args: Sequence[str]) -> Tuple[str, float]:
+    """Run a project CLI with this interpreter from the repository root; stdout and seconds."""
+    t0 = time.monotonic()
+    env = dict(os.environ, WANDB_MODE="offline")
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"error: {' '.join(args)} failed with exit code {proc.returncode}")
+    return proc.stdout + proc.stderr, time.monotonic() - t0
+
+
+def demo_block(top1: float, robust: float, train_s: float, where: str, date: str) -> str:
+    return (f"Measured with `util_scripts/readme_numbers.py` on {where}, {date}; the demo ends with\n"
+            f"`final eval: top1 {top1:.2f}  robust_top1 {robust:.2f} ...`:\n\n"
+            "| run | clean top-1 | PGD-2 robust top-1 (eps 32/255, per-epoch eval) | wall time |\n"
+            "|---|---|---|---|\n"
+            f"| `configs/quickstart.yaml` (5 epochs, PGD-2 training) | {top1:.2f} % | {robust:.2f} % | "
+            f"{train_s:.0f} s for `train.py` |")
+
+
+def validate_block(rows: Sequence[Mapping], n: int, val_s: float, where: str, date: str) -> str:
+    by_steps = {int(r["attack_steps"]): r for r in rows}
+    clean, pgd2, pgd20 = by_steps[2]["top1"], by_steps[2]["robust_top1"], by_steps[20]["robust_top1"]
+    warning = ""
+    for w in (w for r in rows for w in r.get("warnings", [])):
+        m = _NOT_CONVERGED_RE.search(w)
+        if m:
+            warning = (f", with the warning that PGD-2 overstates robustness by {float(m.group(1)):.2f} points "
+                       f"(noise {float(m.group(2)):.2f})")
+            break
+    return (f"Measured on the quickstart's checkpoint (the first command above, {n} validation images, "
+            f"{val_s:.0f} s; `util_scripts/readme_numbers.py` on {where}, {date}): clean {clean:.2f} %, "
+            f"PGD-2 {pgd2:.2f} %, PGD-20 {pgd20:.2f} %{warning}.")
+
+
+def measure() -> Dict[str, str]:
+    """Train the demo into a temporary folder, evaluate its best checkpoint; the two README blocks."""
+    sys.path.insert(0, ROOT)
+    from src.data import DIGITS_NUM_VAL
+    where, date = machine(), datetime.date.today().isoformat()
+    with tempfile.TemporaryDirectory() as tmp:
+        out, train_s = _run([*DEMO_CMD, "--output", tmp, "--experiment", "demo"])
+        m = _FINAL_RE.search(out)
+        if m is None:
+            raise SystemExit("error: the demo printed no 'final eval:' line")
+        ckpt = os.path.join(tmp, "demo", "best.pth.tar")
+        results = os.path.join(tmp, "validate.json")
+        _, val_s = _run(["validate.py", *VALIDATE_ARGS, "--checkpoint", ckpt, "--results-file", results])
+        with open(results) as f:
+            rows: List[Mapping] = json.load(f)
+    return {"demo": demo_block(float(m.group(1)), float(m.group(2)), train_s, where, date),
+            "validate": validate_block(rows, DIGITS_NUM_VAL, val_s, where, date)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    args = parser.parse_args(argv)
+    with open(args.readme) as f:
+        text = f.read()
+    for name in ("demo", "validate"):  # fail before minutes of training when a marker is missing
+        replace_block(text, name, "")
+    blocks = measure()
+    with open(args.readme) as f:  # re-read: the README may have been edited during the measurement
+        text = f.read()
+    for name, body in blocks.items():
+        text = replace_block(text, name, body)
+    with open(args.readme, "w") as f:
+        f.write(text)
+    print(f"updated {args.readme}")
+
+
+if __name__ == "__main__":
+    main()
