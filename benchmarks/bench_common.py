@@ -53,9 +53,22 @@ def device_sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Timings:
+    """Seconds per round per variant: ``wall`` (perf_counter) and ``cpu`` (this process's CPU time).
+
+    On a loaded machine the wall time includes the time other processes held the cores; the CPU
+    time does not (with one thread it is close to the work done; with several it also counts the
+    threads' spin-waits), so both are kept and the tables show both ratios.
+    """
+
+    def __init__(self, names: Sequence[str]):
+        self.wall: Dict[str, List[List[float]]] = {n: [] for n in names}
+        self.cpu: Dict[str, List[List[float]]] = {n: [] for n in names}
+
+
 def interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, reps: int, warmup: int,
-                device: torch.device = torch.device("cpu")) -> Dict[str, List[List[float]]]:
-    """Time each callable ``reps`` times per round, variants interleaved; returns seconds per round.
+                device: torch.device = torch.device("cpu")) -> Timings:
+    """Time each callable ``reps`` times per round, variants interleaved.
 
     ``warmup`` untimed calls of every variant come first. Odd rounds run the variants in reverse
     order so that a slow drift of the machine's load does not favour the variants listed first.
@@ -63,20 +76,22 @@ def interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, reps: int, warmu
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    samples: Dict[str, List[List[float]]] = {name: [] for name in fns}
     names = list(fns)
+    out = Timings(names)
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
-            times = []
+            wall, cpu = [], []
             for _ in range(reps):
                 device_sync(device)
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fns[name]()
                 device_sync(device)
-                times.append(time.perf_counter() - t)
-            samples[name].append(times)
-    return samples
+                wall.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
+            out.wall[name].append(wall)
+            out.cpu[name].append(cpu)
+    return out
 
 
 def median(rounds: Sequence[Sequence[float]]) -> float:
@@ -185,13 +200,17 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def add_common_args(p, rounds: int = 3, reps: int = 2, warmup: int = 1) -> None:
-    """Options every timing script shares."""
+def add_common_args(p, rounds: int = 3, reps: int = 2, warmup: int = 1, device: bool = True) -> None:
+    """Options every timing script shares (``--device`` only where the script can use an accelerator)."""
     p.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds")
     p.add_argument("--reps", type=int, default=reps, help="timed calls per variant per round")
     p.add_argument("--warmup", type=int, default=warmup, help="untimed calls per variant first")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    if device:
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="what the ratios use: wall time, or this process's CPU time (steadier on a loaded "
+                        "machine with --threads 1)")
     p.add_argument("--json", default=None, metavar="PATH", help="where to write the JSON results")
 
 
