@@ -200,7 +200,8 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def add_common_args(p, rounds: int = 3, reps: int = 2, warmup: int = 1, device: bool = True) -> None:
+def add_common_args(p, rounds: int = 3, reps: int = 2, warmup: int = 1, device: bool = True,
+                    clock: bool = True) -> None:
     """Options every timing script shares (``--device`` only where the script can use an accelerator)."""
     p.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds")
     p.add_argument("--reps", type=int, default=reps, help="timed calls per variant per round")
@@ -208,9 +209,10 @@ def add_common_args(p, rounds: int = 3, reps: int = 2, warmup: int = 1, device: 
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     if device:
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="what the ratios use: wall time, or this process's CPU time (steadier on a loaded "
-                        "machine with --threads 1)")
+    if clock:
+        p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                       help="what the ratios use: wall time, or this process's CPU time (steadier on a loaded "
+                            "machine with --threads 1)")
     p.add_argument("--json", default=None, metavar="PATH", help="where to write the JSON results")
 
 

@@ -58,6 +58,14 @@ def make_checkpoint(model: str, out: str, adversarial: bool) -> str:
     return str(Path(out) / model / "last.pth.tar")
 
 
+def untrained_checkpoint(model: str, out: str) -> str:
+    """A checkpoint of the randomly initialised model (quick runs: few examples survive AutoAttack)."""
+    torch.manual_seed(0)
+    path = str(Path(out) / f"{model}-untrained.pth.tar")
+    torch.save({"model": bc.create_model(model, num_classes=10, img_size=32).state_dict()}, path)
+    return path
+
+
 def validate_result(argv: List[str]) -> Dict:
     """validate.py in-process; its --result JSON."""
     import validate as validate_cli
@@ -139,6 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--pgd-steps", type=int, default=10)
     p.add_argument("--aa-model", default="test_vit")
     p.add_argument("--aa-examples", type=int, default=16)
+    p.add_argument("--aa-untrained", action="store_true",
+                   help="attack the randomly initialised --aa-model (quick check of the plumbing, not a timing)")
     p.add_argument("--skip", nargs="*", default=[], choices=["pgd", "autoattack"], help="parts not to run")
     bc.add_common_args(p, rounds=3, reps=1, warmup=1, device=False)
     ns = p.parse_args(argv)
@@ -150,7 +160,9 @@ def main(argv=None) -> int:
         if "pgd" not in ns.skip:
             results.append(bench_pgd(ns, make_checkpoint(ns.pgd_model, tmp, adversarial=False)))
         if "autoattack" not in ns.skip:
-            results.append(bench_autoattack(ns, make_checkpoint(ns.aa_model, tmp, adversarial=True)))
+            ckpt = untrained_checkpoint(ns.aa_model, tmp) if ns.aa_untrained else \
+                make_checkpoint(ns.aa_model, tmp, adversarial=True)
+            results.append(bench_autoattack(ns, ckpt))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = []
