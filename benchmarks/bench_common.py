@@ -36,16 +36,17 @@ MODEL_PRESETS: Dict[str, tuple] = {
 
 
 def create_model(name: str, num_classes: int = 10, img_size: Optional[int] = None) -> torch.nn.Module:
-    """A timm model by registered name or :data:`MODEL_PRESETS` key, with the project's models registered."""
-    import timm
-
+    """The model train.py / validate.py would build (``src.model_factory.create_model``: timm plus the
+    project's models; ``img_size`` only where the model takes it), or a :data:`MODEL_PRESETS` entry."""
     import src.models  # noqa: F401 - registers the project's models
+    from src.model_factory import create_model as factory_create
 
-    base, kwargs = MODEL_PRESETS.get(name, (name, {}))
-    kwargs = dict(kwargs, num_classes=num_classes)
-    if img_size is not None and (base.startswith(("test_vit", "xcit", "vit", "deit"))):
-        kwargs["img_size"] = img_size
-    return timm.create_model(base, **kwargs)
+    if name in MODEL_PRESETS:
+        import timm
+
+        base, kwargs = MODEL_PRESETS[name]
+        return timm.create_model(base, num_classes=num_classes, img_size=img_size or 32, **kwargs)
+    return factory_create(name, num_classes=num_classes, img_size=img_size)
 
 
 def device_sync(device: torch.device) -> None:

@@ -49,11 +49,11 @@ def test_adv_step_cost(tmp_path):
 def test_train_overhead(tmp_path):
     res = _run("train_overhead", ["--model", "test_vit", "--batch-size", "250", "--attack-steps", "1"] + QUICK,
                tmp_path)
-    parts = {r["part"]: r for r in res["rows"]}
-    assert set(parts) == {"training epoch", "per-epoch evaluation", "whole run (main), wall",
-                          "whole run (main), CPU"}
+    parts = {(r["part"], r["clock"]): r for r in res["rows"]}
+    assert set(parts) == {(p, c) for p in ("training epoch", "per-epoch evaluation", "whole run (main)")
+                          for c in ("wall", "cpu")}
     assert all(r["train_py_s"] > 0 and r["plain_s"] > 0 for r in parts.values())
-    plain = res["raw"]["plain"][0]
+    plain = res["raw"]["plain_metrics"][0]
     assert plain["train"]["count"] == 1500 and plain["eval"]["count"] == 297  # 6 full batches, 3 eval batches
 
 
