@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     if ns.child:
         print(json.dumps(child(ns)))
         return 0
+    torch.set_num_threads(ns.threads)  # the children's setting, so that the machine facts say it
     passthrough = ["--model", ns.model, "--img-size", str(ns.img_size), "--batch-size", str(ns.batch_size),
                    "--iters", str(ns.iters), "--threads", str(ns.threads)]
     if ns.device:
