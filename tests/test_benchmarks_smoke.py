@@ -85,3 +85,12 @@ def test_peer_torchattacks(tmp_path):
     assert rows["torchattacks"]["peer_over_this"] == 1.0
     ce = res["results"][0]["attack_mean_ce"]
     assert ce["ours"] > 0 and ce["torchattacks"] > 0
+
+
+def test_overhead_breakdown(tmp_path):
+    res = _run("overhead_breakdown", ["--model", "test_vit", "--batch-size", "8", "--attack-steps", "1",
+                                      "--reps", "1"] + QUICK, tmp_path)
+    parts = {r["part"]: r for r in res["rows"]}
+    assert {"data: train.py loader", "data: tensor slicing", "finite check", "metric sums", "lr scheduler",
+            "step (PGD-1 efficient)"} == set(parts)
+    assert parts["step (PGD-1 efficient)"]["pct_of_step"] == 100.0
