@@ -12,7 +12,9 @@ Interleaved in one process, per training step of the ``train_overhead.py`` setti
   operations (a norm per gradient, stacked, ``isfinite``, one ``bool``) on the model's gradients;
 * ``metric sums``: the device-side running sums of loss, clean and robust accuracy;
 * ``lr scheduler``: timm's cosine ``step_update``;
-* ``step``: the training step itself (PGD-k, efficient mode), for scale.
+* ``step``: the training step itself (PGD-k, efficient mode: ``AdvTrainingLoss``), for scale, and
+  the same step written as the plain loop writes it (``plain_loop.pgd_linf``, forward, backward,
+  SGD): their difference is what our loss and attack code cost beyond the arithmetic.
 
     python benchmarks/overhead_breakdown.py --model resnet18 --batch-size 64 --attack-steps 2
 """
@@ -83,6 +85,20 @@ def metric_sums(logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> Ca
     return run
 
 
+def plain_step(model: nn.Module, opt: torch.optim.Optimizer, x, y, steps: int) -> Callable[[], None]:
+    eps = 8 / 255
+
+    def run() -> None:
+        model.eval()
+        x_adv = plain_loop.pgd_linf(model, x, y, eps, 1.5 * eps / steps, steps)
+        model.train()
+        loss = nn.functional.cross_entropy(model(x_adv), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet18")
@@ -108,7 +124,8 @@ def main(argv=None) -> int:
     fns: Dict[str, Callable[[], None]] = {
         "data: train.py loader": loader_batch(ns.batch_size), "data: tensor slicing": slicing_batch(ns.batch_size),
         "finite check": finite_check(model, loss), "metric sums": metric_sums(logits, y, loss),
-        "lr scheduler": lambda: sched.step_update(num_updates=1), f"step (PGD-{ns.attack_steps} efficient)": step}
+        "lr scheduler": lambda: sched.step_update(num_updates=1), f"step (PGD-{ns.attack_steps} efficient)": step,
+        f"step, plain loop's code (PGD-{ns.attack_steps})": plain_step(model, opt, x, y, ns.attack_steps)}
     t = bc.interleaved(fns, ns.rounds, ns.reps, ns.warmup)
     samples = t.cpu if ns.clock == "cpu" else t.wall
     step_s = bc.median(samples[f"step (PGD-{ns.attack_steps} efficient)"])

@@ -92,5 +92,5 @@ def test_overhead_breakdown(tmp_path):
                                       "--reps", "1"] + QUICK, tmp_path)
     parts = {r["part"]: r for r in res["rows"]}
     assert {"data: train.py loader", "data: tensor slicing", "finite check", "metric sums", "lr scheduler",
-            "step (PGD-1 efficient)"} == set(parts)
+            "step (PGD-1 efficient)", "step, plain loop's code (PGD-1)"} == set(parts)
     assert parts["step (PGD-1 efficient)"]["pct_of_step"] == 100.0
