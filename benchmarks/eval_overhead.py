@@ -11,9 +11,12 @@ Timed, interleaved in this process (whole invocations, model building and loadin
   :func:`plain_loop.evaluate` on the same images held in memory (same model, eps, step size);
 * ``validate.py --attack autoattack`` on the first ``--aa-examples`` validation images against a
   direct ``pyautoattack.AutoAttack(...).run_standard_evaluation`` call on the same model and
-  examples with the same seed; their robust accuracies must be identical.
+  examples with the same seed; their robust accuracies are compared as validate.py reports them
+  (4 decimals) and must be identical in every run.
 
-    python benchmarks/eval_overhead.py --pgd-model resnet18 --aa-model test_vit --aa-examples 16
+A robust example costs AutoAttack about 10^4 forward passes, so keep ``--aa-examples`` small on a CPU.
+
+    python benchmarks/eval_overhead.py --pgd-model resnet18 --pgd-steps 10 --aa-model test_vit --aa-examples 4
 """
 from __future__ import annotations
 
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--pgd-model", default="resnet18")
     p.add_argument("--pgd-steps", type=int, default=10)
     p.add_argument("--aa-model", default="test_vit")
-    p.add_argument("--aa-examples", type=int, default=16)
+    p.add_argument("--aa-examples", type=int, default=4, help="first N validation images for AutoAttack")
     p.add_argument("--aa-untrained", action="store_true",
                    help="attack the randomly initialised --aa-model (quick check of the plumbing, not a timing)")
     p.add_argument("--skip", nargs="*", default=[], choices=["pgd", "autoattack"], help="parts not to run")
