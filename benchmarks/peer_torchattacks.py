@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Our PGD-k adversarial training step against the same step built on torchattacks' PGD.
+
+Variants, interleaved in one process on one model and batch:
+
+* ``ours efficient``: :class:`src.attacks.AdvTrainingLoss` with ``clean_logits='skip'`` (train.py
+  ``--adv-clean-logits skip``), then backward and SGD;
+* ``ours faithful``: the same with ``clean_logits='train'`` (the original's extra clean forward);
+* ``torchattacks``: ``torchattacks.PGD`` (eval-mode attack, its default) crafts the examples, then
+  a train-mode forward, cross-entropy, backward and SGD;
+* with ``--bf16``: ``ours efficient`` under ``torch.autocast(bfloat16)`` on a channels-last copy of
+  the model, a preview of the fast path the peer lacks (no train.py flag does this yet).
+
+Also reported: the mean cross-entropy of each attack's examples on the eval-mode model, so that a
+faster variant is not faster because it attacks less.
+
+torchattacks is not a dependency of the project (its ``requests`` pin conflicts with ours); install
+it for the benchmark only, into ``benchmarks/.peer`` (git-ignored):
+
+    pip install --no-deps --target benchmarks/.peer torchattacks==3.5.1
+    python benchmarks/peer_torchattacks.py --model resnet18 --steps 1 2 --batch-size 64
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from typing import Callable, Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bench_common as bc
+from adv_step_cost import attack_cfg, loss_step
+from src.attacks import AdvTrainingLoss
+
+EPS = 8 / 255
+
+
+def import_torchattacks():
+    """torchattacks from benchmarks/.peer (appended to sys.path: it must not shadow installed packages)."""
+    if str(bc.PEER_DIR) not in sys.path:
+        sys.path.append(str(bc.PEER_DIR))
+    try:
+        import torchattacks
+    except ImportError:
+        raise SystemExit(f"error: torchattacks is not installed; run: pip install --no-deps --target "
+                         f"{bc.PEER_DIR} torchattacks==3.5.1") from None
+    return torchattacks
+
+
+def peer_step(model: nn.Module, atk, opt: torch.optim.Optimizer, x, y) -> Callable[[], None]:
+    def run() -> None:
+        model.train()
+        x_adv = atk(x, y)
+        loss = F.cross_entropy(model(x_adv), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run
+
+
+def autocast_step(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    def run() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            step()
+    return run
+
+
+def attack_strength(model: nn.Module, attacks: Dict[str, Callable], x, y) -> Dict[str, float]:
+    """Mean cross-entropy of each attack's examples on the eval-mode model (clean for reference)."""
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        out["clean"] = float(F.cross_entropy(model(x), y))
+    for name, attack in attacks.items():
+        torch.manual_seed(1)
+        x_adv = attack(x, y)
+        model.eval()
+        with torch.no_grad():
+            out[name] = float(F.cross_entropy(model(x_adv), y))
+    return out
+
+
+def bench_steps(ns: argparse.Namespace, k: int, device: torch.device, torchattacks) -> Dict:
+    torch.manual_seed(0)
+    model = bc.create_model(ns.model, img_size=ns.img_size).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    x = torch.rand(ns.batch_size, 3, ns.img_size, ns.img_size, device=device)
+    y = torch.randint(0, 10, (ns.batch_size,), device=device)
+    ce = nn.CrossEntropyLoss()
+    ours = AdvTrainingLoss(attack_cfg(k), ce, clean_logits="skip")
+    atk = torchattacks.PGD(model, eps=EPS, alpha=1.5 * EPS / k, steps=k, random_start=True)
+    fns = {"ours efficient": loss_step(model, ours, opt, x, y),
+           "ours faithful": loss_step(model, AdvTrainingLoss(attack_cfg(k), ce, clean_logits="train"), opt, x, y),
+           "torchattacks": peer_step(model, atk, opt, x, y)}
+    if ns.bf16:
+        fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        fast_opt = torch.optim.SGD(fast.parameters(), lr=1e-4, momentum=0.9)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        fns["ours efficient bf16+channels_last"] = autocast_step(loss_step(fast, ours, fast_opt, x_cl, y), device)
+    timings = bc.interleaved(fns, ns.rounds, ns.reps, ns.warmup, device)
+    samples, other = (timings.cpu, timings.wall) if ns.clock == "cpu" else (timings.wall, timings.cpu)
+    peer = bc.median(samples["torchattacks"])
+    rows = [dict(variant=n, seconds=bc.median(samples[n]), peer_over_this=peer / bc.median(samples[n]),
+                 peer_over_this_other_clock=bc.median(other["torchattacks"]) / bc.median(other[n]),
+                 spread=[1 / v for v in bc.ratio_spread(samples[n], samples["torchattacks"])][::-1])
+            for n in fns]
+
+    def ours_attack(xx, yy):
+        model.eval()
+        return ours.attack(model, xx, yy, 10)
+
+    strength = attack_strength(model, {"ours": ours_attack, "torchattacks": atk}, x, y)
+    return {"k": k, "rows": rows, "attack_mean_ce": strength, "wall_s": timings.wall, "cpu_s": timings.cpu}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet18", help=f"timm name or preset {sorted(bc.MODEL_PRESETS)}")
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="PGD steps k")
+    p.add_argument("--bf16", action="store_true", help="add the bf16 autocast + channels-last variant")
+    bc.add_common_args(p, rounds=3, reps=3, warmup=1)
+    ns = p.parse_args(argv)
+    torch.set_num_threads(ns.threads)
+    device = bc.resolve_device(ns.device)
+    torchattacks = import_torchattacks()
+    results = [bench_steps(ns, k, device, torchattacks) for k in ns.steps]
+    for r in results:
+        bc.print_table(f"PGD-{r['k']} training step, {ns.model} {ns.img_size}px batch {ns.batch_size}, "
+                       f"{torch.get_num_threads()} threads, {ns.clock} clock (speed-up = torchattacks time / time)",
+                       ["variant", "s/step", "speed-up vs torchattacks", "other clock", "min..max over rounds"],
+                       [[row["variant"], row["seconds"], row["peer_over_this"], row["peer_over_this_other_clock"],
+                         "..".join(f"{v:.3f}" for v in row["spread"])] for row in r["rows"]])
+        print("mean CE of the crafted examples: " + ", ".join(f"{k} {v:.4f}" for k, v in r["attack_mean_ce"].items()))
+    machine = dict(bc.machine_info(device), torchattacks=torchattacks.__version__)
+    payload = {"benchmark": "peer_torchattacks", "command": bc.command_line(), "machine": machine,
+               "options": vars(ns), "results": results}
+    bc.write_json(ns.json, f"peer_torchattacks-{ns.model}.json", payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

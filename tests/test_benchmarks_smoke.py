@@ -1,0 +1,96 @@
+"""The benchmark scripts run end to end in their smallest settings (no timing is asserted).
+
+Each script is run as a subprocess the way a user runs it, with a tiny model, one round and no
+warm-up; the test checks the exit code, the printed table and the JSON it writes, so the scripts
+do not rot as the code they measure changes. The torchattacks comparison needs the peer installed
+into benchmarks/.peer (``pip install --no-deps --target benchmarks/.peer torchattacks==3.5.1``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+QUICK = ["--rounds", "1", "--warmup", "0", "--threads", "1"]
+
+
+def _run(script: str, args, tmp_path) -> dict:
+    out = tmp_path / f"{script}.json"
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py")] + list(args) + ["--json", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"results written to {out}" in proc.stdout
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == script
+    assert payload["command"].startswith("python ") and f"{script}.py" in payload["command"]
+    assert payload["machine"]["torch"] and payload["machine"]["cpu_count"] >= 1
+    return payload
+
+
+def test_adv_step_cost(tmp_path):
+    res = _run("adv_step_cost", ["--models", "test_vit", "--steps", "1", "--trades-steps", "1", "--batch-size", "4",
+                                 "--reps", "1"] + QUICK, tmp_path)
+    rows = {r["variant"]: r for r in res["results"][0]["rows"]}
+    assert {"clean", "pgd-1 faithful", "pgd-1 efficient", "trades-1", "prim T: train step"} <= set(rows)
+    assert rows["clean"]["x_clean"] == 1.0
+    assert rows["pgd-1 efficient"]["analytic_floor"] == pytest.approx(5 / 3)
+    assert rows["pgd-1 faithful"]["analytic_floor"] == pytest.approx(2.0)
+    assert rows["trades-1"]["analytic_floor"] == pytest.approx(3.0)
+    assert all(r["seconds"] > 0 for r in rows.values())
+
+
+def test_train_overhead(tmp_path):
+    res = _run("train_overhead", ["--model", "test_vit", "--batch-size", "250", "--attack-steps", "1"] + QUICK,
+               tmp_path)
+    parts = {(r["part"], r["clock"]): r for r in res["rows"]}
+    assert set(parts) == {(p, c) for p in ("training epoch", "per-epoch evaluation", "whole run (main)")
+                          for c in ("wall", "cpu")}
+    assert all(r["train_py_s"] > 0 and r["plain_s"] > 0 for r in parts.values())
+    plain = res["raw"]["plain_metrics"][0]
+    assert plain["train"]["count"] == 1500 and plain["eval"]["count"] == 297  # 6 full batches, 3 eval batches
+
+
+def test_eval_overhead_autoattack_matches_direct_pyautoattack(tmp_path):
+    res = _run("eval_overhead", ["--pgd-model", "test_vit", "--pgd-steps", "1", "--aa-model", "test_vit",
+                                 "--aa-examples", "4", "--aa-untrained"] + QUICK, tmp_path)
+    pgd, aa = res["results"]
+    assert pgd["images"] == 297 and pgd["cli_s"] > 0 and pgd["reference_s"] > 0
+    assert aa["identical_robust_accuracy"] is True
+    assert aa["robust_top1"]["validate.py"] == aa["robust_top1"]["pyautoattack"]
+
+
+def test_memory(tmp_path):
+    res = _run("memory", ["--model", "test_vit", "--steps", "1", "--trades-steps", "1", "--batch-size", "4",
+                          "--iters", "1", "--threads", "1"], tmp_path)
+    r = res["results"]
+    assert set(r) == {"clean", "pgd-1 faithful", "pgd-1 efficient", "trades-1"}
+    assert all(v["peak_rss_mib"] >= v["baseline_rss_mib"] > 0 for v in r.values())
+
+
+def test_peer_torchattacks(tmp_path):
+    if not (BENCH / ".peer" / "torchattacks").is_dir():
+        pytest.skip("torchattacks not installed in benchmarks/.peer (pip install --no-deps --target "
+                    "benchmarks/.peer torchattacks==3.5.1)")
+    res = _run("peer_torchattacks", ["--model", "test_vit", "--steps", "1", "--batch-size", "4", "--reps", "1"]
+               + QUICK, tmp_path)
+    rows = {r["variant"]: r for r in res["results"][0]["rows"]}
+    assert set(rows) == {"ours efficient", "ours faithful", "torchattacks"}
+    assert rows["torchattacks"]["peer_over_this"] == 1.0
+    ce = res["results"][0]["attack_mean_ce"]
+    assert ce["ours"] > 0 and ce["torchattacks"] > 0
+
+
+def test_overhead_breakdown(tmp_path):
+    res = _run("overhead_breakdown", ["--model", "test_vit", "--batch-size", "8", "--attack-steps", "1",
+                                      "--reps", "1"] + QUICK, tmp_path)
+    parts = {r["part"]: r for r in res["rows"]}
+    assert {"data: train.py loader", "data: tensor slicing", "finite check", "metric sums", "lr scheduler",
+            "step (PGD-1 efficient)", "step, plain loop's code (PGD-1)"} == set(parts)
+    assert parts["step (PGD-1 efficient)"]["pct_of_step"] == 100.0
