@@ -79,14 +79,14 @@ def build_model_and_data(args: argparse.Namespace, dev_env) -> Tuple[Any, Any]:
     The one place this module builds models and data, through the evaluation core's public
     factories. Every process scans the whole split, so all agree on the points.
     """
-    from src import data as D
+    from src.data import create_loader
 
     em = create_eval_model(args, dev_env)
     dataset = create_eval_dataset(args)
     loader = create_eval_loader(args, em, dev_env, dataset)
     if dev_env.world_size > 1:
-        loader = D.create_loader(dataset, args.batch_size, is_training=False, workers=args.workers,
-                                 pin_memory=args.pin_mem)
+        loader = create_loader(dataset, args.batch_size, is_training=False, workers=args.workers,
+                               pin_memory=args.pin_mem)
     return em, loader
 
 

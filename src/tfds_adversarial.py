@@ -95,16 +95,16 @@ def build_attacked_model(cfg: AdversarialConfig, manual_dir: Optional[str]) -> T
 def attacked_batches(cfg: AdversarialConfig, data_dir: str, manual_dir: Optional[str]
                      ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(x, x_adv, y) batches of the source split, x and x_adv in [0, 1], in the source's order."""
-    from src import data as D
+    from src.data import build_eval_transform, create_dataset, create_loader, set_transform
     from src.attacks import make_attack
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, data_config = build_attacked_model(cfg, manual_dir)
     model = model.to(device)
-    dataset = D.create_dataset(f"tfds/{cfg.source}", str(data_dir), cfg.source_split, is_training=False,
-                               batch_size=cfg.batch_size)
-    D.set_transform(dataset, D.build_eval_transform(data_config))
-    loader = D.create_loader(dataset, cfg.batch_size, is_training=False)
+    dataset = create_dataset(f"tfds/{cfg.source}", str(data_dir), cfg.source_split, is_training=False,
+                             batch_size=cfg.batch_size)
+    set_transform(dataset, build_eval_transform(data_config))
+    loader = create_loader(dataset, cfg.batch_size, is_training=False)
     attack = make_attack("pgd", cfg.eps, 1.5 * cfg.eps / cfg.steps, cfg.steps, "linf", (0, 1),
                          criterion=nn.NLLLoss(reduction="sum"), num_classes=cfg.num_classes)
     torch.manual_seed(cfg.seed)

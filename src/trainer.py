@@ -424,7 +424,9 @@ def prepare_output(task: TrainTask, plan: OutputPlan, progress: Progress, args_t
     _write_args_yaml(task, plan, progress, args_text)
     outputs.summary.truncate_from(progress.start_epoch)
     if args.log_wandb:
-        outputs.wandb_run = _init_wandb(args, plan.output_dir)
+        from src.wandb_link import init_training_run
+
+        outputs.wandb_run = init_training_run(args, plan.output_dir)
     _logger.info("output folder %s; training epochs %d..%d", plan.output_dir, progress.start_epoch,
                  task.num_epochs - 1)
     return outputs
@@ -636,22 +638,3 @@ def _write_summary_png(summary: SummaryCsv, title: str) -> None:
         _logger.warning("could not draw %s: %s: %s", path, type(e).__name__, e)
         return
     storage.atomic_write_bytes(path, png)
-
-
-def _init_wandb(args: argparse.Namespace, output_dir: str):
-    try:
-        import wandb
-    except ImportError:
-        raise UsageError("--log-wandb needs the wandb package (pip install wandb)") from None
-    config = dict(vars(args))
-    config["output"] = output_dir if storage.is_local(output_dir) else \
-        "https://console.cloud.google.com/storage/" + output_dir.split("://", 1)[1]
-    notes = args.run_notes + (f" Bucket: {output_dir}" if output_dir.startswith("gs://") else "")
-    dir_ = output_dir if storage.is_local(output_dir) else None
-    run = wandb.init(project=args.experiment or os.path.basename(output_dir), config=config, notes=notes,
-                     dir=dir_, name=os.path.basename(output_dir))
-    url = getattr(run, "url", None)
-    from src.resume_record import set_record
-
-    set_record(storage.join(output_dir, "args.yaml"), "wandb_run", url or "offline:" + run.id)
-    return run

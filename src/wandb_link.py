@@ -104,3 +104,24 @@ def log_robustbench(args: argparse.Namespace, report: Mapping[str, Any]) -> Dict
                f"autoattack-None-{args.eps / 255}{suffix}-eval_robust_top1_final": 100 * report["robust_accuracy"]}
     wandb_dir = os.path.dirname(os.path.abspath(args.output)) if storage.is_local(args.output) else None
     return log_into_training_run(args.checkpoint, metrics, wandb_dir)
+
+
+def init_training_run(args: argparse.Namespace, output_dir: str):
+    """The W&B run of a training run (``--log-wandb``): project = ``--experiment``, config = the
+    arguments, notes = ``--run-notes`` (+ the bucket), recorded as ``wandb_run`` in args.yaml."""
+    try:
+        import wandb
+    except ImportError:
+        raise UsageError("--log-wandb needs the wandb package (pip install wandb)") from None
+    config = dict(vars(args))
+    config["output"] = output_dir if storage.is_local(output_dir) else \
+        "https://console.cloud.google.com/storage/" + output_dir.split("://", 1)[1]
+    notes = args.run_notes + (f" Bucket: {output_dir}" if output_dir.startswith("gs://") else "")
+    dir_ = output_dir if storage.is_local(output_dir) else None
+    run = wandb.init(project=args.experiment or os.path.basename(output_dir), config=config, notes=notes,
+                     dir=dir_, name=os.path.basename(output_dir))
+    url = getattr(run, "url", None)
+    from src.resume_record import set_record
+
+    set_record(storage.join(output_dir, "args.yaml"), "wandb_run", url or "offline:" + run.id)
+    return run
