@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run a script on the XLA devices of a TPU VM: ``python launch_xla.py --num-devices 8 train.py [args...]``.
 
-Works for train.py, validate.py and attack_effectiveness.py (any script with an ``_mp_entry``).
+Works for train.py, validate.py, attack_effectiveness.py and attack_convergence.py (any script with an ``_mp_entry``).
 torch_xla 2.x starts one replica per device itself (processes, or threads on TPU v2/v3 and on
 PJRT's CPU backend) and accepts only "one device" or "every device": ``--num-devices 1`` runs in
 this process; a larger count uses every device of the VM and each replica checks that there are
@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-devices", type=int, default=1,
                    help="XLA devices (replicas) to use, 1 or more; 8 on a TPU v3-8 VM (default: 1)")
-    p.add_argument("script", help="train.py, validate.py, attack_effectiveness.py (must define _mp_entry)")
+    p.add_argument("script", help="train.py, validate.py, attack_effectiveness.py, attack_convergence.py (must define _mp_entry)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments forwarded to the script")
     ns = p.parse_args(argv)
     if ns.num_devices < 1:
@@ -69,8 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _error(f"torch_xla cannot be imported ({e}); run launch_xla.py with the venv of "
                       "requirements-tpu.txt (see the README, 'TPU VMs')")
     if not hasattr(load_script(ns.script), "_mp_entry"):
-        return _error(f"{ns.script} has no _mp_entry function; launch_xla.py runs train.py, validate.py and "
-                      "attack_effectiveness.py")
+        return _error(f"{ns.script} has no _mp_entry function; launch_xla.py runs train.py, validate.py, "
+                      "attack_effectiveness.py and attack_convergence.py")
     os.environ.setdefault("PJRT_DEVICE", "TPU")
     if os.environ["PJRT_DEVICE"].upper() == "CPU":
         if ns.num_devices > 1:
