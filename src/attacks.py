@@ -75,10 +75,17 @@ def project_l2(x: torch.Tensor, x_adv: torch.Tensor, eps: float, boundaries: Bou
     return torch.clamp(x + delta, lo, hi)
 
 
+def _logical_order_empty(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor like ``x`` but contiguous, so random draws fill it in logical order:
+    a channels-last batch gets the same random start as the contiguous one (``empty_like`` would
+    keep the memory format and scatter the same draws to other pixels)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def init_linf(x: torch.Tensor, eps: float, project_fn: ProjectFn, boundaries: Boundaries) -> torch.Tensor:
     """Uniform random start in the L-inf ball (plus the original's +1e-5), projected."""
     x = x.detach()
-    noise = torch.empty_like(x).uniform_(-eps, eps)
+    noise = _logical_order_empty(x).uniform_(-eps, eps)
     return project_fn(x, x + noise + INIT_OFFSET, eps, boundaries)
 
 
@@ -89,7 +96,7 @@ def init_l2(x: torch.Tensor, eps: float, project_fn: ProjectFn, boundaries: Boun
     so the noise has mean -eps (not 0) and std eps; +1e-5 is added as for L-inf.
     """
     x = x.detach()
-    noise = torch.empty_like(x).normal_(mean=-eps, std=eps)
+    noise = _logical_order_empty(x).normal_(mean=-eps, std=eps)
     return project_fn(x, x + noise + INIT_OFFSET, eps, boundaries)
 
 

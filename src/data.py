@@ -66,14 +66,51 @@ class DigitsDataset(Dataset):
         self.targets = labels[idx]
         self.transform = transform
 
+        self._tensors: Optional[torch.Tensor] = None
+        self._tensors_for: Any = None
+
     def __len__(self) -> int:
         return len(self.targets)
 
+    def _as_tensors(self) -> Optional[torch.Tensor]:
+        """All images as one float tensor when the transform is ``ToTensor`` at the native size
+        (``--no-aug`` or an evaluation chain at 32 px): the PIL round trip is then skipped."""
+        if self._tensors_for is not self.transform:
+            self._tensors_for = self.transform
+            self._tensors = None
+            if is_native_to_tensor(self.transform, self.images.shape[1:3]):
+                self._tensors = torch.from_numpy(self.images).permute(0, 3, 1, 2).float().div(255)
+        return self._tensors
+
     def __getitem__(self, i: int):
+        tensors = self._as_tensors()
+        if tensors is not None:
+            return tensors[i], int(self.targets[i])
         img = Image.fromarray(self.images[i])
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.targets[i])
+
+
+def is_native_to_tensor(transform, hw: Sequence[int]) -> bool:
+    """Whether ``transform`` maps an RGB PIL image of size ``hw`` to exactly ``ToTensor()`` of it:
+    a ``Compose`` of ``Resize`` / ``CenterCrop`` to the image's own size, ending in ``ToTensor``."""
+    steps = list(transform.transforms) if isinstance(transform, transforms.Compose) else [transform]
+    if not steps or type(steps[-1]) is not transforms.ToTensor:
+        return False
+    h, w = int(hw[0]), int(hw[1])
+    for t in steps[:-1]:
+        if type(t) is transforms.CenterCrop:
+            if tuple(t.size) != (h, w):
+                return False
+        elif type(t) is transforms.Resize:
+            size = [t.size] if isinstance(t.size, int) else list(t.size)
+            same = size == [h, w] or (len(size) == 1 and size[0] == min(h, w))
+            if not same or t.max_size is not None:
+                return False
+        else:
+            return False
+    return True
 
 
 _DATASET_PREFIXES = ("torch/", "tfds/", "hfds/", "hfids/", "wds/")

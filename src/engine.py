@@ -56,12 +56,17 @@ def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.detach().argmax(dim=-1) == y).sum()
 
 
-def _all_finite(params) -> bool:
+def _finite_flag(loss: torch.Tensor, params) -> torch.Tensor:
+    """A 0-d bool tensor on the device: the loss and every gradient are finite (no host sync).
+
+    One fused total norm of the gradients: a NaN or inf anywhere makes it non-finite.
+    """
+    ok = torch.isfinite(loss)
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
-    return bool(torch.isfinite(norms).all())
+    if grads:
+        total = torch.nn.utils.get_total_norm([g.detach() for g in grads], norm_type=2.0)
+        ok = ok & torch.isfinite(total)
+    return ok
 
 
 @dataclass
@@ -141,22 +146,49 @@ def _backward(parts: TrainParts, loss: torch.Tensor, params, options: StepOption
             dispatch_clip_grad(params, options.clip_grad, mode=options.clip_mode)
 
 
-def _step_is_finite(parts: TrainParts, loss: torch.Tensor, params, options: StepOptions, where: str) -> bool:
-    """False (gradients dropped) for a non-finite step under --skip-nonfinite; raises otherwise.
-
-    With a grad scaler the scaler itself skips such steps. Without one, this costs one host sync
-    per step: the price of never writing NaN weights into a checkpoint.
-    """
-    if parts.grad_scaler is not None:
-        return True
-    if bool(torch.isfinite(loss)) and _all_finite(params):
-        return True
-    if not options.skip_nonfinite:
-        raise NonFiniteLossError(
-            f"non-finite loss or gradient at {where}; the last good checkpoint is kept. Lower the learning "
+def _nonfinite_message(where: str) -> str:
+    return (f"non-finite loss or gradient at {where}; the last good checkpoint is kept. Lower the learning "
             f"rate, enable --clip-grad, or pass --skip-nonfinite to skip such steps")
+
+
+def _step_is_finite(parts: TrainParts, loss: torch.Tensor, params) -> bool:
+    """--skip-nonfinite: False (gradients dropped) for a non-finite step. Deciding whether to skip
+    this step's update costs one host sync per step; only this mode pays it (see ``_FiniteGuard``)."""
+    if bool(_finite_flag(loss, params)):
+        return True
     parts.optimizer.zero_grad(set_to_none=True)
     return False
+
+
+class _FiniteGuard:
+    """Stops training at the first non-finite loss or gradient without a host sync per step.
+
+    Each step's verdict is folded into a device tensor holding the epoch-step index of the first
+    bad step; :meth:`check` reads it (one sync) and is called every log interval, before every
+    recovery checkpoint, before a signal stop and at the end of the epoch, so weights updated by a
+    non-finite step can never reach a checkpoint: the run stops with the step named instead.
+    """
+
+    def __init__(self, device: torch.device, first_step: int, first_update: int):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.first_step, self.first_update = first_step, first_update
+        self.pending = False
+
+    def observe(self, loss: torch.Tensor, params, step: int) -> None:
+        bad = ~_finite_flag(loss, params) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+        self.pending = True
+
+    def check(self, epoch: int) -> None:
+        if not self.pending:
+            return
+        self.pending = False
+        step = int(self.first_bad)
+        if step >= 0:
+            # without --skip-nonfinite every step updates, so the global step follows from the epoch step
+            update = self.first_update + step - self.first_step
+            raise NonFiniteLossError(_nonfinite_message(
+                f"epoch {epoch}, step {step} of the epoch (global step {update})"))
 
 
 def _optimizer_step(parts: TrainParts, num_updates: int) -> int:
@@ -191,6 +223,10 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
     total = len(loader) + state.batches_done if hasattr(loader, "__len__") else 0
     log = _EpochLog(f"train epoch {epoch}", total, state.batches_done, dev_env, hooks.log_interval)
     sums = _Sums(dev_env.device)
+    # a grad scaler skips non-finite steps itself; --skip-nonfinite decides per step (one sync each)
+    guard = None
+    if parts.grad_scaler is None and not options.skip_nonfinite:
+        guard = _FiniteGuard(dev_env.device, state.batches_done, num_updates)
     stopped = False
     for x, y in loader:
         x, y = dev_env.to_device(x, y)
@@ -202,8 +238,11 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
             loss, clean_logits, adv_logits = parts.loss_fn(parts.model, x, y, epoch)
         loss_det = loss.detach().float()
         _backward(parts, loss, params, options, dev_env)
-        where = f"epoch {epoch}, step {state.batches_done} of the epoch (global step {num_updates})"
-        step_ok = _step_is_finite(parts, loss_det, params, options, where)
+        step_ok = True
+        if guard is not None:
+            guard.observe(loss_det, params, state.batches_done)
+        elif parts.grad_scaler is None:
+            step_ok = _step_is_finite(parts, loss_det, params)
         if step_ok:
             num_updates = _optimizer_step(parts, num_updates)
             sums.add(loss_det, clean_logits, adv_logits, y)
@@ -211,14 +250,20 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
             state.skipped_steps += 1
         dev_env.mark_step()
         state.batches_done += 1
+        if guard is not None and hooks.log_interval and state.batches_done % hooks.log_interval == 0:
+            guard.check(epoch)  # the log line below syncs anyway
         log.batch(x.shape[0], state.batches_done, loss_det, parts.optimizer)
         if hooks.save_recovery is not None and hooks.recovery_interval and step_ok \
                 and num_updates % hooks.recovery_interval == 0:
+            if guard is not None:
+                guard.check(epoch)
             sums.flush(state)
             hooks.save_recovery(epoch, num_updates, state)
         if hooks.should_stop is not None and hooks.should_stop(state.batches_done):
             stopped = True
             break
+    if guard is not None:
+        guard.check(epoch)
     log.close()
     sums.flush(state)
     metrics = _epoch_metrics(state, dev_env, eps, _mean_lr(parts.optimizer))
