@@ -1,5 +1,6 @@
 # make demo: set up .venv (when missing or stale) and train the quickstart on the embedded digits data.
-# make test: set up .venv (plus the TFDS lane, requirements-tfds.txt) and run the test suite.
+# make test: set up .venv (plus the TFDS lane, requirements-tfds.txt, and the benchmarks' torchattacks peer in
+#   benchmarks/.peer) and run the test suite.
 # make test-xla: set up .venv-tpu (torch 2.9 + torch-xla 2.9, requirements-xla.txt) and run the xla-marked tests
 #   on PJRT's CPU backend (no TPU needed).
 PYTHON ?= python3
@@ -21,12 +22,21 @@ $(TFDS_STAMP): $(TFDS_REQS) $(STAMP)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(TFDS_REQS)
 	@sha256sum $(TFDS_REQS) > $(TFDS_STAMP)
 
+# the benchmarks' peer (torchattacks), without its dependencies, into benchmarks/.peer (its requests pin
+# conflicts with ours); tests/test_benchmarks_smoke.py runs the side-by-side comparison with it
+PEER_REQS := benchmarks/requirements-bench.txt
+PEER_STAMP := benchmarks/.peer/.requirements-stamp
+
+$(PEER_STAMP): $(PEER_REQS) $(STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --upgrade --target benchmarks/.peer -r $(PEER_REQS)
+	@sha256sum $(PEER_REQS) > $(PEER_STAMP)
+
 venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/python train.py -c configs/quickstart.yaml
 
-test: $(STAMP) $(TFDS_STAMP)
+test: $(STAMP) $(TFDS_STAMP) $(PEER_STAMP)
 	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q tests
 
 clean-venv:

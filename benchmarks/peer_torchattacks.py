@@ -8,8 +8,9 @@ Variants, interleaved in one process on one model and batch:
 * ``ours faithful``: the same with ``clean_logits='train'`` (the original's extra clean forward);
 * ``torchattacks``: ``torchattacks.PGD`` (eval-mode attack, its default) crafts the examples, then
   a train-mode forward, cross-entropy, backward and SGD;
-* with ``--bf16``: ``ours efficient`` under ``torch.autocast(bfloat16)`` on a channels-last copy of
-  the model, a preview of the fast path the peer lacks (no train.py flag does this yet).
+* with ``--bf16``: ``ours efficient`` with train.py's ``--amp --amp-dtype bfloat16 --channels-last``
+  (the project's ``DeviceEnv``: a channels-last copy of the model and batch, the loss under its
+  autocast; the attack's loss and projection stay float32), the fast path the peer lacks.
 
 Also reported: the mean cross-entropy of each attack's examples on the eval-mode model, so that a
 faster variant is not faster because it attacks less.
@@ -34,8 +35,10 @@ import torch.nn.functional as F
 import bench_common as bc
 from adv_step_cost import attack_cfg, loss_step
 from src.attacks import AdvTrainingLoss
+from src.bits.device import DeviceEnv
 
 EPS = 8 / 255
+FAST = "ours efficient, --amp --amp-dtype bfloat16 --channels-last"
 
 
 def import_torchattacks():
@@ -61,9 +64,9 @@ def peer_step(model: nn.Module, atk, opt: torch.optim.Optimizer, x, y) -> Callab
     return run
 
 
-def autocast_step(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+def autocast_step(step: Callable[[], None], dev_env) -> Callable[[], None]:
     def run() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with dev_env.autocast():
             step()
     return run
 
@@ -95,11 +98,12 @@ def bench_steps(ns: argparse.Namespace, k: int, device: torch.device, torchattac
     fns = {"ours efficient": loss_step(model, ours, opt, x, y),
            "ours faithful": loss_step(model, AdvTrainingLoss(attack_cfg(k), ce, clean_logits="train"), opt, x, y),
            "torchattacks": peer_step(model, atk, opt, x, y)}
+    fast_env = DeviceEnv(device, amp=True, amp_dtype=torch.bfloat16, channels_last=True)
+    fast = fast_env.to_model_device(copy.deepcopy(model))
+    x_cl = fast_env.to_device(x)
     if ns.bf16:
-        fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
         fast_opt = torch.optim.SGD(fast.parameters(), lr=1e-4, momentum=0.9)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        fns["ours efficient bf16+channels_last"] = autocast_step(loss_step(fast, ours, fast_opt, x_cl, y), device)
+        fns[FAST] = autocast_step(loss_step(fast, ours, fast_opt, x_cl, y), fast_env)
     timings = bc.interleaved(fns, ns.rounds, ns.reps, ns.warmup, device)
     samples, other = (timings.cpu, timings.wall) if ns.clock == "cpu" else (timings.wall, timings.cpu)
     peer = bc.median(samples["torchattacks"])
@@ -112,7 +116,16 @@ def bench_steps(ns: argparse.Namespace, k: int, device: torch.device, torchattac
         model.eval()
         return ours.attack(model, xx, yy, 10)
 
-    strength = attack_strength(model, {"ours": ours_attack, "torchattacks": atk}, x, y)
+    def fast_attack(xx, yy):
+        fast.load_state_dict(model.state_dict())  # the same weights, crafted in bf16 + channels-last
+        fast.eval()
+        with fast_env.autocast():
+            return ours.attack(fast, fast_env.to_device(xx), yy, 10).contiguous()
+
+    attacks = {"ours": ours_attack, "torchattacks": atk}
+    if ns.bf16:
+        attacks[FAST] = fast_attack
+    strength = attack_strength(model, attacks, x, y)
     return {"k": k, "rows": rows, "attack_mean_ce": strength, "wall_s": timings.wall, "cpu_s": timings.cpu}
 
 
@@ -122,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="PGD steps k")
-    p.add_argument("--bf16", action="store_true", help="add the bf16 autocast + channels-last variant")
+    p.add_argument("--bf16", action="store_true", help="add the variant with train.py's --amp --amp-dtype bfloat16 --channels-last")
     bc.add_common_args(p, rounds=3, reps=3, warmup=1)
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
