@@ -95,3 +95,15 @@ def test_overhead_breakdown(tmp_path):
     assert {"data: train.py loader", "data: tensor slicing", "finite check", "metric sums", "lr scheduler",
             "step (PGD-1 efficient)", "step, plain loop's code (PGD-1)"} == set(parts)
     assert parts["step (PGD-1 efficient)"]["pct_of_step"] == 100.0
+
+
+def test_compile_check_reports_speed_and_agreement(tmp_path):
+    # aot_eager: the AOTAutograd graphs (input gradients included) without inductor's minutes of codegen
+    res = _run("compile_check", ["--models", "test_vit", "--batch-size", "4", "--reps", "1", "--backend",
+                                 "aot_eager"] + QUICK, tmp_path)
+    r = res["results"][0]
+    assert {row["step"] for row in r["rows"]} == {"clean", "pgd-2"}
+    assert all(row["eager_s"] > 0 and row["compiled_s"] > 0 and row["compile_s"] > 0 for row in r["rows"])
+    agree = r["agreement"]
+    assert agree["loss_abs_diff"] < 1e-4 and agree["weight_max_abs_diff"] < 1e-5
+    assert agree["pgd_same_sign_fraction"] > 0.99
