@@ -107,3 +107,20 @@ def test_compile_check_reports_speed_and_agreement(tmp_path):
     agree = r["agreement"]
     assert agree["loss_abs_diff"] < 1e-4 and agree["weight_max_abs_diff"] < 1e-5
     assert agree["pgd_same_sign_fraction"] > 0.99
+
+
+def test_readme_speed_table_is_what_the_committed_results_say(tmp_path):
+    """The README quotes benchmarks/summarize.py's table of benchmarks/results/, not typed numbers."""
+    sys.path.insert(0, str(BENCH))
+    import summarize
+
+    table = summarize.table()
+    assert table.count("\n") >= 6 and "train.py" in table and "torchattacks" in table
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- readme-numbers:speed -->")[1].split("<!-- /readme-numbers:speed -->")[0]
+    assert block.strip() == table.strip(), "run: python benchmarks/summarize.py --write-readme"
+    # --write-readme refuses a README without the markers (nothing is written)
+    bare = tmp_path / "README.md"
+    bare.write_text("# no markers\n")
+    assert summarize.main(["--write-readme", "--readme", str(bare)]) == 2
+    assert bare.read_text() == "# no markers\n"

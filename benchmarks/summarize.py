@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""The headline ratios of the committed benchmark results, as the README's Speed table.
+
+Reads the JSON files in ``benchmarks/results/`` (written by the benchmark scripts, see RESULTS.md)
+and prints one row per headline figure, each naming its file and the clock it was taken with. With
+``--write-readme`` it replaces the table between the README's ``<!-- readme-numbers:speed -->``
+markers, so the README quotes exactly what the scripts measured.
+
+    python benchmarks/summarize.py                  # print the table
+    python benchmarks/summarize.py --write-readme   # and write it into README.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+FAST = "ours efficient, --amp --amp-dtype bfloat16 --channels-last"
+
+# The files the headline rows come from (the commands that make them are in RESULTS.md).
+TRAIN_FAITHFUL = "train_overhead-resnet18-pgd2-train.json"
+TRAIN_EFFICIENT = "train_overhead-resnet18-pgd2-skip.json"
+EVAL = "eval_overhead-resnet18-test_vit.json"
+PEER = "peer_torchattacks-resnet18.json"
+STEP_COST = ("adv_step_cost-resnet18.json", "adv_step_cost-xcit_nano_12_p4_32.json")
+COMPILE = "compile_check-resnet18-xcit_nano_12_p4_32.json"
+
+
+def _load(name: str, results: Path) -> Optional[dict]:
+    path = results / name
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _clock(payload: dict) -> str:
+    opts = payload.get("options") or payload.get("args") or {}
+    clock = opts.get("clock")
+    if clock is None:  # train_overhead reports both clocks: the steadier one for its thread count
+        clock = "cpu" if opts.get("threads", 1) == 1 else "wall"
+    return f"{opts.get('threads', '?')} thread{'s' if opts.get('threads') != 1 else ''}, {clock} time"
+
+
+def _train_row(payload: dict) -> float:
+    clock = "cpu" if (payload["options"].get("threads", 1) == 1) else "wall"
+    return next(r["ratio"] for r in payload["rows"] if r["part"] == "training epoch" and r["clock"] == clock)
+
+
+def rows(results: Path = RESULTS) -> List[List[str]]:
+    out: List[List[str]] = []
+    faithful, efficient = _load(TRAIN_FAITHFUL, results), _load(TRAIN_EFFICIENT, results)
+    if faithful and efficient:
+        out.append(["`train.py` PGD-2 epoch vs a plain PyTorch loop doing the same work (faithful / efficient "
+                    "`--adv-clean-logits skip`)", f"{_train_row(faithful):.3f}x / {_train_row(efficient):.3f}x",
+                    _clock(efficient)])
+    ev = _load(EVAL, results)
+    if ev:
+        for r in ev["results"]:
+            values = [v for vs in r["robust_top1"].values() for v in vs]
+            # validate.py's report rounds to 4 decimals; one example is 100 / images points
+            same = "same" if max(values) - min(values) < 0.01 else "different"
+            what = ("`validate.py` PGD-10 evaluation vs a plain loop" if r["reference"] == "plain loop"
+                    else f"AutoAttack through `validate.py` vs a direct pyautoattack call ({r['images']} images)")
+            out.append([f"{what} ({same} robust accuracy)", f"{r['ratio']:.3f}x", _clock(ev)])
+    peer = _load(PEER, results)
+    if peer:
+        ks = [r["k"] for r in peer["results"]]
+        speed = {}
+        for r in peer["results"]:
+            for row in r["rows"]:
+                speed.setdefault(row["variant"], []).append(row["peer_over_this"])
+        label = " / ".join(f"PGD-{k}" for k in ks)
+        out.append([f"our {label} step (efficient, float32) vs the same step on torchattacks' PGD",
+                    " / ".join(f"{v:.2f}x" for v in speed["ours efficient"]) + " faster", _clock(peer)])
+        if FAST in speed:
+            out.append([f"our {label} step with `--amp --amp-dtype bfloat16 --channels-last` vs the torchattacks "
+                        "step (float32; same attack strength, see RESULTS.md)",
+                        " / ".join(f"{v:.2f}x" for v in speed[FAST]) + " faster", _clock(peer)])
+    floors = []
+    for name in STEP_COST:
+        sc = _load(name, results)
+        if sc:
+            res = sc["results"][0]
+            eff = [r for r in res["rows"] if r.get("mode") == "skip"]
+            floors.append((res["model"], eff, _clock(sc)))
+    if floors:
+        ks = " / ".join(str(r["k"]) for r in floors[0][1])
+        out.append([f"PGD-{ks} step (efficient) vs its analytic floor: " + "; ".join(m for m, _, _ in floors),
+                    "; ".join(" / ".join(f"{r['x_analytic_floor']:.2f}x" for r in eff) for _, eff, _ in floors),
+                    floors[0][2]])
+    comp = _load(COMPILE, results)
+    if comp:
+        parts = []
+        for r in comp["results"]:
+            parts.append(f"{r['model']} " + " / ".join(f"{row['speedup']:.2f}x" for row in r["rows"]))
+        out.append(["`torch.compile` vs eager, clean / PGD-2 step (no `--torchcompile` flag: not faster here)",
+                    "; ".join(parts), _clock(comp)])
+    return out
+
+
+def table(results: Path = RESULTS) -> str:
+    lines = ["| what | ratio | measured with |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(results)]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default=str(RESULTS), help="folder of the benchmark JSON files")
+    p.add_argument("--write-readme", action="store_true", help="write the table into README.md")
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    ns = p.parse_args(argv)
+    text = table(Path(ns.results))
+    print(text)
+    if ns.write_readme:
+        sys.path.insert(0, str(ROOT))
+        from util_scripts.readme_numbers import replace_block
+
+        readme = Path(ns.readme)
+        try:
+            new = replace_block(readme.read_text(), "speed", text)
+        except (OSError, ValueError) as e:
+            print(f"error: summarize.py: {e}", file=sys.stderr)
+            return 2
+        readme.write_text(new)
+        print(f"written into {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
