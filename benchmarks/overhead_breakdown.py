@@ -5,11 +5,11 @@ Interleaved in one process, per training step of the ``train_overhead.py`` setti
 ``--no-aug``, ``--workers 0``, batch 64):
 
 * ``data: train.py loader``: one batch from ``src.data.create_loader`` over ``DigitsDataset``
-  with train.py's ``--no-aug`` transform (``src.data.build_train_transform``: PIL image, resize,
-  center crop, ``ToTensor``, collate), averaged over a whole epoch;
+  with train.py's ``--no-aug`` transform (``src.data.build_train_transform``; at the native 32 px
+  the dataset serves its images as tensors, without the PIL round trip), averaged over an epoch;
 * ``data: tensor slicing``: what the plain loop does instead (index a tensor held in memory);
-* ``finite check``: the engine's guard against non-finite weights, re-done here with the same
-  operations (a norm per gradient, stacked, ``isfinite``, one ``bool``) on the model's gradients;
+* ``finite check``: the engine's guard against non-finite steps (``src.engine.FiniteGuard``: a
+  fused gradient norm and ``isfinite`` folded into a device flag; read once per log interval);
 * ``metric sums``: the device-side running sums of loss, clean and robust accuracy;
 * ``lr scheduler``: timm's cosine ``step_update``;
 * ``step``: the training step itself (PGD-k, efficient mode: ``AdvTrainingLoss``), for scale, and
@@ -66,12 +66,13 @@ def slicing_batch(batch_size: int) -> Callable[[], None]:
 
 
 def finite_check(model: nn.Module, loss: torch.Tensor) -> Callable[[], None]:
+    from src.engine import FiniteGuard
+
     params = [p for p in model.parameters() if p.requires_grad]
+    guard = FiniteGuard(loss.device, 0, 0)
 
     def run() -> None:
-        grads = [p.grad for p in params if p.grad is not None]
-        norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
-        bool(torch.isfinite(loss)) and bool(torch.isfinite(norms).all())
+        guard.observe(loss.detach(), params, 0)
     return run
 
 

@@ -56,7 +56,7 @@ def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.detach().argmax(dim=-1) == y).sum()
 
 
-def _finite_flag(loss: torch.Tensor, params) -> torch.Tensor:
+def finite_flag(loss: torch.Tensor, params) -> torch.Tensor:
     """A 0-d bool tensor on the device: the loss and every gradient are finite (no host sync).
 
     One fused total norm of the gradients: a NaN or inf anywhere makes it non-finite.
@@ -153,14 +153,14 @@ def _nonfinite_message(where: str) -> str:
 
 def _step_is_finite(parts: TrainParts, loss: torch.Tensor, params) -> bool:
     """--skip-nonfinite: False (gradients dropped) for a non-finite step. Deciding whether to skip
-    this step's update costs one host sync per step; only this mode pays it (see ``_FiniteGuard``)."""
-    if bool(_finite_flag(loss, params)):
+    this step's update costs one host sync per step; only this mode pays it (see ``FiniteGuard``)."""
+    if bool(finite_flag(loss, params)):
         return True
     parts.optimizer.zero_grad(set_to_none=True)
     return False
 
 
-class _FiniteGuard:
+class FiniteGuard:
     """Stops training at the first non-finite loss or gradient without a host sync per step.
 
     Each step's verdict is folded into a device tensor holding the epoch-step index of the first
@@ -175,7 +175,7 @@ class _FiniteGuard:
         self.pending = False
 
     def observe(self, loss: torch.Tensor, params, step: int) -> None:
-        bad = ~_finite_flag(loss, params) & (self.first_bad < 0)
+        bad = ~finite_flag(loss, params) & (self.first_bad < 0)
         self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
         self.pending = True
 
@@ -226,7 +226,7 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
     # a grad scaler skips non-finite steps itself; --skip-nonfinite decides per step (one sync each)
     guard = None
     if parts.grad_scaler is None and not options.skip_nonfinite:
-        guard = _FiniteGuard(dev_env.device, state.batches_done, num_updates)
+        guard = FiniteGuard(dev_env.device, state.batches_done, num_updates)
     stopped = False
     for x, y in loader:
         x, y = dev_env.to_device(x, y)
