@@ -250,3 +250,22 @@ def test_digits_loader_batches_are_the_same_either_way():
     for (xa, ya), (xb, yb) in zip(create_loader(fast, 64, True, seed=3), create_loader(slow, 64, True, seed=3)):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert np.array_equal(fast.targets, slow.targets)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog, native):
+    import logging
+
+    import src.bits.device as D
+
+    monkeypatch.setattr(D, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="robust_vits"):
+        env = D.initialize_device(amp=True, xla=False)
+    assert env.amp_dtype == torch.bfloat16
+    warned = [r for r in caplog.records if "no native bfloat16" in r.getMessage()]
+    assert bool(warned) is (not native)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="robust_vits"):
+        D.initialize_device(amp=False, xla=False)  # float32: nothing to say
+    assert not [r for r in caplog.records if "bfloat16" in r.getMessage()]
