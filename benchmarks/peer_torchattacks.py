@@ -8,6 +8,7 @@ Variants, interleaved in one process on one model and batch:
 * ``ours faithful``: the same with ``clean_logits='train'`` (the original's extra clean forward);
 * ``torchattacks``: ``torchattacks.PGD`` (eval-mode attack, its default) crafts the examples, then
   a train-mode forward, cross-entropy, backward and SGD;
+* with ``--channels-last``: ``ours efficient`` with train.py's ``--channels-last`` (float32);
 * with ``--bf16``: ``ours efficient`` with train.py's ``--amp --amp-dtype bfloat16 --channels-last``
   (the project's ``DeviceEnv``: a channels-last copy of the model and batch, the loss under its
   autocast; the attack's loss and projection stay float32), the fast path the peer lacks.
@@ -39,6 +40,7 @@ from src.bits.device import DeviceEnv
 
 EPS = 8 / 255
 FAST = "ours efficient, --amp --amp-dtype bfloat16 --channels-last"
+CL = "ours efficient, --channels-last"
 
 
 def import_torchattacks():
@@ -98,12 +100,16 @@ def bench_steps(ns: argparse.Namespace, k: int, device: torch.device, torchattac
     fns = {"ours efficient": loss_step(model, ours, opt, x, y),
            "ours faithful": loss_step(model, AdvTrainingLoss(attack_cfg(k), ce, clean_logits="train"), opt, x, y),
            "torchattacks": peer_step(model, atk, opt, x, y)}
-    fast_env = DeviceEnv(device, amp=True, amp_dtype=torch.bfloat16, channels_last=True)
-    fast = fast_env.to_model_device(copy.deepcopy(model))
-    x_cl = fast_env.to_device(x)
+    fast_paths = {}  # variant name -> (DeviceEnv, model copy): train.py's fast-path flags
+    if ns.channels_last:
+        fast_paths[CL] = DeviceEnv(device, channels_last=True)
     if ns.bf16:
-        fast_opt = torch.optim.SGD(fast.parameters(), lr=1e-4, momentum=0.9)
-        fns[FAST] = autocast_step(loss_step(fast, ours, fast_opt, x_cl, y), fast_env)
+        fast_paths[FAST] = DeviceEnv(device, amp=True, amp_dtype=torch.bfloat16, channels_last=True)
+    for name, env in list(fast_paths.items()):
+        net = env.to_model_device(copy.deepcopy(model))
+        net_opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+        fns[name] = autocast_step(loss_step(net, ours, net_opt, env.to_device(x), y), env)
+        fast_paths[name] = (env, net)
     timings = bc.interleaved(fns, ns.rounds, ns.reps, ns.warmup, device)
     samples, other = (timings.cpu, timings.wall) if ns.clock == "cpu" else (timings.wall, timings.cpu)
     peer = bc.median(samples["torchattacks"])
@@ -116,15 +122,16 @@ def bench_steps(ns: argparse.Namespace, k: int, device: torch.device, torchattac
         model.eval()
         return ours.attack(model, xx, yy, 10)
 
-    def fast_attack(xx, yy):
-        fast.load_state_dict(model.state_dict())  # the same weights, crafted in bf16 + channels-last
-        fast.eval()
-        with fast_env.autocast():
-            return ours.attack(fast, fast_env.to_device(xx), yy, 10).contiguous()
+    def fast_attack(env, net):
+        def run(xx, yy):
+            net.load_state_dict(model.state_dict())  # the same weights, crafted on the fast path
+            net.eval()
+            with env.autocast():
+                return ours.attack(net, env.to_device(xx), yy, 10).contiguous()
+        return run
 
     attacks = {"ours": ours_attack, "torchattacks": atk}
-    if ns.bf16:
-        attacks[FAST] = fast_attack
+    attacks.update({name: fast_attack(env, net) for name, (env, net) in fast_paths.items()})
     strength = attack_strength(model, attacks, x, y)
     return {"k": k, "rows": rows, "attack_mean_ce": strength, "wall_s": timings.wall, "cpu_s": timings.cpu}
 
@@ -135,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="PGD steps k")
+    p.add_argument("--channels-last", action="store_true", help="add the variant with train.py's --channels-last")
     p.add_argument("--bf16", action="store_true", help="add the variant with train.py's --amp --amp-dtype bfloat16 --channels-last")
     bc.add_common_args(p, rounds=3, reps=3, warmup=1)
     ns = p.parse_args(argv)

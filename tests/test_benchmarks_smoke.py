@@ -79,13 +79,14 @@ def test_peer_torchattacks(tmp_path):
         pytest.skip("torchattacks not installed in benchmarks/.peer (pip install --no-deps --target "
                     "benchmarks/.peer torchattacks==3.5.1)")
     res = _run("peer_torchattacks", ["--model", "test_vit", "--steps", "1", "--batch-size", "4", "--reps", "1",
-                                     "--bf16"] + QUICK, tmp_path)
+                                     "--bf16", "--channels-last"] + QUICK, tmp_path)
     fast = "ours efficient, --amp --amp-dtype bfloat16 --channels-last"
     rows = {r["variant"]: r for r in res["results"][0]["rows"]}
-    assert set(rows) == {"ours efficient", "ours faithful", "torchattacks", fast}
+    cl = "ours efficient, --channels-last"
+    assert set(rows) == {"ours efficient", "ours faithful", "torchattacks", fast, cl}
     assert rows["torchattacks"]["peer_over_this"] == 1.0
     ce = res["results"][0]["attack_mean_ce"]
-    assert ce["ours"] > ce["clean"] and ce["torchattacks"] > ce["clean"] and ce[fast] > ce["clean"]
+    assert all(ce[v] > ce["clean"] for v in ("ours", "torchattacks", fast, cl))
 
 
 def test_overhead_breakdown(tmp_path):
