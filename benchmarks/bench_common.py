@@ -135,12 +135,20 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
+def _native_bf16() -> bool:
+    from src.bits.device import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
 def machine_info(device: torch.device) -> Dict[str, Any]:
     """What a reader needs to judge the numbers: CPU, threads, load, versions, date, commit."""
     info: Dict[str, Any] = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": _lscpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2 / AVX512 / ... as torch dispatches
+        "cpu_native_bf16": _native_bf16(),
         "torch_threads": torch.get_num_threads(),
         "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()],
         "python": platform.python_version(),
