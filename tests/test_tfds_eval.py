@@ -1,11 +1,17 @@
-"""Evaluating on tfds/ data: attack_effectiveness.py gives the numbers of the same images read as a folder;
-missing datasets, versions and splits are one error line.
+"""Evaluating on tfds/ data: validate_robustbench.py and attack_effectiveness.py give the numbers of the same
+images read as a folder; gs:// data dirs reach TFDS unchanged in every CLI; missing datasets, versions and
+splits are one error line.
 """
 from __future__ import annotations
 
 import csv
+import io
+import json
 import os
+import sys
+import tarfile
 
+import numpy as np
 import pytest
 import timm  # noqa: F401  (torch / torchvision / timm before tensorflow, or the process segfaults)
 import torch
@@ -14,9 +20,154 @@ import torchvision  # noqa: F401
 pytest.importorskip("tensorflow", reason="needs tensorflow (pip install -r requirements-tfds.txt)")
 tfds = pytest.importorskip("tensorflow_datasets", reason="needs tensorflow-datasets (requirements-tfds.txt)")
 
-from tests.tfds_fixtures import build_ordered_images  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import robustbench_toy as toy  # noqa: E402  (registers rb_toy_16 in timm)
+
+import validate_robustbench  # noqa: E402
+from src import robustbench  # noqa: E402
+from tests.tfds_fixtures import build_ordered_images, build_with_python  # noqa: E402
 
 pytestmark = [pytest.mark.tfds, pytest.mark.usefixtures("single_cpu_thread")]
+
+EPS = 8
+N_RB = 5
+
+
+# ----------------------------------------------------------------------------------------------
+# validate_robustbench.py: tfds/robustbench_image_net vs the same images as <data-dir>/val/<wnid>/<file>
+
+
+def _jpeg(red_byte: int) -> bytes:
+    """A 24x20 image whose red channel is ``red_byte`` inside a 3-pixel red border: resizing and cropping
+    change its mean red value (what the toy model classifies), so the preprocessing shows in the results."""
+    from PIL import Image
+
+    a = np.zeros((20, 24, 3), np.uint8)
+    a[..., 0], a[..., 1], a[..., 2] = red_byte, 90, 160
+    for border in (np.s_[:3, :], np.s_[-3:, :], np.s_[:, :3], np.s_[:, -3:]):
+        a[border + (0,)] = 255
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _red_mean(payload: bytes) -> float:
+    from PIL import Image
+
+    tf, _ = robustbench.imagenet_transform({"input_size": (3, 16, 16), "crop_pct": 0.875,
+                                            "interpolation": "bicubic"}, None)
+    return float(tf(Image.open(io.BytesIO(payload)).convert("RGB"))[0].mean())
+
+
+@pytest.fixture(scope="module")
+def rb_images(tmp_path_factory):
+    """The first 5 RobustBench ids as JPEGs in a folder (val/<wnid>/<file>) and in a fake ILSVRC2012_img_val.tar,
+    built into tfds/robustbench_image_net. By design (mean red after preprocessing vs the toy model's class
+    centres): examples 0 and 3 misclassified, 1 robust at eps 8/255, 2 and 4 correct but broken."""
+    root = tmp_path_factory.mktemp("rb_tfds")
+    ids = robustbench.load_imagenet_ids()[:N_RB]
+    class_map = robustbench.load_imagenet_class_map()
+    labels = [class_map[i.split("/")[0]] for i in ids]
+    centres = {}
+    for lab in labels:
+        centres.setdefault(lab, 0.1 + 0.2 * len(centres))
+    means = {r: _red_mean(_jpeg(r)) for r in range(256)}
+    # target mean red: misclassified / robust (0.1 from a boundary) / broken (0.01 from one, on the right side)
+    targets = [centres[labels[0]] + 0.3, centres[labels[1]], centres[labels[2]] + 0.09,
+               centres[labels[3]] - 0.2, centres[labels[4]] - 0.09]
+    payloads = [_jpeg(min(means, key=lambda r: abs(means[r] - t))) for t in targets]
+    expected_clean, expected_robust = [], []
+    for payload, lab in zip(payloads, labels):
+        m = _red_mean(payload)
+        clean = toy.predict(m, centres) == lab
+        margin = toy.margin(m, centres)
+        assert margin > 0.06 or margin < 0.02  # far from eps 8/255 = 0.031 either way
+        expected_clean.append(int(clean))
+        expected_robust.append(int(clean and margin > EPS / 255))
+    assert expected_clean == [0, 1, 1, 0, 1] and expected_robust == [0, 1, 0, 0, 0]
+    folder = root / "folder"
+    manual = root / "manual"
+    manual.mkdir()
+    with tarfile.open(str(manual / "ILSVRC2012_img_val.tar"), "w") as tar:
+        for entry, payload in list(zip(ids, payloads)) + [("n01440764/ILSVRC2012_val_00000001.JPEG", _jpeg(0))]:
+            path = folder / "val" / entry
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(payload)
+            info = tarfile.TarInfo(entry.split("/")[1])
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    data = str(root / "tfds")
+    build_with_python("robustbench_image_net", data, str(manual))
+    ckpt = root / "toy1000.pth"
+    torch.save(toy.toy_state_dict(centres, 1000), ckpt)
+    return {"folder": str(folder), "data": data, "ckpt": str(ckpt), "ids": ids,
+            "clean": "".join(map(str, expected_clean)), "robust": "".join(map(str, expected_robust))}
+
+
+def _rb_args(rb, out, *data):
+    return ["--model", "rb_toy_16", "--checkpoint", rb["ckpt"], *data, "--n-examples", str(N_RB), "--batch-size", "8",
+            "--eps", str(EPS), "--workers", "0", "--output", str(out)]
+
+
+def _report(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_robustbench_on_tfds_equals_the_image_folder(rb_images, tmp_path):
+    via_folder = tmp_path / "folder.json"
+    via_tfds = tmp_path / "tfds.json"
+    assert validate_robustbench.main(_rb_args(rb_images, via_folder, "--dataset", "imagenet",
+                                              "--data-dir", rb_images["folder"])) == 0
+    assert validate_robustbench.main(_rb_args(rb_images, via_tfds, "--dataset", "tfds/robustbench_image_net:5.1.0",
+                                              "--data-dir", rb_images["data"])) == 0
+    folder, tfd = _report(via_folder), _report(via_tfds)
+    for report in (folder, tfd):
+        assert report["per_example"]["clean_correct"] == rb_images["clean"]
+        assert report["per_example"]["robust_correct"] == rb_images["robust"]
+        assert report["dataset"] == "imagenet" and report["n_examples"] == N_RB  # RobustBench's model_info field
+    for key in ("clean_acc", "autoattack_acc", "clean_accuracy", "robust_accuracy", "preprocessing", "eps"):
+        assert folder[key] == tfd[key], key
+    assert tfd["examples"]["examples_sha256"] == folder["examples"]["examples_sha256"]  # same ids, same order
+    assert tfd["examples"]["tfds"] == {"dataset": "tfds/robustbench_image_net:5.1.0", "split": "validation",
+                                       "data_dir": rb_images["data"]}
+    assert tfd["model"]["num_classes"] == 1000  # ImageNet's default class count
+
+
+def test_robustbench_tfds_examples_are_the_folder_tensors(rb_images):
+    """Same tensors and labels, example by example, in the list's order (TFDS stores them shuffled)."""
+    tf, _ = robustbench.imagenet_transform({"input_size": (3, 16, 16), "crop_pct": 0.875,
+                                            "interpolation": "bicubic"}, None)
+    folder = robustbench.load_examples("imagenet", rb_images["folder"], N_RB, tf)
+    tfd = robustbench.load_examples("tfds/robustbench_image_net", rb_images["data"], N_RB, tf, split="validation")
+    assert tfd.labels() == folder.labels()
+    for i in range(N_RB):
+        assert torch.equal(tfd[i][0], folder[i][0])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n-examples", "6"], "1 of the 6 RobustBench ImageNet images are not in split 'validation' of "
+                            "tfds/robustbench_image_net"),
+    (["--split", "validation[:2]"], "3 of the 5 RobustBench ImageNet images are not in split 'validation[:2]'"),
+    (["--split", "train"], "Unknown split 'train'"),
+    (["--dataset", "tfds/robustbench_image_net:9.0.0"], "is not in {data} (built there: 5.1.0)"),
+    (["--dataset", "tfds/image_net_subset"], "tfds/image_net_subset is not built in {data}"),
+])
+def test_robustbench_tfds_bad_input_is_one_line(rb_images, tmp_path, capsys, extra, message):
+    args = _rb_args(rb_images, tmp_path / "r.json", "--dataset", "tfds/robustbench_image_net",
+                    "--data-dir", rb_images["data"]) + extra
+    assert validate_robustbench.main(args) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and message.format(data=rb_images["data"]) in lines[0], err
+    assert "Traceback" not in err and not (tmp_path / "r.json").exists()
+
+
+def test_robustbench_split_is_for_tfds_only(rb_images, tmp_path, capsys):
+    args = _rb_args(rb_images, tmp_path / "r.json", "--dataset", "imagenet", "--data-dir", rb_images["folder"],
+                    "--split", "validation")
+    assert validate_robustbench.main(args) == 2
+    assert "--split applies to tfds/ datasets" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +253,87 @@ def test_attack_effectiveness_on_tfds_equals_the_image_folder(digits_both_ways, 
     assert {r["epoch"] for r in rows_tfds} == {"0", "1"}
     assert all(float(r["top1"]) > 30 for r in rows_tfds)  # trained a little: well above chance
     assert any(float(r["robust_top1"]) < float(r["top1"]) for r in rows_tfds)  # the attack did something
+
+
+# ----------------------------------------------------------------------------------------------
+# gs:// data dirs reach TFDS unchanged
+
+
+GS = "gs://robust-vits-no-such-bucket/tfds"
+
+
+@pytest.fixture(scope="module")
+def ddpm_data(tmp_path_factory):
+    """tfds/cifar_ddpm from 64 noise images (a shuffled dataset to train on)."""
+    from tests.tfds_fixtures import write_ddpm_manual
+
+    root = tmp_path_factory.mktemp("ddpm_gs")
+    write_ddpm_manual(str(root / "manual"), 64)
+    build_with_python("cifar_ddpm", str(root / "data"), str(root / "manual"))
+    return str(root / "data")
+
+
+@pytest.fixture
+def gs_data_dir(monkeypatch, digits_both_ways, rb_images, ddpm_data):
+    """TFDS's builder entry point, recording the data dir it is given and serving ``GS`` from the local builds.
+
+    No network here: any other use of the gs:// path (made absolute, checked with os.path, listed) fails the
+    run, so a finished run also shows that only TFDS saw it."""
+    real = tfds.builder
+    seen = []
+    local = {"robustbench_image_net": rb_images["data"], "cifar_ddpm": ddpm_data,
+             "ordered_digits": digits_both_ways["data"]}
+
+    def builder(name, *, data_dir=None, **kwargs):
+        seen.append((name, data_dir))
+        if data_dir == GS:
+            data_dir = local[name.split(":")[0].split("/")[0]]
+        return real(name, data_dir=data_dir, **kwargs)
+
+    monkeypatch.setattr(tfds, "builder", builder)
+    return seen
+
+
+def test_gs_data_dir_reaches_tfds_in_train_validate_and_effectiveness(gs_data_dir, digits_both_ways, tmp_path,
+                                                                       capsys):
+    import validate
+    from src.errors import run_cli
+    from tests.conftest import TINY_TRAIN, run_train
+
+    argv = [GS] + list(TINY_TRAIN) + ["--train-split", "train[:48]", "--val-split", "train[48:]",
+                                      "--epochs", "1", "--output", str(tmp_path), "--experiment", "gs"]
+    argv[argv.index("--dataset") + 1] = "tfds/cifar_ddpm"
+    argv[argv.index("-b") + 1] = "16"
+    argv[argv.index("-vb") + 1] = "8"
+    res = run_train(argv)
+    assert os.path.exists(os.path.join(res["output_dir"], "last.pth.tar"))
+    assert gs_data_dir and all(d == GS for _, d in gs_data_dir)
+    assert {n for n, _ in gs_data_dir} == {"cifar_ddpm"}
+    gs_data_dir.clear()
+
+    common = ["-m", "test_vit", "--num-classes", "10", "--input-size", "3", "32", "32", "--crop-pct", "1.0",
+              "--no-normalize", "-b", "16", "-j", "0", "--log-freq", "0"]
+    rc = run_cli(validate.main, [GS, "--dataset", "tfds/ordered_digits:1.0.0", "--split", "validation[:24]",
+                                 "--checkpoint", os.path.join(digits_both_ways["ckpts"], "checkpoint-1.pth.tar"),
+                                 "--results-file", str(tmp_path / "v.csv")] + common)
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    assert gs_data_dir and all(d == GS for _, d in gs_data_dir)
+    gs_data_dir.clear()
+
+    _sweep([GS, "--dataset", "tfds/ordered_digits", "--split", "validation", "--checkpoints-dir",
+            digits_both_ways["ckpts"], "--output-file", str(tmp_path / "e.csv")] + EFFECTIVENESS, capsys)
+    assert len(_rows(str(tmp_path / "e.csv"))) == 4
+    assert gs_data_dir and all(d == GS for _, d in gs_data_dir)
+
+
+def test_gs_data_dir_reaches_tfds_in_validate_robustbench(gs_data_dir, rb_images, tmp_path):
+    out = tmp_path / "rb.json"
+    assert validate_robustbench.main(_rb_args(rb_images, out, "--dataset", "tfds/robustbench_image_net",
+                                              "--data-dir", GS) + ["--n-examples", "1"]) == 0
+    report = _report(out)
+    assert report["n_examples"] == 1 and report["per_example"]["clean_correct"] == rb_images["clean"][:1]
+    assert report["examples"]["tfds"]["data_dir"] == GS and GS in report["examples"]["source"]
+    assert gs_data_dir and all(d == GS for _, d in gs_data_dir)
 
 
 # ----------------------------------------------------------------------------------------------
