@@ -383,3 +383,57 @@ def test_training_on_an_ordered_tfds_dataset_is_one_line(digits_both_ways, tmp_p
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1 and "tfds/ordered_digits is stored in a fixed order" in lines[0], err
     assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorFlow: imported only for tfds/ data, and after torch / torchvision / timm
+
+IMPORT_PROBE = """
+import sys
+WATCH = ("torch", "torchvision", "timm", "tensorflow")
+done = []  # the watched packages, in the order their import finished
+
+
+class Probe:
+    def find_spec(self, name, path=None, target=None):
+        if name not in WATCH:
+            return None
+        for finder in sys.meta_path:
+            spec = None if finder is self else finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        real = spec.loader.exec_module
+
+        def exec_module(module):
+            real(module)
+            done.append(name)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, Probe())
+import validate
+from src.errors import run_cli
+
+data, common = sys.argv[1], sys.argv[2:]
+assert run_cli(validate.main, ["--dataset", "digits"] + common) == 0
+assert "tensorflow" not in sys.modules and "tensorflow" not in done, done
+assert run_cli(validate.main, [data, "--dataset", "tfds/ordered_digits", "--split", "validation"] + common) == 0
+assert "tensorflow" in done and max(done.index(m) for m in WATCH[:3]) < done.index("tensorflow"), done
+"""
+
+
+def test_tensorflow_only_for_tfds_data_and_after_torch(digits_both_ways, tmp_path):
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    common = ["-m", "test_vit", "--num-classes", "10", "--input-size", "3", "32", "32", "--crop-pct", "1.0", "-j",
+              "0", "--log-freq", "0", "--checkpoint", os.path.join(digits_both_ways["ckpts"], "checkpoint-1.pth.tar"),
+              "--results-file", str(tmp_path / "r.csv")]
+    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE, digits_both_ways["data"], *common], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]

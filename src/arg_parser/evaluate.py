@@ -49,10 +49,13 @@ def _add_validate_data(p: argparse.ArgumentParser, sweep: bool) -> None:
     """Dataset, loader and transform flags (timm's validate.py)."""
     g = p.add_argument_group("Data")
     g.add_argument("data", metavar="DIR", nargs="?", default=None,
-                   help="dataset root (not needed for the embedded 'digits' dataset)")
+                   help="dataset root; tfds/: the TFDS data dir, local or gs:// (default: TFDS's); not needed for "
+                        "the embedded 'digits' dataset")
     g.add_argument("--dataset", "-d", metavar="NAME", default="",
-                   help="dataset: '' (image folder), digits (embedded), torch/<name>, hfds/<name>, tfds/<name>")
-    g.add_argument("--split", metavar="NAME", default="validation", help="dataset split")
+                   help="dataset: '' (image folder), digits (embedded), torch/<name>, hfds/<name>, "
+                        "tfds/<name>[:version]")
+    g.add_argument("--split", metavar="NAME", default="validation",
+                   help="dataset split (tfds/: TFDS slices work, e.g. 'validation[:1000]')")
     g.add_argument("--dataset-download", action="store_true", default=False,
                    help="allow downloading torch/ datasets")
     g.add_argument("--class-map", default="", type=str, metavar="FILE",
