@@ -327,7 +327,7 @@ def build_robustbench_parser() -> argparse.ArgumentParser:
                         "built TFDS dataset (tfds/robustbench_image_net from datasets/, or tfds/imagenet2012)")
     g.add_argument("--data-dir", default=None,
                    help="CIFAR: folder holding cifar-10-batches-py/ or cifar-100-python/ (torchvision format); "
-                        "ImageNet: folder holding val/<wnid>/ILSVRC2012_val_*.JPEG (both default ~/torch_data/); "
+                        "ImageNet: folder holding val/<wnid>/ILSVRC2012_val_*.JPEG (both ~/torch_data/ when not given); "
                         "tfds/: the TFDS data dir it was built into, local or gs:// (default: TFDS's, "
                         "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
     g.add_argument("--crop-pct", type=CROP_PCT, default=None, metavar="PCT",
