@@ -3,6 +3,7 @@
 
     python validate_robustbench.py --model xcit_small_12_p16_224 --checkpoint ckpt.pth.tar \
         --dataset imagenet --data-dir ~/imagenet --eps 4 --num-classes 1000 --output report.json
+    python validate_robustbench.py ... --dataset tfds/robustbench_image_net --data-dir ~/tensorflow_datasets
 
 Reimplements RobustBench's ``benchmark()`` protocol (same data, example order, 5000 ImageNet ids,
 preprocessing, AutoAttack standard, model_info JSON fields) without the ``robustbench`` package;

@@ -1,9 +1,12 @@
-"""``tfds build`` for the builders in this folder: same flags, working where the tfds CLI does not.
+"""``tfds build`` for the builders in this folder: TFDS's own build command and flags, without TFDS's entry point.
 
-tensorflow-datasets 4.9.10's ``tfds`` entry point imports apache-beam at start-up (for its
-``convert_format`` command) and fails without it; this runs only the ``build`` command. It also
-imports torch, torchvision and timm before TensorFlow (the other order segfaults once torch loads
-triton), which the adversarial builders need since they run this project's models and attacks.
+tensorflow-datasets 4.9.10's ``tfds`` entry point imports apache-beam (its ``convert_format``
+command subclasses ``beam.DoFn`` when imported) and mlcroissant at start-up and stops without them;
+apache-beam needs older protobuf / pillow / pyarrow than this project's environment, so it is not
+installed. This runs TFDS's ``build`` command alone, with its flags (``--data_dir``,
+``--manual_dir``, ``--config`` a name or a JSON of config fields, ...), torch / torchvision / timm
+imported before TensorFlow. Where apache-beam is installed, ``cd datasets/<name> && tfds build ...``
+builds the same datasets.
 
     python datasets/build.py datasets/cifar_ddpm --manual_dir DIR --data_dir OUT
     python datasets/build.py datasets/imagenet_advex --config resnet50_fgsm --manual_dir CKPTS --data_dir OUT

@@ -164,8 +164,8 @@ def create_dataset(name: str, root: Optional[str], split: str, is_training: bool
     from timm.data import create_dataset as timm_create_dataset
 
     try:
-        return timm_create_dataset(name, root=root, split=split, is_training=is_training, class_map=class_map,
-                                   batch_size=batch_size, repeats=repeats, seed=seed, download=download)
+        ds = timm_create_dataset(name, root=root, split=split, is_training=is_training, class_map=class_map,
+                                 batch_size=batch_size, repeats=repeats, seed=seed, download=download)
     except (RuntimeError, OSError, AssertionError, ValueError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if download and isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
@@ -173,8 +173,18 @@ def create_dataset(name: str, root: Optional[str], split: str, is_training: bool
             raise UsageError(f"cannot download dataset '{name}' into {root} (--dataset-download): {msg}; check "
                              "the network connection, or download it elsewhere and copy it into the data dir") \
                 from None
+        if name.lower().startswith("tfds/"):  # which builds / splits the data dir has
+            from src.tfds_data import describe_data_dir, explain_error
+
+            msg = explain_error(name, root, split, e) or f"{msg} (data dir: {describe_data_dir(root)})"
+            raise UsageError(f"cannot load dataset '{name}' split '{split}': {msg}") from None
         raise UsageError(f"cannot load dataset '{name or 'image folder'}' split '{split}' from {root}: {msg}") \
             from None
+    if is_training and name.lower().startswith("tfds/"):
+        from src.tfds_data import check_trainable
+
+        check_trainable(ds, name)
+    return ds
 
 
 def dataset_num_classes(dataset) -> Optional[int]:

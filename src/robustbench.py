@@ -41,8 +41,8 @@ from src.errors import UsageError
 # re-exported: the protocol's data, as robustbench users and the tests find it
 from src.robustbench_data import (DATASETS, DEFAULT_N_EXAMPLES, IMAGENET_CLASS_MAP_FILE,  # noqa: F401
                                   IMAGENET_IDS_FILE, REPO_ROOT, CifarTestSet, ExampleSet, ImageNetSubset,
-                                  InModelResize, imagenet_transform, load_chunk, load_examples,
-                                  load_imagenet_class_map, load_imagenet_ids, sha256_text)
+                                  InModelResize, TfdsImageNetSubset, imagenet_transform, load_chunk, load_examples,
+                                  load_imagenet_class_map, load_imagenet_ids, protocol_dataset, sha256_text)
 
 _logger = logging.getLogger("robust_vits")
 
@@ -302,7 +302,7 @@ def _build_model(args: argparse.Namespace) -> Tuple[nn.Module, Any, str, Any]:
     record = read_record(ckpt, model_hint=args.model) if ckpt is not None else None
     settings = resolve_settings(args, record)
     if settings.num_classes is None:
-        settings.num_classes = DEFAULT_NUM_CLASSES[args.dataset]
+        settings.num_classes = DEFAULT_NUM_CLASSES[protocol_dataset(args.dataset)]
     net = create_model(settings.model, pretrained=not args.checkpoint, num_classes=settings.num_classes,
                        img_size=settings.img_size)
     loaded = None
@@ -384,7 +384,7 @@ def setup_evaluation(args: argparse.Namespace) -> EvaluationSetup:
 def _load_protocol_examples(args: argparse.Namespace, data_config: Dict[str, Any], defaults: Any,
                             in_model: List[str]) -> Tuple[ExampleSet, str]:
     """The examples and the loader's preprocessing description (ImageNet: resize + crop [+ Normalize])."""
-    if args.dataset != "imagenet":
+    if protocol_dataset(args.dataset) != "imagenet":
         return load_examples(args.dataset, args.data_dir, args.n_examples, None), "ToTensor"
     transform, desc = imagenet_transform(data_config, defaults if args.normalize else None)
     if args.normalize:
@@ -393,7 +393,7 @@ def _load_protocol_examples(args: argparse.Namespace, data_config: Dict[str, Any
                         "not comparable with RobustBench's", list(defaults[0]), list(defaults[1]))
         if in_model and "ImageNormalizer" in in_model[-1]:
             _logger.warning("the inputs are normalized twice (--normalize and a normalization layer)")
-    return load_examples(args.dataset, args.data_dir, args.n_examples, transform), desc
+    return load_examples(args.dataset, args.data_dir, args.n_examples, transform, split=args.split), desc
 
 
 def _fingerprint(args: argparse.Namespace, examples: ExampleSet, model_summary: Dict[str, Any],

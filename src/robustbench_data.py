@@ -8,6 +8,11 @@ validation images (``data/robustbench_imagenet_5000_ids.txt``, lines ``<wnid>/<f
 ``data/imagenet_class_to_id_map.json`` (wnid -> class index), the first ``n_examples`` in list
 order, preprocessed with ``Resize(floor(size / crop_pct), interpolation) + CenterCrop(size) +
 ToTensor`` from the model's data config (RobustBench's rule for timm models).
+
+ImageNet from TFDS (``--dataset tfds/<name>[:version]``): the same ids, order, labels and
+preprocessing, the images picked by their ``file_name`` feature from a built TFDS dataset that
+holds them (``tfds/robustbench_image_net`` from ``datasets/``, or TFDS's ``imagenet2012``) and
+decoded with PIL from the stored JPEG bytes, as the folder path decodes the files.
 """
 from __future__ import annotations
 
@@ -25,12 +30,14 @@ from torch import nn
 
 from src import storage
 from src.errors import UsageError
+from src.tfds_data import describe_data_dir, is_tfds
 
 _logger = logging.getLogger("robust_vits")
 
 __all__ = ["REPO_ROOT", "IMAGENET_IDS_FILE", "IMAGENET_CLASS_MAP_FILE", "DATASETS", "DEFAULT_N_EXAMPLES",
-           "sha256_text", "expand_path", "ExampleSet", "CifarTestSet", "ImageNetSubset", "load_imagenet_ids",
-           "load_imagenet_class_map", "imagenet_transform", "InModelResize", "load_examples", "load_chunk"]
+           "sha256_text", "expand_path", "ExampleSet", "CifarTestSet", "ImageNetSubset", "TfdsImageNetSubset",
+           "protocol_dataset", "load_imagenet_ids", "load_imagenet_class_map", "imagenet_transform", "InModelResize",
+           "load_examples", "load_chunk"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,6 +52,14 @@ DATASETS = ("cifar10", "cifar100", "imagenet")
 
 
 DEFAULT_N_EXAMPLES = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 5_000}
+
+
+DEFAULT_TFDS_SPLIT = "validation"
+
+
+def protocol_dataset(dataset: str) -> str:
+    """The RobustBench dataset a ``--dataset`` value evaluates: a ``tfds/...`` dataset holds its ImageNet images."""
+    return "imagenet" if is_tfds(dataset) else dataset
 
 
 _CIFAR_FILES = {
@@ -234,6 +249,106 @@ class ImageNetSubset(ExampleSet):
         return self.transform(img), self._labels[i]
 
 
+class TfdsImageNetSubset(ExampleSet):
+    """The first ``n_examples`` of RobustBench's 5000 ImageNet ids, read from a built TFDS dataset.
+
+    The dataset needs ``image``, ``label`` and ``file_name`` features and the ids' files in ``split``
+    (TFDS's stored order does not matter: examples are picked by file name and put in the list's
+    order). Labels come from the class map like the folder path's; the dataset's own label must name
+    the same class. One pass over the split keeps the selected images' encoded bytes in memory (about
+    0.7 GB for all 5000 full-size ImageNet JPEGs); PIL decodes them exactly as it decodes the files.
+    """
+
+    def __init__(self, spec: str, data_dir: Optional[str], split: str, transform: Callable,
+                 n_examples: Optional[int] = None, ids_file: str = IMAGENET_IDS_FILE,
+                 class_map_file: str = IMAGENET_CLASS_MAP_FILE):
+        from src.tfds_data import check_split, open_builder
+
+        ids = load_imagenet_ids(ids_file)
+        class_map = load_imagenet_class_map(class_map_file)
+        n_examples = DEFAULT_N_EXAMPLES["imagenet"] if n_examples is None else n_examples
+        if n_examples > len(ids):
+            raise UsageError(f"--n-examples {n_examples}: RobustBench's ImageNet subset has {len(ids)} images")
+        ids = ids[:n_examples]
+        where = describe_data_dir(data_dir)
+        builder = open_builder(spec, data_dir)
+        check_split(builder, spec, split, data_dir)
+        features = builder.info.features
+        missing_features = [k for k in ("image", "label", "file_name") if k not in features]
+        if missing_features:
+            raise UsageError(f"{spec} in {where} has no {', '.join(missing_features)} feature: RobustBench's ImageNet "
+                             "images are picked by file name (use tfds/robustbench_image_net or tfds/imagenet2012)")
+        wnids = [entry.split("/", 1)[0] for entry in ids]
+        for entry, wnid in zip(ids, wnids):
+            if wnid not in class_map:
+                raise UsageError(f"{ids_file}: class {wnid} of {entry} is not in {class_map_file}")
+        self._labels = [class_map[w] for w in wnids]
+        self._images = self._read(builder, spec, split, where, ids, wnids, class_map)
+        self.transform = transform
+        self.name = "imagenet"
+        self.n_examples = int(n_examples)
+        self.ids = ids
+        version = f"{builder.info.name}{'/' + builder.info.config_name if builder.info.config_name else ''}" \
+                  f":{builder.info.version}"
+        self.tfds = {"dataset": f"tfds/{version}", "split": split, "data_dir": str(data_dir) if data_dir else where}
+        with open(ids_file, "rb") as f:
+            self.ids_file_sha256 = hashlib.sha256(f.read()).hexdigest()
+        self.source = (f"RobustBench ImageNet subset (data/{os.path.basename(ids_file)}), first {n_examples} ids "
+                       f"in list order, from tfds/{version} split '{split}' in {where}")
+        self.examples_sha256 = sha256_text("\n".join(ids))
+        self.data_check = f"{n_examples} images found by file name in the split"
+
+    @staticmethod
+    def _read(builder, spec: str, split: str, where: str, ids: List[str], wnids: List[str],
+              class_map: Dict[str, int]) -> List[bytes]:
+        import tensorflow_datasets as tfds
+
+        index = {entry.split("/", 1)[1]: i for i, entry in enumerate(ids)}
+        label_feature = builder.info.features["label"]
+        names = list(getattr(label_feature, "names", None) or [])
+        by_name = set(wnids) <= set(names)  # ImageNet ClassLabels are named by wnid
+        images: List[Optional[bytes]] = [None] * len(ids)
+        ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+        for ex in tfds.as_numpy(ds):
+            file_name = ex["file_name"].decode() if isinstance(ex["file_name"], bytes) else str(ex["file_name"])
+            i = index.get(os.path.basename(file_name))
+            if i is None:
+                continue
+            if images[i] is not None:
+                raise UsageError(f"{file_name} appears twice in split '{split}' of {spec} in {where}")
+            label = int(ex["label"])
+            ok = names[label] == wnids[i] if by_name else label == class_map[wnids[i]]
+            if not ok:
+                got = names[label] if by_name else label
+                raise UsageError(f"{spec} in {where} labels {file_name} {got}, RobustBench's list says {wnids[i]} "
+                                 f"(class {class_map[wnids[i]]}): not the ImageNet validation labels")
+            images[i] = bytes(ex["image"])
+        missing = [ids[i] for i, img in enumerate(images) if img is None]
+        if missing:
+            raise UsageError(f"{len(missing)} of the {len(ids)} RobustBench ImageNet images are not in split "
+                             f"'{split}' of {spec} in {where} (first: {missing[0]}); build tfds/robustbench_image_net "
+                             "(datasets/robustbench_image_net) or use TFDS's imagenet2012 validation split")
+        return images  # type: ignore[return-value]
+
+    def labels(self) -> List[int]:
+        return list(self._labels)
+
+    def provenance(self) -> Dict[str, Any]:
+        out = super().provenance()
+        out["ids_file_sha256"] = self.ids_file_sha256
+        out["tfds"] = dict(self.tfds)
+        return out
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        try:
+            img = Image.open(io.BytesIO(self._images[i])).convert("RGB")
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot decode the image of {self.ids[i]} from {self.tfds['dataset']}: {e}") from None
+        return self.transform(img), self._labels[i]
+
+
 def imagenet_transform(data_config: Dict[str, Any], normalize: Optional[Tuple[Sequence[float], Sequence[float]]]
                        ) -> Tuple[Callable, str]:
     """Resize(floor(size / crop_pct), interpolation) + CenterCrop(size) + ToTensor [+ Normalize]."""
@@ -276,15 +391,19 @@ class InModelResize(nn.Module):
         return f"resize={self.resize_to}, crop={self.size}, interpolation={self.interpolation}"
 
 
-def load_examples(dataset: str, data_dir: str, n_examples: Optional[int],
-                  transform: Optional[Callable] = None) -> ExampleSet:
-    """The protocol's examples for ``dataset`` ('cifar10', 'cifar100', 'imagenet')."""
+def load_examples(dataset: str, data_dir: Optional[str], n_examples: Optional[int],
+                  transform: Optional[Callable] = None, split: Optional[str] = None) -> ExampleSet:
+    """The protocol's examples for ``dataset`` ('cifar10', 'cifar100', 'imagenet' or 'tfds/<name>[:version]',
+    the latter from ``split``, default 'validation')."""
     if dataset in ("cifar10", "cifar100"):
         return CifarTestSet(dataset, data_dir, n_examples)
+    if protocol_dataset(dataset) == "imagenet" and transform is None:
+        raise ValueError("ImageNet examples need a transform")
     if dataset == "imagenet":
-        if transform is None:
-            raise ValueError("ImageNet examples need a transform")
         return ImageNetSubset(data_dir, transform, n_examples)
+    if is_tfds(dataset):
+        return TfdsImageNetSubset(dataset, expand_path(data_dir) if data_dir else None, split or DEFAULT_TFDS_SPLIT,
+                                  transform, n_examples)
     raise UsageError(f"unknown dataset '{dataset}': choose one of {', '.join(DATASETS)}")
 
 

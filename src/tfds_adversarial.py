@@ -15,7 +15,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from typing import Dict, Iterator, Optional, Tuple
+
+if "tensorflow" in sys.modules and "torch" not in sys.modules:
+    # TensorFlow is already loaded: TFDS's own ``tfds build`` imports it before the builder module. Loading
+    # triton's libtriton after it segfaults, and importing torchvision / timm loads triton; eager PyTorch does
+    # not need it (torch treats a blocked import as "triton not installed"), so keep it out of this process.
+    sys.modules.setdefault("triton", None)
 
 import numpy as np
 import timm  # noqa: F401  (torch / torchvision / timm before tensorflow, or the process segfaults)

@@ -4,6 +4,7 @@
 * ``write_imagenet_archives``: an ImageNet manual-dir layout (``ILSVRC2012_img_train.tar`` holding one
   ``<wnid>.tar`` per class, ``ILSVRC2012_img_val.tar`` holding flat validation JPEGs).
 * ``build_with_python`` / ``build_with_cli``: the two documented ways to build a builder.
+* ``build_ordered_images``: a throw-away TFDS dataset of given images stored in the given order.
 """
 from __future__ import annotations
 
@@ -92,3 +93,38 @@ def read_split(builder, split: str) -> List[dict]:
     import tensorflow_datasets as tfds
 
     return list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+
+
+_ORDERED_BUILDERS: Dict[str, type] = {}
+
+
+def build_ordered_images(name: str, data_dir: str, examples: Sequence[Tuple[np.ndarray, int]],
+                         split: str = "validation", num_classes: int = 10):
+    """Build ``tfds/<name>`` (one ``split`` of uint8 HWC ``image`` + ``label``) from ``examples`` and store
+    them in this order (``disable_shuffling``: TFDS otherwise orders examples by a hash of their keys)."""
+    import tensorflow_datasets as tfds
+
+    if name not in _ORDERED_BUILDERS:
+        def _info(self):
+            return self.dataset_info_from_configs(
+                features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Image(shape=self.EXAMPLES[0][0].shape),
+                    "label": tfds.features.ClassLabel(num_classes=self.NUM_CLASSES)}),
+                supervised_keys=("image", "label"), disable_shuffling=True)
+
+        def _split_generators(self, dl_manager):
+            return {self.SPLIT: self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, (image, label) in enumerate(self.EXAMPLES):
+                yield i, {"image": image, "label": int(label)}
+
+        cls_name = "".join(part.title() for part in name.split("_"))
+        _ORDERED_BUILDERS[name] = type(cls_name, (tfds.core.GeneratorBasedBuilder,), {
+            "VERSION": tfds.core.Version("1.0.0"), "_info": _info, "_split_generators": _split_generators,
+            "_generate_examples": _generate_examples, "__module__": __name__})
+    cls = _ORDERED_BUILDERS[name]
+    cls.EXAMPLES, cls.SPLIT, cls.NUM_CLASSES = list(examples), split, num_classes
+    builder = cls(data_dir=data_dir)
+    builder.download_and_prepare()
+    return builder

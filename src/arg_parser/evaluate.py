@@ -49,10 +49,13 @@ def _add_validate_data(p: argparse.ArgumentParser, sweep: bool) -> None:
     """Dataset, loader and transform flags (timm's validate.py)."""
     g = p.add_argument_group("Data")
     g.add_argument("data", metavar="DIR", nargs="?", default=None,
-                   help="dataset root (not needed for the embedded 'digits' dataset)")
+                   help="dataset root; tfds/: the TFDS data dir, local or gs:// (default: TFDS's); not needed for "
+                        "the embedded 'digits' dataset")
     g.add_argument("--dataset", "-d", metavar="NAME", default="",
-                   help="dataset: '' (image folder), digits (embedded), torch/<name>, hfds/<name>, tfds/<name>")
-    g.add_argument("--split", metavar="NAME", default="validation", help="dataset split")
+                   help="dataset: '' (image folder), digits (embedded), torch/<name>, hfds/<name>, "
+                        "tfds/<name>[:version]")
+    g.add_argument("--split", metavar="NAME", default="validation",
+                   help="dataset split (tfds/: TFDS slices work, e.g. 'validation[:1000]')")
     g.add_argument("--dataset-download", action="store_true", default=False,
                    help="allow downloading torch/ datasets")
     g.add_argument("--class-map", default="", type=str, metavar="FILE",
@@ -319,10 +322,14 @@ def build_robustbench_parser() -> argparse.ArgumentParser:
                    help="XCiT only: change the model's patch size by removing stem strides (e.g. 4 for a p16 "
                         "model on CIFAR); default: keep the model's own (the original defaulted to 16 and "
                         "crashed on *_p4_32 models)")
-    g.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or imagenet")
-    g.add_argument("--data-dir", default="~/torch_data/",
+    g.add_argument("--dataset", default="cifar10",
+                   help="cifar10, cifar100, imagenet, or tfds/<name>[:version]: RobustBench's ImageNet images from a "
+                        "built TFDS dataset (tfds/robustbench_image_net from datasets/, or tfds/imagenet2012)")
+    g.add_argument("--data-dir", default=None,
                    help="CIFAR: folder holding cifar-10-batches-py/ or cifar-100-python/ (torchvision format); "
-                        "ImageNet: folder holding val/<wnid>/ILSVRC2012_val_*.JPEG")
+                        "ImageNet: folder holding val/<wnid>/ILSVRC2012_val_*.JPEG (both ~/torch_data/ when not given); "
+                        "tfds/: the TFDS data dir it was built into, local or gs:// (default: TFDS's, "
+                        "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
     g.add_argument("--crop-pct", type=CROP_PCT, default=None, metavar="PCT",
                    help="override the model's crop_pct (ImageNet)")
     g.add_argument("--normalize", action="store_true",
@@ -357,6 +364,9 @@ def _add_robustbench_additions(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("robust-vits additions")
     g.add_argument("--n-examples", "--num-examples", type=positive_int(), default=None, metavar="N",
                    help="evaluate the first N examples (default: RobustBench's 10000 for CIFAR, 5000 for ImageNet)")
+    g.add_argument("--split", default=None, metavar="SPLIT",
+                   help="tfds/ datasets: the split holding the images (default validation; TFDS slicing works); the "
+                        "examples are still the first --n-examples RobustBench ids, in list order")
     g.add_argument("--seed", type=nonneg_int(), default=0, metavar="S",
                    help="AutoAttack seed; each chunk uses seed + index of its first example")
     bool_flag(g, "--trust-checkpoint", command_line_only=TRUST_WHY,
@@ -388,9 +398,17 @@ def parse_robustbench_args(argv: Optional[Sequence[str]] = None) -> argparse.Nam
 def check_robustbench_args(args: argparse.Namespace) -> None:
     """Refuse what cannot work; canonical threat model name, default chunk size (--batch-size)."""
     from src.robustbench import DATASETS, canonical_threat_model
+    from src.robustbench_data import protocol_dataset
+    from src.tfds_data import is_tfds
 
-    if args.dataset not in DATASETS:
-        raise must("--dataset", "one of " + ", ".join(DATASETS), args.dataset)
+    tfds_data = is_tfds(args.dataset)
+    if args.dataset not in DATASETS and not (tfds_data and len(args.dataset) > len("tfds/")):
+        raise must("--dataset", "one of " + ", ".join(DATASETS) + " or tfds/<name>[:version]", args.dataset)
+    if args.split is not None and not tfds_data:
+        raise UsageError(f"--split applies to tfds/ datasets; --dataset {args.dataset} has RobustBench's fixed "
+                         "example set")
+    if args.data_dir is None and not tfds_data:
+        args.data_dir = "~/torch_data/"  # the original's default; tfds/ keeps None (TFDS's default data dir)
     args.threat_model = canonical_threat_model(args.threat_model)
     if not math.isfinite(args.eps) or args.eps < 0:
         raise must("--eps", "a finite number >= 0 (in /255 units)", args.eps)
@@ -402,10 +420,10 @@ def check_robustbench_args(args: argparse.Namespace) -> None:
         raise must("--shard-id", f"in 0..{args.num_shards - 1} (below --num-shards {args.num_shards})", args.shard_id)
     if not args.model and not args.checkpoint:
         raise UsageError("--model is required without --checkpoint (a timm or robust-vits model name)")
-    if args.normalize and args.dataset != "imagenet":
-        raise UsageError("--normalize applies to --dataset imagenet only (as in the original); for CIFAR models "
-                         "trained on normalized inputs pass --mean/--std to normalize inside the model")
-    if args.upsample_in_model and args.dataset == "imagenet":
+    if args.normalize and protocol_dataset(args.dataset) != "imagenet":
+        raise UsageError("--normalize applies to --dataset imagenet only (or tfds/ ImageNet; as in the original); for "
+                         "CIFAR models trained on normalized inputs pass --mean/--std to normalize inside the model")
+    if args.upsample_in_model and protocol_dataset(args.dataset) == "imagenet":
         raise UsageError("--upsample-in-model is for CIFAR's 32x32 images; ImageNet preprocessing already "
                          "resizes and crops to the model's input size")
     check_mean_std(args.mean, args.std)

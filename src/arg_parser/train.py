@@ -73,12 +73,15 @@ LEGACY_KEYS = {
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Dataset")
     g.add_argument("data_dir", metavar="DIR", nargs="?", default=None,
-                   help="path to the dataset root (not needed for the embedded 'digits' dataset; may be set "
-                        "in the YAML as data_dir)")
+                   help="path to the dataset root; tfds/: the TFDS data dir, local or gs:// (default: TFDS's); not "
+                        "needed for the embedded 'digits' dataset; may be set in the YAML as data_dir")
     g.add_argument("--dataset", "-d", metavar="NAME", default="",
-                   help="dataset: '' (image folder), 'digits' (embedded), torch/<name>, hfds/<name>, tfds/<name>")
-    g.add_argument("--train-split", metavar="NAME", default="train", help="training split")
-    g.add_argument("--val-split", metavar="NAME", default="validation", help="validation split")
+                   help="dataset: '' (image folder), 'digits' (embedded), torch/<name>, hfds/<name>, "
+                        "tfds/<name>[:version]")
+    g.add_argument("--train-split", metavar="NAME", default="train",
+                   help="training split (tfds/: TFDS slices work, e.g. 'train[:90%%]')")
+    g.add_argument("--val-split", metavar="NAME", default="validation",
+                   help="validation split (tfds/: e.g. 'train[90%%:]')")
     g.add_argument("--combine-dataset", metavar="NAME", default=None,
                    help="second training dataset mixed into every batch (e.g. tfds/cifar_ddpm)")
     g.add_argument("--combine-data-dir", metavar="DIR", default=None,

@@ -1,0 +1,141 @@
+"""``tfds/<name>[/<config>][:<version>]`` datasets: opening a built one, and one-line errors for the rest.
+
+A data dir goes to TFDS exactly as given (a local path or a ``gs://`` URL): nothing here makes it
+absolute or checks it with ``os.path``; ``None`` means TFDS's default (``$TFDS_DATA_DIR`` or
+``~/tensorflow_datasets``). TensorFlow is imported only inside these functions, after torch,
+torchvision and timm (the other order segfaults once torch loads triton).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from src.errors import UsageError
+
+PREFIX = "tfds/"
+HOW_TO_BUILD = ("build it with `tfds build` or `python datasets/build.py datasets/<name>` (README, TFDS datasets), "
+                "or pass the data dir that holds it")
+
+
+def is_tfds(name: Optional[str]) -> bool:
+    return str(name or "").lower().startswith(PREFIX)
+
+
+def parse_name(spec: str) -> Tuple[str, Optional[str], Optional[str]]:
+    """``[tfds/]name[/config][:version]`` -> (name, config, version)."""
+    spec = spec[len(PREFIX):] if is_tfds(spec) else spec
+    spec, _, version = spec.partition(":")
+    name, _, config = spec.partition("/")
+    return name, config or None, version or None
+
+
+def describe_data_dir(data_dir: Optional[str]) -> str:
+    if data_dir:
+        return str(data_dir)
+    from tensorflow_datasets.core import constants
+
+    return f"TFDS's default data dir {constants.DATA_DIR}"
+
+
+def _import_tfds():
+    import timm  # noqa: F401  (torch / torchvision / timm before tensorflow, or the process segfaults)
+    import torchvision  # noqa: F401
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+def built_versions(name: str, data_dir: Optional[str]) -> Optional[List[str]]:
+    """``[config/]version`` of every build of ``name`` in ``data_dir`` (folders with a dataset_info.json),
+    sorted; None when the data dir cannot be listed."""
+    _import_tfds()
+    import tensorflow as tf
+    from tensorflow_datasets.core import constants
+
+    root = f"{str(data_dir or constants.DATA_DIR).rstrip('/')}/{name}"
+    found = []
+    try:
+        for pattern in (f"{root}/*/dataset_info.json", f"{root}/*/*/dataset_info.json"):
+            found += [path[len(root) + 1:-len("/dataset_info.json")] for path in tf.io.gfile.glob(pattern)]
+    except (tf.errors.OpError, OSError, ValueError):
+        return None
+    return sorted(found)
+
+
+def _matches(build: str, config: Optional[str], version: Optional[str]) -> bool:
+    parts = build.split("/")
+    return (version is None or parts[-1] == version) and (config is None or (len(parts) == 2 and parts[0] == config))
+
+
+def missing_build_message(spec: str, data_dir: Optional[str]) -> Optional[str]:
+    """Why ``spec`` is not in ``data_dir`` (which builds of the dataset are there, if any); None when a
+    matching build is there or the data dir cannot be listed."""
+    name, config, version = parse_name(spec)
+    builds = built_versions(name, data_dir)
+    if builds is None or any(_matches(b, config, version) for b in builds):
+        return None
+    where = describe_data_dir(data_dir)
+    if not builds:
+        return f"tfds/{name} is not built in {where}; {HOW_TO_BUILD}"
+    asked = f"tfds/{name}{'/' + config if config else ''}{':' + version if version else ''}"
+    return f"{asked} is not in {where} (built there: {', '.join(builds)})"
+
+
+def open_builder(spec: str, data_dir: Optional[str]):
+    """The built TFDS dataset ``spec`` in ``data_dir``; a one-line ``UsageError`` when it is not there."""
+    tfds = _import_tfds()
+    name = spec[len(PREFIX):] if is_tfds(spec) else spec
+    where = describe_data_dir(data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except (ValueError, AssertionError, OSError) as e:  # DatasetNotFoundError is a ValueError
+        raise UsageError(missing_build_message(spec, data_dir) or f"cannot open tfds/{name} in {where}: "
+                         f"{first_line(e)}") from None
+    if not builder.info.splits:  # a registered TFDS dataset (cifar10, imagenet2012, ...) not prepared there
+        raise UsageError(missing_build_message(spec, data_dir) or f"tfds/{name} in {where} has no splits (not "
+                         f"prepared there); {HOW_TO_BUILD}")
+    return builder
+
+
+def check_split(builder, spec: str, split: str, data_dir: Optional[str]) -> None:
+    """A one-line ``UsageError`` when ``split`` (TFDS slicing included) does not select examples of ``builder``."""
+    try:
+        builder.info.splits[split]
+    except (ValueError, KeyError, AssertionError) as e:
+        available = ", ".join(f"{k} ({v.num_examples} examples)" for k, v in builder.info.splits.items())
+        raise UsageError(f"{first_line(e)} ({spec} in {describe_data_dir(data_dir)} has the splits: {available})") \
+            from None
+
+
+def check_trainable(dataset, spec: str) -> None:
+    """Training reads a tfds dataset with shuffled files (timm's reader), which TFDS refuses for a dataset
+    stored in a fixed order: say so in one line instead of failing at the first batch."""
+    builder = getattr(getattr(dataset, "reader", None), "builder", None)
+    if builder is not None and getattr(builder.info, "disable_shuffling", False):
+        raise UsageError(f"{spec} is stored in a fixed order (built with disable_shuffling) and TFDS does not read "
+                         "such a dataset with shuffled files, as training does; train on a build without "
+                         "disable_shuffling (evaluating on this one works)")
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().strip('"').strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def explain_error(spec: str, data_dir: Optional[str], split: str, error: BaseException) -> Optional[str]:
+    """A clearer one-line message for timm's failure to open ``spec`` (None: keep the original message).
+
+    Dataset, config or version missing from the data dir: which builds are there; split unknown or
+    sliced out of range: the splits there are.
+    """
+    try:
+        missing = missing_build_message(spec, data_dir)
+        if missing:
+            return missing
+        text = str(error).lower()
+        if "split" in text or "slice" in text:
+            check_split(open_builder(spec, data_dir), spec, split, data_dir)
+    except UsageError as e:
+        return str(e)
+    except Exception:  # noqa: BLE001 - only a better message was being looked for
+        return None
+    return None
