@@ -1,6 +1,8 @@
 # make demo: set up .venv (when missing or stale) and train the quickstart on the embedded digits data.
 # make test: set up .venv (plus the TFDS lane, requirements-tfds.txt, and the benchmarks' torchattacks peer in
 #   benchmarks/.peer) and run the test suite.
+# make test-tfds-cli: install apache-beam for TFDS's `tfds` command into .tfds-cli and run `tfds build` from
+#   each builder folder.
 # make test-xla: set up .venv-tpu (torch 2.9 + torch-xla 2.9, requirements-xla.txt) and run the xla-marked tests
 #   on PJRT's CPU backend (no TPU needed).
 PYTHON ?= python3
@@ -10,7 +12,7 @@ REQS := requirements.txt
 TFDS_REQS := requirements-tfds.txt
 TFDS_STAMP := $(VENV)/.requirements-tfds-stamp
 
-.PHONY: demo test test-xla venv clean-venv
+.PHONY: demo test test-tfds-cli test-xla venv clean-venv
 
 $(STAMP): $(REQS)
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +33,16 @@ $(PEER_STAMP): $(PEER_REQS) $(STAMP)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --upgrade --target benchmarks/.peer -r $(PEER_REQS)
 	@sha256sum $(PEER_REQS) > $(PEER_STAMP)
 
+# TFDS's `tfds build` command needs apache-beam, whose pins conflict with ours: its own folder, seen only through
+# PYTHONPATH by that command (tests/test_tfds_cli.py runs it from a builder folder)
+TFDS_CLI_REQS := requirements-tfds-cli.txt
+TFDS_CLI_STAMP := .tfds-cli/.requirements-stamp
+
+$(TFDS_CLI_STAMP): $(TFDS_CLI_REQS) $(TFDS_STAMP)
+	rm -rf .tfds-cli
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --target .tfds-cli -r $(TFDS_CLI_REQS)
+	@sha256sum $(TFDS_CLI_REQS) > $(TFDS_CLI_STAMP)
+
 venv: $(STAMP)
 
 demo: $(STAMP)
@@ -38,6 +50,10 @@ demo: $(STAMP)
 
 test: $(STAMP) $(TFDS_STAMP) $(PEER_STAMP)
 	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q tests
+
+# TFDS's own `tfds build` from each builder folder (about 2 minutes: every command starts TensorFlow and torch)
+test-tfds-cli: $(STAMP) $(TFDS_STAMP) $(TFDS_CLI_STAMP)
+	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q -m tfds_cli tests/test_tfds_cli.py
 
 clean-venv:
 	rm -rf $(VENV)
