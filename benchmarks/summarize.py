@@ -63,10 +63,11 @@ def rows(results: Path = RESULTS) -> List[List[str]]:
         for r in ev["results"]:
             values = [v for vs in r["robust_top1"].values() for v in vs]
             # validate.py's report rounds to 4 decimals; one example is 100 / images points
-            same = "same" if max(values) - min(values) < 0.01 else "different"
+            same = "same robust accuracy" if max(values) - min(values) < 0.01 else "robust accuracy " + " vs ".join(
+                f"{vs[0]:.2f} %" for vs in r["robust_top1"].values())
             what = ("`validate.py` PGD-10 evaluation vs a plain loop" if r["reference"] == "plain loop"
                     else f"AutoAttack through `validate.py` vs a direct pyautoattack call ({r['images']} images)")
-            out.append([f"{what} ({same} robust accuracy)", f"{r['ratio']:.3f}x", _clock(ev)])
+            out.append([f"{what} ({same})", f"{r['ratio']:.3f}x", _clock(ev)])
     peer = _load(PEER, results)
     if peer:
         ks = [r["k"] for r in peer["results"]]
@@ -75,13 +76,13 @@ def rows(results: Path = RESULTS) -> List[List[str]]:
             for row in r["rows"]:
                 speed.setdefault(row["variant"], []).append(row["peer_over_this"])
         label = " / ".join(f"PGD-{k}" for k in ks)
-        out.append([f"our {label} step (efficient, float32) vs the same step on torchattacks' PGD",
-                    " / ".join(f"{v:.2f}x" for v in speed["ours efficient"]) + " faster", _clock(peer)])
+        out.append([f"speed-up of our {label} step (efficient, float32) over the same step on torchattacks' PGD",
+                    " / ".join(f"{v:.2f}x" for v in speed["ours efficient"]), _clock(peer)])
         for variant, flags in ((CL, "`--channels-last` (float32)"),
                                (FAST, "`--amp --amp-dtype bfloat16 --channels-last`")):
             if variant in speed:
-                out.append([f"our {label} step with {flags} vs the torchattacks step (float32; same attack "
-                            "strength, see RESULTS.md)", " / ".join(f"{v:.2f}x" for v in speed[variant]) + " faster",
+                out.append([f"speed-up of our {label} step with {flags} over the torchattacks step (float32; "
+                            "same attack strength, see RESULTS.md)", " / ".join(f"{v:.2f}x" for v in speed[variant]),
                             _clock(peer)])
     floors = []
     for name in STEP_COST:
