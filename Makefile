@@ -1,6 +1,8 @@
 # make demo: set up .venv (when missing or stale) and train the quickstart on the embedded digits data.
 # make test: set up .venv (plus the TFDS lane, requirements-tfds.txt, and the benchmarks' torchattacks peer in
 #   benchmarks/.peer) and run the test suite.
+# make test-slow: the integration lane (notebooks, adversarial training end to end), a separate CI step.
+# make test-tfds: the TFDS lane (tfds-marked tests: builders, tfds/ data in the CLIs), a separate CI step.
 # make test-tfds-cli: install apache-beam for TFDS's `tfds` command into .tfds-cli and run `tfds build` from
 #   each builder folder.
 # make test-xla: set up .venv-tpu (torch 2.9 + torch-xla 2.9, requirements-xla.txt) and run the xla-marked tests
@@ -12,7 +14,7 @@ REQS := requirements.txt
 TFDS_REQS := requirements-tfds.txt
 TFDS_STAMP := $(VENV)/.requirements-tfds-stamp
 
-.PHONY: demo test test-tfds-cli test-xla venv clean-venv
+.PHONY: demo test test-slow test-tfds test-tfds-cli test-xla venv clean-venv
 
 $(STAMP): $(REQS)
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -49,7 +51,15 @@ demo: $(STAMP)
 	$(VENV)/bin/python train.py -c configs/quickstart.yaml
 
 test: $(STAMP) $(TFDS_STAMP) $(PEER_STAMP)
-	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q tests
+	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q -m "not xla and not tfds and not tfds_cli and not slow" tests
+
+# the integration lane: the notebooks executed top to bottom, adversarial training end to end (a separate CI step)
+test-slow: $(STAMP)
+	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q -m "slow" tests
+
+# the TFDS lane: the builders, tfds/ data in every CLI, TFDS's build command (about 4-6 minutes on 2 cores)
+test-tfds: $(STAMP) $(TFDS_STAMP)
+	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q -m "tfds and not tfds_cli" tests
 
 # TFDS's own `tfds build` from each builder folder (about 2 minutes: every command starts TensorFlow and torch)
 test-tfds-cli: $(STAMP) $(TFDS_STAMP) $(TFDS_CLI_STAMP)

@@ -15,6 +15,8 @@ from src.engine import evaluate
 from src.errors import UsageError
 from tests.conftest import TINY_TRAIN, run_train
 
+pytestmark = pytest.mark.slow  # the integration lane, `make test-slow` (a separate CI step)
+
 EPS = 32  # /255: at the paper's 8/255 blurry digits barely separate the methods (see DESIGN.md)
 BASE = TINY_TRAIN + ["--model", "tiny_cnn_test", "--lr", "1e-2", "--epochs", "4", "--attack-eps", str(EPS),
                      "--attack-steps", "2"]
