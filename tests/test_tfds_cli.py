@@ -108,7 +108,7 @@ def test_build_command_from_every_builder_folder(tmp_path):
     _check_all_five(data, images, labels)
 
 
-TFDS_CLI_DIR = os.path.join(ROOT, ".tfds-cli")  # requirements-tfds-cli.txt, installed there by `make test`
+TFDS_CLI_DIR = os.path.join(ROOT, ".tfds-cli")  # requirements-tfds-cli.txt, installed there by `make test-tfds-cli`
 
 
 def _tfds_executable():
@@ -121,8 +121,8 @@ def _tfds_executable():
         return exe, None, ""
     if os.path.isdir(os.path.join(TFDS_CLI_DIR, "apache_beam")):
         return exe, TFDS_CLI_DIR, ""
-    return exe, None, ("TFDS's `tfds` command needs apache-beam and mlcroissant: `make test` installs them into "
-                       ".tfds-cli (requirements-tfds-cli.txt)")
+    return exe, None, ("TFDS's `tfds` command needs apache-beam and mlcroissant: `make test-tfds-cli` installs "
+                       "them into .tfds-cli (requirements-tfds-cli.txt)")
 
 
 @pytest.mark.tfds_cli
