@@ -46,6 +46,7 @@ def test_adv_step_cost(tmp_path):
     assert all(r["seconds"] > 0 for r in rows.values())
 
 
+@pytest.mark.slow  # integration lane (make test-slow): over 10 s on 2 cores
 def test_train_overhead(tmp_path):
     res = _run("train_overhead", ["--model", "test_vit", "--batch-size", "250", "--attack-steps", "1"] + QUICK,
                tmp_path)
@@ -57,6 +58,7 @@ def test_train_overhead(tmp_path):
     assert plain["train"]["count"] == 1500 and plain["eval"]["count"] == 297  # 6 full batches, 3 eval batches
 
 
+@pytest.mark.slow  # integration lane (make test-slow): over 10 s on 2 cores
 def test_eval_overhead_autoattack_matches_direct_pyautoattack(tmp_path):
     res = _run("eval_overhead", ["--pgd-model", "test_vit", "--pgd-steps", "1", "--aa-model", "test_vit",
                                  "--aa-examples", "4", "--aa-untrained"] + QUICK, tmp_path)
@@ -66,6 +68,7 @@ def test_eval_overhead_autoattack_matches_direct_pyautoattack(tmp_path):
     assert aa["robust_top1"]["validate.py"] == aa["robust_top1"]["pyautoattack"]
 
 
+@pytest.mark.slow  # integration lane (make test-slow): over 10 s on 2 cores
 def test_memory(tmp_path):
     res = _run("memory", ["--model", "test_vit", "--steps", "1", "--trades-steps", "1", "--batch-size", "4",
                           "--iters", "1", "--threads", "1"], tmp_path)
@@ -98,6 +101,7 @@ def test_overhead_breakdown(tmp_path):
     assert parts["step (PGD-1 efficient)"]["pct_of_step"] == 100.0
 
 
+@pytest.mark.slow  # integration lane (make test-slow): over 10 s on 2 cores
 def test_compile_check_reports_speed_and_agreement(tmp_path):
     # aot_eager: the AOTAutograd graphs (input gradients included) without inductor's minutes of codegen
     res = _run("compile_check", ["--models", "test_vit", "--batch-size", "4", "--reps", "1", "--backend",

@@ -149,6 +149,7 @@ def _run_with_write_fault(argv, pattern: str):
     return proc.wait(), log
 
 
+@pytest.mark.slow  # integration lane (make test-slow): over 10 s on 2 cores
 def test_sigkill_at_random_moments_then_resume(digits_folder, tmp_path):
     out = tmp_path / "runs"
     folder = str(out / "crash")

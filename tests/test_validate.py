@@ -166,6 +166,7 @@ def test_apgd_ce_matches_direct_pyautoattack(adv_ckpt, capsys):
     assert 0 < res["robust_top1"] <= res["top1"]  # an intermediate, non-trivial comparison
 
 
+@pytest.mark.slow  # integration lane (make test-slow): over 10 s on 2 cores
 def test_autoattack_standard_matches_direct_pyautoattack(adv_ckpt, capsys):
     from pyautoattack import AutoAttack
 
