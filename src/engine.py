@@ -105,6 +105,7 @@ class _Sums:
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.float64, device=device)
         self.robust = torch.zeros((), dtype=torch.float64, device=device)
+        self.scaler_skipped = torch.zeros((), dtype=torch.long, device=device)  # steps a grad scaler dropped
         self.clean_count = self.robust_count = self.count = 0
 
     def add(self, loss: torch.Tensor, clean_logits, adv_logits, y: torch.Tensor) -> None:
@@ -126,7 +127,8 @@ class _Sums:
         state.robust_count += self.robust_count
         state.clean_count += self.clean_count
         state.count += self.count
-        self.loss.zero_(), self.correct.zero_(), self.robust.zero_()
+        state.skipped_steps += int(self.scaler_skipped)
+        self.loss.zero_(), self.correct.zero_(), self.robust.zero_(), self.scaler_skipped.zero_()
         self.clean_count = self.robust_count = self.count = 0
 
 
@@ -191,10 +193,18 @@ class FiniteGuard:
                 f"epoch {epoch}, step {step} of the epoch (global step {update})"))
 
 
-def _optimizer_step(parts: TrainParts, num_updates: int) -> int:
-    if parts.grad_scaler is not None:
-        parts.grad_scaler.step(parts.optimizer)
-        parts.grad_scaler.update()
+def _optimizer_step(parts: TrainParts, num_updates: int, sums: Optional[_Sums] = None) -> int:
+    """One update. A grad scaler drops a step whose scaled gradients overflowed and lowers its
+    scale: such steps still count as updates (the schedule moves on, as in the original) and are
+    counted on the device into ``sums.scaler_skipped`` (the scale fell), without a host sync."""
+    scaler = parts.grad_scaler
+    if scaler is not None:
+        scale = getattr(scaler, "_scale", None)  # the scale tensor GradScaler updates in place
+        before = scale.clone() if isinstance(scale, torch.Tensor) and sums is not None else None
+        scaler.step(parts.optimizer)
+        scaler.update()
+        if before is not None:
+            sums.scaler_skipped += (scaler._scale < before).long()
     else:
         parts.optimizer.step()
     num_updates += 1
@@ -244,7 +254,7 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
         elif parts.grad_scaler is None:
             step_ok = _step_is_finite(parts, loss_det, params)
         if step_ok:
-            num_updates = _optimizer_step(parts, num_updates)
+            num_updates = _optimizer_step(parts, num_updates, sums)
             sums.add(loss_det, clean_logits, adv_logits, y)
         else:
             state.skipped_steps += 1
@@ -267,7 +277,13 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
     log.close()
     sums.flush(state)
     metrics = _epoch_metrics(state, dev_env, eps, _mean_lr(parts.optimizer))
-    if state.skipped_steps:
+    if state.skipped_steps and parts.grad_scaler is not None:
+        # a few dropped steps while the scale settles are the scaler working; most of an epoch is divergence
+        level = logging.WARNING if 2 * state.skipped_steps > state.batches_done else logging.INFO
+        _logger.log(level, "epoch %d: the float16 grad scaler dropped %d of %d optimizer steps (non-finite scaled "
+                    "gradients; its scale is now %g) on this process", epoch, int(state.skipped_steps),
+                    int(state.batches_done), float(parts.grad_scaler.get_scale()))
+    elif state.skipped_steps:
         _logger.warning("epoch %d: skipped %d optimizer steps with a non-finite loss or gradient on this process",
                         epoch, int(state.skipped_steps))
     if dev_env.primary:
