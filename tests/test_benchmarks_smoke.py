@@ -129,3 +129,50 @@ def test_readme_speed_table_is_what_the_committed_results_say(tmp_path):
     bare.write_text("# no markers\n")
     assert summarize.main(["--write-readme", "--readme", str(bare)]) == 2
     assert bare.read_text() == "# no markers\n"
+
+
+def test_throughput_counts_the_attack_work_and_reports_peak_fractions(tmp_path):
+    res = _run("throughput", ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch-size", "4",
+                              "--num-classes", "10", "--precision", "fp32", "--steps", "1", "2", "--steps-per-call", "1",
+                              "--reps", "1", "--peak-size", "128"] + QUICK, tmp_path)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert list(rows) == ["clean", "PGD-1 efficient", "PGD-2 efficient"]
+    f0, f1, f2 = (rows[n]["flops_per_step"] for n in rows)
+    assert f0 > 0 and f2 - f1 == f1 - f0 > 0  # every PGD iteration adds the same forward + input-gradient work
+    assert res["measured_peak_tflops"] > 0 and res["datasheet_peak_tflops"] is None  # no datasheet for a CPU
+    for r in rows.values():
+        assert r["images_per_s"] == pytest.approx(4 / r["seconds_per_step"])
+        assert r["fraction_of_measured_peak"] == pytest.approx(r["tflops"] / res["measured_peak_tflops"])
+
+
+def test_throughput_flop_count_of_a_matmul_and_an_attack_gradient():
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from throughput import count_flops
+    finally:
+        sys.path.remove(str(BENCH))
+    a, b = torch.randn(8, 16), torch.randn(16, 32)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 32
+    x = torch.randn(8, 16, requires_grad=True)  # a leaf input, as in an attack step
+    assert count_flops(lambda: torch.autograd.grad((x @ b).sum(), x)) == 2 * (2 * 8 * 16 * 32)
+
+
+@pytest.mark.slow  # integration lane (make test-slow): about two minutes of tiny runs
+def test_gpu_checks_script_runs_every_step_on_the_cpu(tmp_path):
+    if not (BENCH / ".peer" / "torchattacks").is_dir():
+        pytest.skip("torchattacks not installed in benchmarks/.peer")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), DEVICE="cpu", QUICK="1", PYTHON=sys.executable,
+               OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    proc = subprocess.run(["bash", str(BENCH / "gpu_checks.sh")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "all GPU checks passed" in proc.stdout and "FAILED" not in proc.stdout
+    out = tmp_path / "out"
+    for name in ("throughput", "peer_torchattacks", "compile_check"):
+        assert json.loads((out / f"{name}.json").read_text())["benchmark"] == name
+    assert (out / "runs" / "amp" / "last.pth.tar").is_file() and (out / "runs" / "ddp" / "last.pth.tar").is_file()
+    # a failing step is reported by name and fails the script, the other steps still run
+    env["PYTHON"] = "false"
+    proc = subprocess.run(["bash", str(BENCH / "gpu_checks.sh")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode != 0 and "failed: throughput peer train_amp" in proc.stdout
