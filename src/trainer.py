@@ -455,10 +455,21 @@ def _write_args_yaml(task: TrainTask, plan: OutputPlan, progress: Progress, args
 # ----------------------------------------------------------------------------------------------
 
 def _check_finite_weights(model: nn.Module, epoch: int, where: str) -> None:
-    """Refuse to checkpoint weights that overflowed (a finite loss with a huge step can do that)."""
+    """Refuse to checkpoint weights that overflowed (a finite loss with a huge step can do that), or
+    NaN in a saved floating-point buffer such as BatchNorm's running statistics: the forward pass of a
+    step that --skip-nonfinite or the grad scaler drops has already updated them (a NaN or inf batch
+    makes the running variance NaN). Only NaN: a buffer may hold -inf on purpose (an attention mask)."""
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise NonFiniteLossError(f"the weights became non-finite in epoch {epoch} ({where}); the last good "
                                  "checkpoint is kept. Lower the learning rate or enable --clip-grad")
+    saved = model.state_dict(keep_vars=True).keys()
+    bad = [name for name, b in model.named_buffers()
+           if name in saved and b.is_floating_point() and bool(torch.isnan(b).any())]
+    if bad:
+        raise NonFiniteLossError(f"the buffer {bad[0]} (e.g. BatchNorm running statistics) became NaN in "
+                                 f"epoch {epoch} ({where}): a forward pass with non-finite activations updated it, "
+                                 "even if its optimizer step was skipped; the last good checkpoint is kept. Check "
+                                 "the inputs, lower the learning rate or enable --clip-grad")
 
 
 def _stop_check(task: TrainTask, stop: "StopSignals") -> Callable[[int], bool]:

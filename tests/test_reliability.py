@@ -260,9 +260,10 @@ class _NanAt(torch.nn.Module):
     """Wraps the training loss: NaN at the given (epoch, step-of-epoch) pairs; records what the
     experiment folder held when epoch ``snapshot_epoch`` began."""
 
-    def __init__(self, inner, nan_at, folder, snapshot_epoch):
+    def __init__(self, inner, nan_at, folder, snapshot_epoch, nan_inputs=False):
         super().__init__()
         self.inner, self.nan_at, self.folder, self.snapshot_epoch = inner, set(nan_at), folder, snapshot_epoch
+        self.nan_inputs = nan_inputs  # NaN images instead of a NaN loss: the forward pass sees them
         self.epoch, self.step, self.snapshot = -1, 0, None
 
     def forward(self, model, x, y, epoch):
@@ -270,8 +271,10 @@ class _NanAt(torch.nn.Module):
         self.epoch = epoch
         if epoch == self.snapshot_epoch and self.step == 0:
             self.snapshot = file_hashes(self.folder)
+        if self.nan_inputs and (epoch, self.step) in self.nan_at:
+            x = x * float("nan")
         loss, clean_logits, adv_logits = self.inner(model, x, y, epoch)
-        if (epoch, self.step) in self.nan_at:
+        if not self.nan_inputs and (epoch, self.step) in self.nan_at:
             loss = loss * float("nan")
         return loss, clean_logits, adv_logits
 
@@ -283,9 +286,9 @@ def nan_loss(monkeypatch):
     made = []
     real = T.create_train_loss
 
-    def install(nan_at, folder, snapshot_epoch=1):
+    def install(nan_at, folder, snapshot_epoch=1, nan_inputs=False):
         def create(args, dev_env, num_classes):
-            made.append(_NanAt(real(args, dev_env, num_classes), nan_at, folder, snapshot_epoch))
+            made.append(_NanAt(real(args, dev_env, num_classes), nan_at, folder, snapshot_epoch, nan_inputs))
             return made[-1]
 
         monkeypatch.setattr(T, "create_train_loss", create)
@@ -341,6 +344,29 @@ def test_skip_nonfinite_skips_and_counts_steps(digits_folder, tmp_path, nan_loss
     assert last["step_count_global"] == EPOCHS * STEPS_PER_EPOCH - 2  # skipped steps do not update
     assert all(torch.isfinite(v).all() for v in last["model"].values())
     assert res["train"]["loss"] == res["train"]["loss"]  # the epoch's mean loss excludes the NaNs
+
+
+def test_skip_nonfinite_never_checkpoints_nan_batchnorm_statistics(digits_folder, tmp_path, nan_loss, capsys):
+    """A NaN batch under --skip-nonfinite: the optimizer step is skipped but the train-mode forward has
+    already put NaN into BatchNorm's running statistics; the run stops instead of saving them."""
+    import tests.tiny_models  # noqa: F401  (registers tiny_cnn_test: a model with BatchNorm)
+    import train
+    from src.errors import run_cli
+
+    folder = str(tmp_path / "bn")
+    made = nan_loss({(1, 3)}, folder, nan_inputs=True)
+    argv = folder_args(digits_folder, tmp_path, "bn", model="tiny_cnn_test") + ["--skip-nonfinite"]
+    assert run_cli(train.main, argv) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "non-finite" in lines[0] and "epoch 1" in lines[0] and "running_" in lines[0], lines[0]
+    after = file_hashes(folder)
+    for name in ("last.pth.tar", "summary.csv", "checkpoint-0.pth.tar", "best.pth.tar"):
+        assert after[name] == made[0].snapshot[name], name
+    for name in (n for n in after if n.endswith(".pth.tar")):
+        ck = load_ckpt(os.path.join(folder, name))
+        assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point()), name
 
 
 def test_diverging_run_writes_no_checkpoint(digits_folder, tmp_path, capsys):
