@@ -147,8 +147,9 @@ def create_dataset(name: str, root: Optional[str], split: str, is_training: bool
         return DigitsDataset(split)
     if name.lower().startswith("tfds/"):
         # TensorFlow must be imported after torch / torchvision / timm, or the process segfaults
-        import timm  # noqa: F401
-        import torchvision  # noqa: F401
+        from src.tfds_data import import_tfds
+
+        import_tfds()
     needs_root = needs_data_dir(name)
     if needs_root and not root:
         raise UsageError(f"dataset '{name or 'image folder'}' needs a data dir (positional DIR or data_dir "

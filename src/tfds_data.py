@@ -31,23 +31,31 @@ def parse_name(spec: str) -> Tuple[str, Optional[str], Optional[str]]:
 def describe_data_dir(data_dir: Optional[str]) -> str:
     if data_dir:
         return str(data_dir)
+    import_tfds()
     from tensorflow_datasets.core import constants
 
     return f"TFDS's default data dir {constants.DATA_DIR}"
 
 
-def _import_tfds():
+def import_tfds():
+    """``tensorflow_datasets``, imported after torch / torchvision / timm; a one-line ``UsageError`` naming
+    the optional requirements file when TensorFlow or TFDS is not installed."""
     import timm  # noqa: F401  (torch / torchvision / timm before tensorflow, or the process segfaults)
     import torchvision  # noqa: F401
-    import tensorflow_datasets as tfds
-
+    try:
+        import tensorflow  # noqa: F401
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise UsageError(f"tfds/ datasets need tensorflow and tensorflow-datasets, which did not import "
+                         f"({type(e).__name__}: {first_line(e)}); install them with "
+                         "pip install -r requirements-tfds.txt") from None
     return tfds
 
 
 def built_versions(name: str, data_dir: Optional[str]) -> Optional[List[str]]:
     """``[config/]version`` of every build of ``name`` in ``data_dir`` (folders with a dataset_info.json),
     sorted; None when the data dir cannot be listed."""
-    _import_tfds()
+    import_tfds()
     import tensorflow as tf
     from tensorflow_datasets.core import constants
 
@@ -82,7 +90,7 @@ def missing_build_message(spec: str, data_dir: Optional[str]) -> Optional[str]:
 
 def open_builder(spec: str, data_dir: Optional[str]):
     """The built TFDS dataset ``spec`` in ``data_dir``; a one-line ``UsageError`` when it is not there."""
-    tfds = _import_tfds()
+    tfds = import_tfds()
     name = spec[len(PREFIX):] if is_tfds(spec) else spec
     where = describe_data_dir(data_dir)
     try:

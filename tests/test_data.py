@@ -224,3 +224,14 @@ def test_class_maps_must_match_exactly():
         check_same_classes({"a": 0, "b": 1}, {"a": 0, "c": 1}, "x", "y")
     with pytest.raises(UsageError, match="other indices"):
         check_same_classes({"a": 0, "b": 1}, {"a": 1, "b": 0}, "x", "y")
+
+
+@pytest.mark.parametrize("root", [None, "/tmp"])
+def test_tfds_dataset_without_tensorflow_datasets_is_one_line(monkeypatch, root):
+    """TFDS is an optional lane: a tfds/ dataset without it installed names the requirements file."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # what `import` sees when it is not installed
+    with pytest.raises(UsageError, match=r"tfds/ datasets need tensorflow and tensorflow-datasets.*"
+                                         r"pip install -r requirements-tfds.txt"):
+        D.create_dataset("tfds/cifar10", root, "validation", is_training=False)

@@ -472,6 +472,19 @@ def test_bad_input_is_one_line_and_exit_2(cifar, tmp_path, capsys, extra, messag
     assert "Traceback" not in err and not out.exists()
 
 
+@pytest.mark.parametrize("data_dir", [[], ["--data-dir", "/nonexistent/tfds"]])
+def test_tfds_dataset_without_tensorflow_datasets_is_one_line(imagenet, tmp_path, capsys, monkeypatch, data_dir):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # what `import` sees when it is not installed
+    out = tmp_path / "r.json"
+    args = ["--model", "rb_toy_16", "--checkpoint", imagenet["ckpt"], "--dataset", "tfds/robustbench_image_net",
+            "--n-examples", "5", "--eps", str(EPS), "--workers", "0", "--output", str(out), *data_dir]
+    assert validate_robustbench.main(args) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "pip install -r requirements-tfds.txt" in errors[0], err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_unwritable_report_fails_before_any_attack(cifar, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
