@@ -30,7 +30,7 @@ from torch import nn
 
 from src import storage
 from src.errors import UsageError
-from src.tfds_data import describe_data_dir, is_tfds
+from src.tfds_data import describe_data_dir, first_line, is_tfds
 
 _logger = logging.getLogger("robust_vits")
 
@@ -301,6 +301,7 @@ class TfdsImageNetSubset(ExampleSet):
     @staticmethod
     def _read(builder, spec: str, split: str, where: str, ids: List[str], wnids: List[str],
               class_map: Dict[str, int]) -> List[bytes]:
+        import tensorflow as tf
         import tensorflow_datasets as tfds
 
         index = {entry.split("/", 1)[1]: i for i, entry in enumerate(ids)}
@@ -309,20 +310,23 @@ class TfdsImageNetSubset(ExampleSet):
         by_name = set(wnids) <= set(names)  # ImageNet ClassLabels are named by wnid
         images: List[Optional[bytes]] = [None] * len(ids)
         ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
-        for ex in tfds.as_numpy(ds):
-            file_name = ex["file_name"].decode() if isinstance(ex["file_name"], bytes) else str(ex["file_name"])
-            i = index.get(os.path.basename(file_name))
-            if i is None:
-                continue
-            if images[i] is not None:
-                raise UsageError(f"{file_name} appears twice in split '{split}' of {spec} in {where}")
-            label = int(ex["label"])
-            ok = names[label] == wnids[i] if by_name else label == class_map[wnids[i]]
-            if not ok:
-                got = names[label] if by_name else label
-                raise UsageError(f"{spec} in {where} labels {file_name} {got}, RobustBench's list says {wnids[i]} "
-                                 f"(class {class_map[wnids[i]]}): not the ImageNet validation labels")
-            images[i] = bytes(ex["image"])
+        try:  # a gs:// read that fails or a damaged record file: TensorFlow's OpError
+            for ex in tfds.as_numpy(ds):
+                file_name = ex["file_name"].decode() if isinstance(ex["file_name"], bytes) else str(ex["file_name"])
+                i = index.get(os.path.basename(file_name))
+                if i is None:
+                    continue
+                if images[i] is not None:
+                    raise UsageError(f"{file_name} appears twice in split '{split}' of {spec} in {where}")
+                label = int(ex["label"])
+                ok = names[label] == wnids[i] if by_name else label == class_map[wnids[i]]
+                if not ok:
+                    got = names[label] if by_name else label
+                    raise UsageError(f"{spec} in {where} labels {file_name} {got}, RobustBench's list says {wnids[i]} "
+                                     f"(class {class_map[wnids[i]]}): not the ImageNet validation labels")
+                images[i] = bytes(ex["image"])
+        except tf.errors.OpError as e:
+            raise UsageError(f"cannot read split '{split}' of {spec} in {where}: {first_line(e)}") from None
         missing = [ids[i] for i, img in enumerate(images) if img is None]
         if missing:
             raise UsageError(f"{len(missing)} of the {len(ids)} RobustBench ImageNet images are not in split "

@@ -91,11 +91,14 @@ def missing_build_message(spec: str, data_dir: Optional[str]) -> Optional[str]:
 def open_builder(spec: str, data_dir: Optional[str]):
     """The built TFDS dataset ``spec`` in ``data_dir``; a one-line ``UsageError`` when it is not there."""
     tfds = import_tfds()
+    import tensorflow as tf
+
     name = spec[len(PREFIX):] if is_tfds(spec) else spec
     where = describe_data_dir(data_dir)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-    except (ValueError, AssertionError, OSError) as e:  # DatasetNotFoundError is a ValueError
+    except (ValueError, AssertionError, OSError, tf.errors.OpError) as e:  # DatasetNotFoundError is a ValueError;
+        # OpError: TensorFlow's file system failed (a gs:// data dir unreachable or without credentials)
         raise UsageError(missing_build_message(spec, data_dir) or f"cannot open tfds/{name} in {where}: "
                          f"{first_line(e)}") from None
     if not builder.info.splits:  # a registered TFDS dataset (cifar10, imagenet2012, ...) not prepared there

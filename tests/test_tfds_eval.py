@@ -163,6 +163,42 @@ def test_robustbench_tfds_bad_input_is_one_line(rb_images, tmp_path, capsys, ext
     assert "Traceback" not in err and not (tmp_path / "r.json").exists()
 
 
+def test_robustbench_unreachable_gs_data_dir_is_one_line(rb_images, tmp_path, capsys, monkeypatch):
+    """What tfds.builder raises for a gs:// data dir it cannot reach (no network or no credentials here):
+    TensorFlow's FailedPreconditionError, an OpError and not an OSError."""
+    import tensorflow as tf
+
+    def unreachable(name, *, data_dir=None, **kwargs):
+        raise tf.errors.FailedPreconditionError(None, None, "Error executing an HTTP request: libcurl code 6 "
+                                                "meaning 'Could not resolve hostname'\n\t when reading metadata of "
+                                                f"{data_dir}/{name}/.config/metadata.json")
+
+    monkeypatch.setattr(tfds, "builder", unreachable)
+    args = _rb_args(rb_images, tmp_path / "r.json", "--dataset", "tfds/robustbench_image_net", "--data-dir", GS)
+    assert validate_robustbench.main(args) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and f"cannot open tfds/robustbench_image_net in {GS}" in lines[0], err
+    assert "Could not resolve hostname" in lines[0] and "Traceback" not in err
+
+
+def test_robustbench_damaged_tfds_records_are_one_line(rb_images, tmp_path, capsys):
+    import glob
+    import shutil
+
+    data = str(tmp_path / "tfds")
+    shutil.copytree(rb_images["data"], data)
+    for record in glob.glob(os.path.join(data, "robustbench_image_net", "*", "*.tfrecord*")):
+        with open(record, "r+b") as f:  # cut the file inside its first record
+            f.truncate(40)
+    args = _rb_args(rb_images, tmp_path / "r.json", "--dataset", "tfds/robustbench_image_net", "--data-dir", data)
+    assert validate_robustbench.main(args) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "cannot read split 'validation' of tfds/robustbench_image_net" in lines[0], err
+    assert "Traceback" not in err and not (tmp_path / "r.json").exists()
+
+
 def test_robustbench_split_is_for_tfds_only(rb_images, tmp_path, capsys):
     args = _rb_args(rb_images, tmp_path / "r.json", "--dataset", "imagenet", "--data-dir", rb_images["folder"],
                     "--split", "validation")
