@@ -145,11 +145,15 @@ def create_dataset(name: str, root: Optional[str], split: str, is_training: bool
         if class_map:
             raise UsageError("--class-map does not apply to the embedded digits dataset")
         return DigitsDataset(split)
+    data_errors: Tuple[type, ...] = (RuntimeError, OSError, AssertionError, ValueError, KeyError)
     if name.lower().startswith("tfds/"):
         # TensorFlow must be imported after torch / torchvision / timm, or the process segfaults
         from src.tfds_data import import_tfds
 
         import_tfds()
+        import tensorflow as tf
+
+        data_errors += (tf.errors.OpError,)  # TensorFlow's file system: a gs:// data dir it cannot reach
     needs_root = needs_data_dir(name)
     if needs_root and not root:
         raise UsageError(f"dataset '{name or 'image folder'}' needs a data dir (positional DIR or data_dir "
@@ -167,7 +171,7 @@ def create_dataset(name: str, root: Optional[str], split: str, is_training: bool
     try:
         ds = timm_create_dataset(name, root=root, split=split, is_training=is_training, class_map=class_map,
                                  batch_size=batch_size, repeats=repeats, seed=seed, download=download)
-    except (RuntimeError, OSError, AssertionError, ValueError, KeyError) as e:
+    except data_errors as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if download and isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
             # urllib's URLError / socket errors from torchvision's download (offline machine, proxy)

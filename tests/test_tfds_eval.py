@@ -403,6 +403,30 @@ def test_missing_tfds_dataset_version_or_split_is_one_line(digits_both_ways, tmp
     assert "Traceback" not in err
 
 
+def test_unreachable_gs_data_dir_is_one_line_in_validate(digits_both_ways, tmp_path, capsys, monkeypatch):
+    """What tfds.builder raises for a gs:// data dir it cannot reach (no network or no credentials): TensorFlow's
+    FailedPreconditionError, an OpError and not an OSError (a registered dataset wraps it, a built one does not)."""
+    import tensorflow as tf
+
+    import validate
+    from src.errors import run_cli
+
+    def unreachable(name, *, data_dir=None, **kwargs):
+        raise tf.errors.FailedPreconditionError(None, None, "Error executing an HTTP request: libcurl code 6 "
+                                                "meaning 'Could not resolve hostname'\n\t when reading metadata of "
+                                                f"{data_dir}/{name}/.config/metadata.json")
+
+    monkeypatch.setattr(tfds, "builder", unreachable)
+    argv = [GS, "--dataset", "tfds/ordered_digits", "-m", "test_vit", "--num-classes", "10", "--input-size", "3",
+            "32", "32", "-j", "0", "--log-freq", "0",
+            "--checkpoint", os.path.join(digits_both_ways["ckpts"], "checkpoint-0.pth.tar")]
+    assert run_cli(validate.main, argv) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "cannot load dataset 'tfds/ordered_digits'" in lines[0], err
+    assert "Could not resolve hostname" in lines[0] and "Traceback" not in err
+
+
 def test_training_on_an_ordered_tfds_dataset_is_one_line(digits_both_ways, tmp_path, capsys):
     """TFDS refuses shuffled-file reads of a dataset built with disable_shuffling (training asks for them)."""
     import train
