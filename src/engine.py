@@ -237,6 +237,9 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
     guard = None
     if parts.grad_scaler is None and not options.skip_nonfinite:
         guard = FiniteGuard(dev_env.device, state.batches_done, num_updates)
+    # --skip-nonfinite: a skipped step must leave no trace, but its train-mode forward has already updated
+    # the buffers (BatchNorm running statistics, possibly to NaN): they are copied before and put back
+    buffers = [b for b in parts.model.buffers()] if guard is None and parts.grad_scaler is None else []
     stopped = False
     for x, y in loader:
         x, y = dev_env.to_device(x, y)
@@ -244,6 +247,7 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
             hooks.on_first_batch(x)
         if batch_transform is not None:
             x, y = batch_transform(x, y)
+        saved = [b.clone() for b in buffers]
         with dev_env.autocast():
             loss, clean_logits, adv_logits = parts.loss_fn(parts.model, x, y, epoch)
         loss_det = loss.detach().float()
@@ -258,6 +262,9 @@ def train_one_epoch(epoch: int, parts: TrainParts, loader, dev_env: DeviceEnv, o
             sums.add(loss_det, clean_logits, adv_logits, y)
         else:
             state.skipped_steps += 1
+            with torch.no_grad():
+                for b, before in zip(buffers, saved):
+                    b.copy_(before)
         dev_env.mark_step()
         state.batches_done += 1
         if guard is not None and hooks.log_interval and state.batches_done % hooks.log_interval == 0:
