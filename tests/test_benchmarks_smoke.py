@@ -176,3 +176,14 @@ def test_gpu_checks_script_runs_every_step_on_the_cpu(tmp_path):
     env["PYTHON"] = "false"
     proc = subprocess.run(["bash", str(BENCH / "gpu_checks.sh")], capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode != 0 and "failed: throughput peer train_amp" in proc.stdout
+
+
+def test_summary_reads_the_variant_names_the_peer_benchmark_writes():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import peer_torchattacks
+        import summarize
+    finally:
+        sys.path.remove(str(BENCH))
+    # a renamed variant would otherwise drop its README row without a word
+    assert (summarize.FAST, summarize.CL) == (peer_torchattacks.FAST, peer_torchattacks.CL)

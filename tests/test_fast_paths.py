@@ -269,3 +269,21 @@ def test_amp_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog, native):
     with caplog.at_level(logging.WARNING, logger="robust_vits"):
         D.initialize_device(amp=False, xla=False)  # float32: nothing to say
     assert not [r for r in caplog.records if "bfloat16" in r.getMessage()]
+
+
+def test_finite_flag_sees_nan_and_inf_anywhere_but_not_large_finite_gradients():
+    from src.engine import finite_flag
+
+    def params(*grads):
+        out = []
+        for g in grads:
+            p = nn.Parameter(torch.zeros_like(g))
+            p.grad = g
+            out.append(p)
+        return out
+
+    one = torch.tensor(1.0)
+    assert bool(finite_flag(one, params(torch.tensor([3e19, -3e19]), torch.ones(3))))  # its 2-norm overflows
+    assert not bool(finite_flag(one, params(torch.ones(3), torch.tensor([0.0, float("nan")]))))
+    assert not bool(finite_flag(one, params(torch.tensor([float("-inf")]))))
+    assert not bool(finite_flag(torch.tensor(float("nan")), params(torch.ones(2))))

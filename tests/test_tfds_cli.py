@@ -11,7 +11,7 @@ pyarrow<26, older than what this environment pins or TensorFlow brings, so it is
   it loads a builder module), the working directory a builder folder, no dataset argument; all five
   builders, one after the other, in one process.
 * ``test_tfds_entry_point`` runs the ``tfds`` executable itself where apache-beam and mlcroissant are
-  installed (skipped here).
+  installed (``make test-tfds-cli`` installs them into ``.tfds-cli``; skipped where that folder is missing).
 """
 import importlib.util
 import json
