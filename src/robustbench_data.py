@@ -186,47 +186,29 @@ def load_imagenet_class_map(path: str = IMAGENET_CLASS_MAP_FILE) -> Dict[str, in
         return {str(k): int(v) for k, v in json.load(f).items()}
 
 
-class ImageNetSubset(ExampleSet):
-    """The first ``n_examples`` of RobustBench's 5000 ImageNet validation images."""
+class _RobustBenchImageNet(ExampleSet):
+    """What both sources of RobustBench's ImageNet images share: the first ``n_examples`` ids of the
+    list in its order, their labels from the class map, the list's hash in the provenance."""
 
-    def __init__(self, data_dir: str, transform: Callable, n_examples: Optional[int] = None,
-                 ids_file: str = IMAGENET_IDS_FILE, class_map_file: str = IMAGENET_CLASS_MAP_FILE):
+    def _select(self, n_examples: Optional[int], ids_file: str, class_map_file: str) -> Dict[str, int]:
+        """Set ``ids``, ``n_examples``, ``_labels`` and the hashes; returns the class map."""
         ids = load_imagenet_ids(ids_file)
         class_map = load_imagenet_class_map(class_map_file)
-        if n_examples is None:
-            n_examples = DEFAULT_N_EXAMPLES["imagenet"]
+        n_examples = DEFAULT_N_EXAMPLES["imagenet"] if n_examples is None else n_examples
         if n_examples > len(ids):
             raise UsageError(f"--n-examples {n_examples}: RobustBench's ImageNet subset has {len(ids)} images")
         ids = ids[:n_examples]
-        root = storage.join(expand_path(data_dir), "val")
-        if not storage.isdir(root):
-            raise UsageError(f"ImageNet validation images not found: looked for {root}/<wnid>/<file> (e.g. "
-                             f"{storage.join(root, ids[0] if ids else '')}); RobustBench expects the ILSVRC2012 "
-                             f"validation set sorted into one folder per class under <data-dir>/val")
-        self._paths, self._labels = [], []
         for entry in ids:
-            wnid = entry.split("/", 1)[0]
-            if wnid not in class_map:
-                raise UsageError(f"{ids_file}: class {wnid} of {entry} is not in {class_map_file}")
-            self._paths.append(storage.join(root, *entry.split("/")))
-            self._labels.append(class_map[wnid])
-        if storage.is_local(root):
-            missing = [p for p in self._paths if not os.path.isfile(p)]
-            if missing:
-                raise UsageError(f"{len(missing)} of the {n_examples} RobustBench ImageNet images are missing under "
-                                 f"{root} (first: {missing[0]}); the validation set must be sorted into "
-                                 f"<wnid>/ folders")
-        self.transform = transform
+            if entry.split("/", 1)[0] not in class_map:
+                raise UsageError(f"{ids_file}: class {entry.split('/', 1)[0]} of {entry} is not in {class_map_file}")
         self.name = "imagenet"
-        self.n_examples = int(n_examples)
-        self.root = root
         self.ids = ids
+        self.n_examples = int(n_examples)
+        self._labels = [class_map[entry.split("/", 1)[0]] for entry in ids]
         with open(ids_file, "rb") as f:
             self.ids_file_sha256 = hashlib.sha256(f.read()).hexdigest()
-        self.source = (f"RobustBench ImageNet subset (data/{os.path.basename(ids_file)}), first {n_examples} ids "
-                       f"in list order, from {root}")
         self.examples_sha256 = sha256_text("\n".join(ids))
-        self.data_check = f"{n_examples} image files present" if storage.is_local(root) else "not checked (remote)"
+        return class_map
 
     def labels(self) -> List[int]:
         return list(self._labels)
@@ -235,6 +217,32 @@ class ImageNetSubset(ExampleSet):
         out = super().provenance()
         out["ids_file_sha256"] = self.ids_file_sha256
         return out
+
+
+class ImageNetSubset(_RobustBenchImageNet):
+    """The first ``n_examples`` of RobustBench's 5000 ImageNet validation images."""
+
+    def __init__(self, data_dir: str, transform: Callable, n_examples: Optional[int] = None,
+                 ids_file: str = IMAGENET_IDS_FILE, class_map_file: str = IMAGENET_CLASS_MAP_FILE):
+        self._select(n_examples, ids_file, class_map_file)
+        ids, n_examples = self.ids, self.n_examples
+        root = storage.join(expand_path(data_dir), "val")
+        if not storage.isdir(root):
+            raise UsageError(f"ImageNet validation images not found: looked for {root}/<wnid>/<file> (e.g. "
+                             f"{storage.join(root, ids[0] if ids else '')}); RobustBench expects the ILSVRC2012 "
+                             f"validation set sorted into one folder per class under <data-dir>/val")
+        self._paths = [storage.join(root, *entry.split("/")) for entry in ids]
+        if storage.is_local(root):
+            missing = [p for p in self._paths if not os.path.isfile(p)]
+            if missing:
+                raise UsageError(f"{len(missing)} of the {n_examples} RobustBench ImageNet images are missing under "
+                                 f"{root} (first: {missing[0]}); the validation set must be sorted into "
+                                 f"<wnid>/ folders")
+        self.transform = transform
+        self.root = root
+        self.source = (f"RobustBench ImageNet subset (data/{os.path.basename(ids_file)}), first {n_examples} ids "
+                       f"in list order, from {root}")
+        self.data_check = f"{n_examples} image files present" if storage.is_local(root) else "not checked (remote)"
 
     def __getitem__(self, i: int):
         from PIL import Image
@@ -249,7 +257,7 @@ class ImageNetSubset(ExampleSet):
         return self.transform(img), self._labels[i]
 
 
-class TfdsImageNetSubset(ExampleSet):
+class TfdsImageNetSubset(_RobustBenchImageNet):
     """The first ``n_examples`` of RobustBench's 5000 ImageNet ids, read from a built TFDS dataset.
 
     The dataset needs ``image``, ``label`` and ``file_name`` features and the ids' files in ``split``
@@ -264,12 +272,8 @@ class TfdsImageNetSubset(ExampleSet):
                  class_map_file: str = IMAGENET_CLASS_MAP_FILE):
         from src.tfds_data import check_split, open_builder
 
-        ids = load_imagenet_ids(ids_file)
-        class_map = load_imagenet_class_map(class_map_file)
-        n_examples = DEFAULT_N_EXAMPLES["imagenet"] if n_examples is None else n_examples
-        if n_examples > len(ids):
-            raise UsageError(f"--n-examples {n_examples}: RobustBench's ImageNet subset has {len(ids)} images")
-        ids = ids[:n_examples]
+        class_map = self._select(n_examples, ids_file, class_map_file)
+        ids, n_examples = self.ids, self.n_examples
         where = describe_data_dir(data_dir)
         builder = open_builder(spec, data_dir)
         check_split(builder, spec, split, data_dir)
@@ -279,23 +283,13 @@ class TfdsImageNetSubset(ExampleSet):
             raise UsageError(f"{spec} in {where} has no {', '.join(missing_features)} feature: RobustBench's ImageNet "
                              "images are picked by file name (use tfds/robustbench_image_net or tfds/imagenet2012)")
         wnids = [entry.split("/", 1)[0] for entry in ids]
-        for entry, wnid in zip(ids, wnids):
-            if wnid not in class_map:
-                raise UsageError(f"{ids_file}: class {wnid} of {entry} is not in {class_map_file}")
-        self._labels = [class_map[w] for w in wnids]
         self._images = self._read(builder, spec, split, where, ids, wnids, class_map)
         self.transform = transform
-        self.name = "imagenet"
-        self.n_examples = int(n_examples)
-        self.ids = ids
         version = f"{builder.info.name}{'/' + builder.info.config_name if builder.info.config_name else ''}" \
                   f":{builder.info.version}"
         self.tfds = {"dataset": f"tfds/{version}", "split": split, "data_dir": str(data_dir) if data_dir else where}
-        with open(ids_file, "rb") as f:
-            self.ids_file_sha256 = hashlib.sha256(f.read()).hexdigest()
         self.source = (f"RobustBench ImageNet subset (data/{os.path.basename(ids_file)}), first {n_examples} ids "
                        f"in list order, from tfds/{version} split '{split}' in {where}")
-        self.examples_sha256 = sha256_text("\n".join(ids))
         self.data_check = f"{n_examples} images found by file name in the split"
 
     @staticmethod
@@ -338,12 +332,8 @@ class TfdsImageNetSubset(ExampleSet):
                              "(datasets/robustbench_image_net) or use TFDS's imagenet2012 validation split")
         return images  # type: ignore[return-value]
 
-    def labels(self) -> List[int]:
-        return list(self._labels)
-
     def provenance(self) -> Dict[str, Any]:
         out = super().provenance()
-        out["ids_file_sha256"] = self.ids_file_sha256
         out["tfds"] = dict(self.tfds)
         return out
 
