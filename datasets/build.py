@@ -25,12 +25,47 @@ from absl import app  # noqa: E402
 from tensorflow_datasets.scripts.cli import build, cli_utils  # noqa: E402
 
 
+from src.errors import ExpectedError, UsageError, first_line  # noqa: E402
+
+
+def check_inputs(args: build.Args) -> None:
+    """What TFDS would report with a traceback, checked before anything is built: every dataset is a
+    builder (a folder of datasets/, a builder script or a registered name), ``--config`` is one of its
+    configs, and a given ``--manual_dir`` is an existing folder (not empty where the builder reads it)."""
+    import tensorflow_datasets as tfds
+
+    if args.automation.exclude_datasets:
+        return
+    config = args.generation.config
+    manual = args.paths.manual_dir
+    for name in args.positional_datasets + args.datasets or [""]:
+        try:
+            cls, kwargs = build._get_builder_cls_and_kwargs(name, has_imports=bool(args.generation.imports))
+        except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError, ValueError, ImportError) as e:
+            raise UsageError(f"{name or 'the current folder'} is not a dataset builder ({first_line(e)}); pass a "
+                             "folder of datasets/, e.g. datasets/cifar_ddpm") from None
+        configs = [c.name for c in cls.BUILDER_CONFIGS or ()]
+        if config and not config.lstrip().startswith("{") and config not in configs:
+            raise UsageError(f"--config {config} is not a config of {cls.name} "
+                             f"({'its configs: ' + ', '.join(configs) if configs else 'it has none'})")
+        if manual is not None and not str(manual).startswith(("gs://", "s3://")):
+            if not os.path.isdir(manual):
+                raise UsageError(f"--manual_dir {manual} is not an existing folder")
+            if getattr(cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) and not os.listdir(manual):
+                raise UsageError(f"--manual_dir {manual} is empty; {cls.name} reads its source files from there")
+
+
 def main(args: build.Args) -> None:
     import tensorflow_datasets as tfds
 
     tfds.core.visibility.set_availables([tfds.core.visibility.DatasetType.TFDS_PUBLIC,
                                          tfds.core.visibility.DatasetType.COMMUNITY_PUBLIC])
-    args.execute()
+    try:
+        check_inputs(args)
+        args.execute()
+    except (ExpectedError, FileNotFoundError) as e:  # the builders name a missing source file this way
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -194,6 +194,19 @@ def write_results(path: str, rows: Sequence[Dict[str, Any]]) -> None:
     storage.atomic_write_text(path, buf.getvalue())
 
 
+def _is_benchmark_results(text: str, is_json: bool) -> bool:
+    """An earlier results file of benchmark.py (the only kind it replaces)."""
+    if is_json:
+        try:
+            rows = json.loads(text)
+        except ValueError:
+            return False
+        return isinstance(rows, list) and bool(rows) and all(
+            isinstance(r, dict) and "model" in r and any(k.endswith("_samples_per_sec") for k in r) for r in rows)
+    header = next(csv.reader(io.StringIO(text)), [])
+    return "model" in header and any(c.endswith("_samples_per_sec") for c in header)
+
+
 def _throughput(row: Dict[str, Any]) -> float:
     return max((v for k, v in row.items() if k.endswith("_samples_per_sec")), default=0.0)
 
@@ -205,6 +218,12 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = model_names(args)
+    path = args.results_file or ("./benchmark.csv" if len(names) > 1 else "")
+    if path:  # before the timing, not after: a folder, or another tool's file, is never replaced
+        from src.results import check_results_target
+
+        storage.check_output_location(path, "--results-file")
+        check_results_target(path, tool="benchmark.py", is_ours=_is_benchmark_results)
     rows = []
     for name in names:
         _logger.info("benchmarking %s (%s, batch %d, %s)", name, args.bench, args.batch_size, args.precision)
@@ -216,7 +235,6 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError(f"{name}: {first}") from None
             _logger.warning("%s failed: %s", name, str(e).splitlines()[0] if str(e) else type(e).__name__)
     rows.sort(key=_throughput, reverse=True)
-    path = args.results_file or ("./benchmark.csv" if len(names) > 1 else "")
     if path:
         write_results(path, rows)
     print("--result")

@@ -197,6 +197,13 @@ def load_checkpoint_file(path: Union[str, os.PathLike], trust: bool = False) -> 
         try:
             with opener() as f:
                 return torch.load(f, map_location="cpu", weights_only=False)
+        except (ImportError, AttributeError) as e:  # the code the pickle names is not here, or the names are junk
+            with opener() as f:
+                names = _unsafe_globals(f, set())
+            missing = [n for n in names or () if not _available_global(n)]
+            if missing:
+                raise CheckpointError(_missing_code(path, missing)) from None
+            raise CheckpointError(f"{corrupt} ({type(e).__name__}: {_first_line(e)})") from None
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{corrupt} ({type(e).__name__}: {_first_line(e)})") from None
 
@@ -207,10 +214,15 @@ def load_checkpoint_file(path: Union[str, os.PathLike], trust: bool = False) -> 
     except pickle.UnpicklingError as e:
         with opener() as f:
             unsafe = _unsafe_globals(f, {_global_name(g) for g in allowed})
+        intact = unsafe is not None  # the archive's pickle was read to its end: its names are whole
         if unsafe is None:  # legacy (non-zip) file: the error names the first offending global
             unsafe = re.findall(r"GLOBAL ([\w.]+)", str(e))
-        # A name that cannot exist in an already imported module is a damaged file, not a payload.
+        # A name that cannot exist in an already imported module is a damaged file, not a payload --
+        # unless the archive is intact: then the saving code defined it (a script's __main__ class).
+        absent = [n for n in unsafe if not _plausible_global(n)]
         unsafe = [n for n in unsafe if _plausible_global(n)]
+        if intact and absent and not unsafe:
+            raise CheckpointError(_missing_code(path, absent)) from None
         if unsafe:
             shown = ", ".join(unsafe[:5]) + (", ..." if len(unsafe) > 5 else "")
             raise UntrustedCheckpointError(
@@ -219,6 +231,32 @@ def load_checkpoint_file(path: Union[str, os.PathLike], trust: bool = False) -> 
         raise CheckpointError(f"{corrupt} (damaged pickle data)") from None
     except Exception as e:  # noqa: BLE001 - zip/stream errors of damaged files
         raise CheckpointError(f"{corrupt} ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _missing_code(path: str, names: Sequence[str]) -> str:
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return (f"checkpoint {path} pickles {shown}, which is not available here (code of whatever saved it: a class "
+            f"of its script's __main__, or a module that is not installed); load it where that code exists and save "
+            f"the model's state_dict() instead")
+
+
+def _available_global(name: str) -> bool:
+    """Whether ``name`` (``module.attr[.attr]``) can be imported here; imports its module if needed
+    (only called once the user trusts the file)."""
+    import importlib
+
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
 
 
 def _plausible_global(name: str) -> bool:

@@ -134,7 +134,7 @@ def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, da
         raise CheckpointError(f"checkpoint {source} has no EMA weights (model_ema is missing or None); "
                               f"export without --use-ema")
     check_finite_state_dict(state_dict, source)
-    recorded = read_record(ckpt, model_hint=model_name)
+    recorded = read_record(ckpt, model_hint=model_name, path=source)
     size = (eval_overrides or {}).get("input_size") or (recorded.input_size if recorded is not None else None)
     net = _architecture(model_name, state_dict, source, verify, img_size=size[-1] if size else None)
     arch = ckpt.get("arch") if isinstance(ckpt, Mapping) else None

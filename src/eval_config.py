@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -73,24 +74,70 @@ class EvalRecord:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "the checkpoint's record") -> "EvalRecord":
-        def tup(v: Any, kind=float) -> Optional[tuple]:
-            return tuple(kind(x) for x in v) if v is not None else None
-
-        mode = d.get("normalization")
-        return cls(model=d.get("model") or None,
-                   num_classes=int(d["num_classes"]) if d.get("num_classes") is not None else None,
-                   patch_size=int(d["patch_size"]) if d.get("patch_size") is not None else None,
-                   input_size=tup(d.get("input_size"), int),
-                   crop_pct=float(d["crop_pct"]) if d.get("crop_pct") is not None else None,
-                   interpolation=d.get("interpolation") or None, crop_mode=d.get("crop_mode") or None,
-                   normalization=mode if mode in _MODES else None,
-                   mean=tup(d.get("mean")), std=tup(d.get("std")), source=source)
+        """The record of ``d``; every recorded value must obey the rule of the flag it stands for
+        (``src.arg_parser.values``), else ``CheckpointError`` naming ``source``, the key and the value:
+        a damaged record must not build a wrong network or preprocessing, nor crash later."""
+        values = {key: _checked_entry(key, d.get(key), source) for key in _RECORD_RULES}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values, source=source)
 
     def data_config(self) -> Dict[str, Any]:
         """The recorded entries of a timm data config (only those that are known)."""
         out = {"input_size": self.input_size, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
                "crop_mode": self.crop_mode}
         return {k: v for k, v in out.items() if v is not None}
+
+
+def _nonblank(text: str) -> None:
+    if not text.strip():
+        raise ValueError("blank")
+
+
+def _record_rules() -> Dict[str, Any]:
+    from src.arg_parser.values import CROP_PCT, INTERPOLATIONS, MEAN, STD, Choice, Text, positive_int
+
+    return {"model": Text(check=_nonblank, what="a model name"),
+            "num_classes": positive_int(), "patch_size": positive_int(), "input_size": positive_int(counts=(3,)),
+            "crop_pct": CROP_PCT, "interpolation": Choice(names=INTERPOLATIONS),
+            "crop_mode": Choice(names=CROP_MODES), "normalization": Choice(names=_MODES), "mean": MEAN, "std": STD}
+
+
+CROP_MODES = ("center", "squash", "border")  # timm's eval transform
+_RECORD_RULES = _record_rules()
+
+
+def _plain(v: Any) -> Any:
+    """NumPy / torch scalars as Python numbers, so a record written with them is read like JSON."""
+    if isinstance(v, bool) or isinstance(v, (str, bytes)):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
+
+
+def _checked_entry(key: str, value: Any, source: str) -> Any:
+    """One record entry checked by its rule; None (and '' for names) means not recorded."""
+    from src.arg_parser.values import RuleViolation, check_list
+    from src.errors import CheckpointError
+
+    rule = _RECORD_RULES[key]
+    if value is None or (value == "" and key in ("model", "interpolation", "crop_mode", "normalization")):
+        return None
+    try:
+        if rule.counts is None:
+            return rule.parse(_plain(value))
+        if not isinstance(value, (list, tuple)):
+            raise RuleViolation(f"a list of {' or '.join(map(str, rule.counts))} values, each {rule.requirement}",
+                                value)
+        items = [rule.parse(_plain(v)) for v in value]
+        problem = check_list(rule, items)
+        if problem:
+            raise RuleViolation(problem, list(value))
+        return items
+    except RuleViolation as e:
+        raise CheckpointError(f"{source} is damaged: key '{key}': {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,21 +220,33 @@ def record_from_hparams(hparams: Mapping[str, Any], arch: Optional[str] = None) 
 
 
 def _three(v: Optional[Sequence[float]]) -> Optional[List[float]]:
-    if not v:
+    if v is None or (isinstance(v, (list, tuple)) and not v):
         return None
-    v = [float(x) for x in v]
+    v = list(v) if isinstance(v, (list, tuple)) else [v]  # entries are checked by the record's rules
     return v * 3 if len(v) == 1 else v
 
 
-def read_record(ckpt: Any, model_hint: Optional[str] = None) -> Optional[EvalRecord]:
+def read_record(ckpt: Any, model_hint: Optional[str] = None, path: Optional[str] = None) -> Optional[EvalRecord]:
     """The checkpoint's record, in order: ``eval_config`` (training checkpoints, robust-vits dicts),
     safetensors metadata, a bare state dict's ``_metadata``, the training arguments (``hparams``, or
     ``args`` as timm's classic checkpoints name them),
     then the original's timm data config of ``model_hint`` (bare state dicts of plain timm models).
 
     A recorded normalization layer (``normalization`` entry, ``normalize.mean``/``std`` buffers)
-    completes records that lack one. None when nothing is known.
+    completes records that lack one. None when nothing is known. A recorded value its flag's rule
+    refuses (a damaged record) raises ``CheckpointError`` naming ``path``.
     """
+    from src.errors import CheckpointError
+
+    try:
+        return _read_record(ckpt, model_hint)
+    except CheckpointError as e:
+        if path is None:
+            raise
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+
+
+def _read_record(ckpt: Any, model_hint: Optional[str]) -> Optional[EvalRecord]:
     from src.checkpoint import checkpoint_normalization
 
     if not isinstance(ckpt, Mapping):

@@ -73,7 +73,7 @@ def _build_network(args: argparse.Namespace, checkpoint: str):
     from src.model_factory import create_model, load_checkpoint, set_patch_size
 
     ckpt = load_checkpoint_file(checkpoint, trust=args.trust_checkpoint) if checkpoint else None
-    record = read_record(ckpt, model_hint=args.model) if ckpt is not None else None
+    record = read_record(ckpt, model_hint=args.model, path=checkpoint) if ckpt is not None else None
     settings = resolve_settings(args, record)
     size = settings.data_overrides.get("input_size")
     model = create_model(settings.model, pretrained=args.pretrained or not checkpoint,

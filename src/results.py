@@ -8,7 +8,7 @@ import json
 import logging
 import math
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from src import storage
 from src.errors import UsageError
@@ -73,21 +73,25 @@ def results_json(rows: Sequence[Mapping[str, Any]], warnings: Sequence[Sequence[
     return json.dumps(json_safe(data), indent=4, allow_nan=False)
 
 
-def check_results_target(path: str) -> None:
+def check_results_target(path: str, tool: str = "validate.py",
+                         is_ours: Optional[Callable[[str, bool], bool]] = None) -> None:
     """Refuse, before any work, a ``--results-file`` that would replace something other than an
     earlier results file of the same kind (a training ``summary.csv``, a checkpoint, a folder, a
-    JSON or CSV of another tool); also make sure its folder can be written."""
+    JSON or CSV of another tool); also make sure its folder can be written.
+
+    ``is_ours(text, is_json)`` recognizes ``tool``'s own files (default: validate.py's rows)."""
     what = f"--results-file {path}"
     if storage.isdir(path):
         raise UsageError(f"{what} is a folder; give a file name ending in .csv or .json")
     if storage.exists(path):
         json_file = str(path).lower().endswith(".json")
+        ours = is_ours or (lambda t, j: _is_results_json(t) if j else _is_results_csv(t))
         try:
             text = storage.read_bytes(path)[:1 << 20].decode("utf-8")
         except (OSError, UnicodeDecodeError):
             text = None
-        if text is None or not (_is_results_json(text) if json_file else _is_results_csv(text)):
-            raise UsageError(f"{what} exists and is not a validate.py results {'JSON' if json_file else 'CSV'}; "
+        if text is None or not ours(text, json_file):
+            raise UsageError(f"{what} exists and is not a {tool} results {'JSON' if json_file else 'CSV'}; "
                              "it is not replaced: choose another file name")
     folder = storage.dirname(path)
     try:

@@ -299,7 +299,7 @@ def _build_model(args: argparse.Namespace) -> Tuple[nn.Module, Any, str, Any]:
     from src.model_factory import create_model, load_checkpoint, set_patch_size
 
     ckpt = load_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint) if args.checkpoint else None
-    record = read_record(ckpt, model_hint=args.model) if ckpt is not None else None
+    record = read_record(ckpt, model_hint=args.model, path=args.checkpoint) if ckpt is not None else None
     settings = resolve_settings(args, record)
     if settings.num_classes is None:
         settings.num_classes = DEFAULT_NUM_CLASSES[protocol_dataset(args.dataset)]

@@ -325,3 +325,24 @@ def test_every_cli_uses_the_message_format(parser):
         with pytest.raises(UsageError) as e:
             parser.parse_args([a.option_strings[-1], *([bad] * n)])
         assert str(e.value).startswith(f"{parser.prog}: argument ") and ": must be " in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("cli,argv", [
+    ("train", ["--seed"]), ("validate", ["--seed"]), ("validate_robustbench", ["--seed"]),
+    ("attack_convergence", ["--seed"]), ("attack_effectiveness", ["--seeds", "0"]),
+])
+def test_a_seed_beyond_the_seed_range_is_refused(cli, argv, capsys):
+    """A seed above 2**32 - 1 passed the rule and crashed in torch.manual_seed ('Overflow when
+    unpacking long long') after the model and data were loaded."""
+    import importlib
+
+    from src.arg_parser.values import SEED
+    from src.errors import run_cli
+
+    main = importlib.import_module(cli).main
+    assert SEED.parse(str(2 ** 32 - 1)) == 2 ** 32 - 1
+    for huge in (str(2 ** 32), "99999999999999999999999"):
+        assert run_cli(main, argv + [huge]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {cli}.py: argument --seed") and \
+            f"must be an integer in [0, 4294967295], got '{huge}'" in err[0]

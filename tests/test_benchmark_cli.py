@@ -49,3 +49,29 @@ def test_bad_input_exit_2(argv, needle, capsys):
     assert run_cli(bench_cli.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+
+
+def test_results_file_that_is_not_a_benchmark_result_is_refused_before_timing(tmp_path, capsys):
+    """A folder used to end in a traceback after the timing; another tool's CSV/JSON (a training
+    summary.csv, validate results) was silently overwritten. Now: one error line, nothing touched."""
+    folder = tmp_path / "folder.csv"
+    folder.mkdir()
+    summary = tmp_path / "summary.csv"
+    summary.write_text("epoch,train_loss,eval_top1\n0,2.3,10.0\n")
+    other_json = tmp_path / "results.json"
+    other_json.write_text('{"top1": 10.0, "robust_top1": 5.0}\n')
+    for path, message in ((folder, "is a folder"), (summary, "exists and is not a benchmark.py results CSV"),
+                          (other_json, "exists and is not a benchmark.py results JSON")):
+        before = path.read_text() if path.is_file() else None
+        assert run_cli(bench_cli.main, TINY + ["--bench", "inference", "--results-file", str(path)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.strip().splitlines() == [f"error: --results-file {path} {message}" + (
+            "; give a file name ending in .csv or .json" if path == folder else
+            "; it is not replaced: choose another file name")]
+        assert "--result" not in captured.out  # refused before any model was timed
+        assert (path.read_text() if path.is_file() else None) == before
+    # an earlier benchmark result is replaced, and a new folder is created
+    for out in (tmp_path / "bench.csv", tmp_path / "new" / "bench.json"):
+        for _ in range(2):
+            assert run_cli(bench_cli.main, TINY + ["--bench", "inference", "--results-file", str(out)]) == 0
+        assert "test_vit" in out.read_text()

@@ -454,3 +454,38 @@ def test_memory_paths_for_load_and_export(trained) -> None:
     _check_exported(f"{base}/released", "xcit_small_12_p4_32-cifar10", trained)
     finetune_from_checkpoint(_tiny(num_classes=3), f"{base}/released/xcit_small_12_p4_32-cifar10.safetensors",
                              num_classes=3)
+
+
+def test_a_pickled_class_that_is_not_available_here_is_named_not_called_damage(trained, tmp_path) -> None:
+    """An intact file pickling a class of the saving script's __main__ (or of a module that is not
+    installed) used to be reported as 'truncated or corrupt', with or without --trust-checkpoint."""
+    import sys
+    import types
+
+    sd = trained["model"].state_dict()
+    saved = {}
+    for module in ("__main__", "not_installed_models_xyz"):
+        cls = type("SavedBy", (), {"__module__": module})
+        fake = types.ModuleType(module)
+        fake.SavedBy = cls
+        real = sys.modules.get(module)
+        sys.modules[module] = fake
+        try:
+            path = tmp_path / f"{module}.pth.tar"
+            torch.save({"model": sd, "extra": cls()}, path)
+        finally:
+            if real is None:
+                del sys.modules[module]
+            else:
+                sys.modules[module] = real
+        saved[module] = str(path)
+    for module, path in saved.items():
+        trusted = [True] if module != "__main__" else [False, True]  # an absent __main__ name is no payload
+        for trust in trusted:
+            with pytest.raises(CheckpointError, match="pickles " + module + r"\.SavedBy, which is not available "
+                               "here") as err:
+                load_checkpoint_file(path, trust=trust)
+            assert "truncated" not in str(err.value) and path in str(err.value)
+        if module != "__main__":  # a module that is not loaded may hold a payload: trusting stays the user's call
+            with pytest.raises(UntrustedCheckpointError):
+                load_checkpoint_file(path)

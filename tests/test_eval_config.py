@@ -258,3 +258,44 @@ def test_given_flags_are_told_apart_from_defaults():
     explicit = _args(explicit_flags={"model"})
     assert resolve_settings(explicit, rec).model == "resnet50"  # typed by the user: wins, with a warning
     assert resolve_settings(_args(explicit_flags=set()), rec).model == "test_vit"  # the default does not
+
+
+# ----------------------------------------------------------------------------------------------
+# a damaged record
+
+
+RECORD = {"model": "resnet18", "num_classes": 10, "patch_size": None, "input_size": [3, 32, 32], "crop_pct": 1.0,
+          "interpolation": "bicubic", "crop_mode": "center", "normalization": "model", "mean": [0.5] * 3,
+          "std": [0.25] * 3}
+DAMAGED = [("crop_pct", float("nan")), ("crop_pct", 0.0), ("interpolation", "weird"), ("std", [0.0, 1.0, 1.0]),
+           ("mean", [0.5, 0.5]), ("mean", "abc"), ("input_size", [3, 0, 0]), ("input_size", [32, 32]),
+           ("input_size", "abc"), ("num_classes", -3), ("num_classes", 2.5), ("patch_size", 0), ("model", 5),
+           ("normalization", "sideways"), ("crop_mode", "diagonal")]
+
+
+@pytest.mark.parametrize("key,value", DAMAGED)
+def test_a_damaged_record_is_one_checkpoint_error_naming_the_key(key, value):
+    """A record value its flag's rule refuses used to crash later (NaN crop: int(nan); std 0; unknown
+    interpolation: KeyError; size 0) or was silently dropped (normalization); now one CheckpointError."""
+    from src.errors import CheckpointError
+
+    assert read_record({"eval_config": dict(RECORD)}) == EvalRecord.from_dict(RECORD)  # the undamaged one reads
+    with pytest.raises(CheckpointError, match=rf"^checkpoint C\.pth\.tar: .* is damaged: key '{key}': must be "):
+        read_record({"eval_config": {**RECORD, key: value}}, path="C.pth.tar")
+    hparams = {"model": "resnet18", "input_size": [3, 32, 32], "crop_pct": 0.9, "interpolation": "bicubic",
+               "normalize_model": True, "mean": [0.5], "std": [0.25]}
+    assert read_record({"hparams": hparams}).std == (0.25, 0.25, 0.25)
+    if key in hparams:  # the same rules for a record made from the training arguments
+        with pytest.raises(CheckpointError, match=rf"training arguments \(hparams\) is damaged: key '{key}'"):
+            read_record({"hparams": {**hparams, key: value}})
+
+
+def test_validate_refuses_a_checkpoint_with_a_damaged_record(runs, folder, tmp_path, capsys):
+    ck = torch.load(runs["raw"], map_location="cpu", weights_only=True)
+    ck["eval_config"]["crop_pct"] = float("nan")
+    path = str(tmp_path / "damaged.pth.tar")
+    torch.save(ck, path)
+    rc, result, _, err = _validate([folder, "--checkpoint", path, "-j", "0"], capsys)
+    assert (rc, result) == (2, None)
+    assert err.strip().splitlines() == [f"error: checkpoint {path}: the checkpoint's record is damaged: key "
+                                        "'crop_pct': must be a finite number in (0, 1], got nan"]

@@ -187,3 +187,28 @@ def test_named_configs_use_registered_models():
     for cfg in list(mod.Builder.BUILDER_CONFIGS) + list(advex):  # original-behaviour.md §9 item 20: all build
         assert timm.is_model(cfg.model), cfg.name
         assert cfg.eps == pytest.approx(4 / 255)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["datasets/no_such_builder"], "datasets/no_such_builder is not a dataset builder"),
+    (["no_such_dataset_name"], "no_such_dataset_name is not a dataset builder (Dataset no_such_dataset_name not found"),
+    (["datasets/imagenet_advex", "--config", "no_such_config"],
+     "--config no_such_config is not a config of imagenet_advex (its configs: resnet50_fgsm, "),
+    (["datasets/cifar_ddpm", "--manual_dir", "{tmp}/missing"], "--manual_dir {tmp}/missing is not an existing folder"),
+    (["datasets/robustbench_image_net", "--manual_dir", "{tmp}/other"],  # the builder's own missing-file message
+     "neither ILSVRC2012_img_train.tar nor ILSVRC2012_img_val.tar is in the manual dir {tmp}/other"),
+])
+def test_build_cli_bad_input_is_one_error_line(tmp_path, argv, message):
+    """datasets/build.py used to end every bad input (unknown builder, config, manual dir) in a traceback."""
+    import subprocess
+    import sys
+
+    from tests.tfds_fixtures import DATASETS, ROOT
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not an archive")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = subprocess.run([sys.executable, os.path.join(DATASETS, "build.py"), *argv, "--data_dir",
+                          str(tmp_path / "data")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: " + message.replace("{tmp}", str(tmp_path)))

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from typing import Any, List, Mapping, Optional, Sequence
 
 from src.arg_parser.common import CliParser, bool_flag, check_mean_std, norm_name
-from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, MEAN, STD, Choice, finite_float, must,
+from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, MEAN, SEED, STD, Choice, finite_float, must,
                                    nonneg_float, nonneg_int, positive_float, positive_int)
 from src.errors import UsageError
 from src.honesty import PGD_ATTACKS
@@ -145,7 +145,7 @@ def _add_validate_attack(p: argparse.ArgumentParser, sweep: bool) -> None:
 def _add_validate_run(p: argparse.ArgumentParser, sweep: bool) -> None:
     """Seeding, precision, device and outputs."""
     g = p.add_argument_group("Run")
-    g.add_argument("--seed", type=nonneg_int(), default=None if sweep else 0, metavar="S",
+    g.add_argument("--seed", type=SEED, default=None if sweep else 0, metavar="S",
                    help=argparse.SUPPRESS if sweep else "random seed (reset for every evaluation)")
     g.add_argument("--log-freq", default=1, type=nonneg_int(), metavar="N", help="batches between log lines (no TTY)")
     g.add_argument("--amp", action="store_true", default=False, help="mixed precision (bfloat16 autocast)")
@@ -264,7 +264,7 @@ def build_effectiveness_parser() -> argparse.ArgumentParser:
                    help="PGD step counts (one row each)")
     g.add_argument("--run-apgd-ce", action="store_true", default=False,
                    help="also run APGD-CE once per checkpoint and seed (attack_steps empty)")
-    g.add_argument("--seeds", type=nonneg_int(), nargs="+", default=list(DEFAULT_SEEDS), metavar="S",
+    g.add_argument("--seeds", type=SEED, nargs="+", default=list(DEFAULT_SEEDS), metavar="S",
                    help="seeds (each row's RNG is reset to seed + rank)")
     g.add_argument("--output-file", default=None, metavar="PATH",
                    help=f"results CSV (default <checkpoints-dir>/{DEFAULT_OUTPUT_NAME}); rows already in it are "
@@ -367,7 +367,7 @@ def _add_robustbench_additions(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default=None, metavar="SPLIT",
                    help="tfds/ datasets: the split holding the images (default validation; TFDS slicing works); the "
                         "examples are still the first --n-examples RobustBench ids, in list order")
-    g.add_argument("--seed", type=nonneg_int(), default=0, metavar="S",
+    g.add_argument("--seed", type=SEED, default=0, metavar="S",
                    help="AutoAttack seed; each chunk uses seed + index of its first example")
     bool_flag(g, "--trust-checkpoint", command_line_only=TRUST_WHY,
               help="allow checkpoints that need arbitrary unpickling (only for trusted files)")

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from src.arg_parser.common import ARGS_YAML_HEADER, CliParser, bool_flag, check_mean_std, load_yaml_config, norm_name
-from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, MEAN, STD, Choice, Num, Text, finite_float,
+from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, MEAN, SEED, STD, Choice, Num, Text, finite_float,
                                    fraction, must, nonneg_float, nonneg_int, positive_float, positive_int, rate)
 from src.errors import UsageError
 
@@ -310,7 +310,7 @@ def _add_adv_args(p: argparse.ArgumentParser) -> None:
 
 def _add_misc_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Miscellaneous")
-    g.add_argument("--seed", type=nonneg_int(), default=42, metavar="S", help="random seed")
+    g.add_argument("--seed", type=SEED, default=42, metavar="S", help="random seed")
     bool_flag(g, "--deterministic", help="deterministic algorithms (reproducible CPU runs)")
     g.add_argument("--log-interval", type=positive_int(), default=50, metavar="N", help="steps between log lines")
     g.add_argument("--recovery-interval", type=nonneg_int(), default=0, metavar="N",

@@ -25,7 +25,7 @@ from src.errors import UsageError
 
 __all__ = ["RuleViolation", "Rule", "Num", "Text", "Choice", "show", "must", "positive_int", "nonneg_int",
            "int_at_least", "finite_float", "nonneg_float", "positive_float", "fraction", "rate", "check_list",
-           "convert_value", "INTERPOLATIONS", "INTERPOLATION", "CROP_PCT", "MEAN", "STD"]
+           "convert_value", "INTERPOLATIONS", "INTERPOLATION", "CROP_PCT", "MEAN", "STD", "SEED"]
 
 
 class RuleViolation(ValueError):
@@ -284,3 +284,5 @@ INTERPOLATION = Choice(names=("",) + INTERPOLATIONS)
 CROP_PCT = finite_float(0, 1, lo_open=True)
 MEAN = finite_float(counts=(1, 3))
 STD = positive_float(counts=(1, 3))
+# a random seed: NumPy's range, so seed + rank / + example index / + epoch terms still fit torch's and TF's seeds
+SEED = nonneg_int(hi=2 ** 32 - 1)
