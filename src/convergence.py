@@ -48,6 +48,7 @@ from src.arg_parser.analysis import check_convergence_args as check_args  # noqa
 from src.arg_parser.analysis import parse_convergence_args as parse_args  # noqa: F401 (re-exported)
 from src.cli import seed_everything
 from src.errors import UsageError
+from src.eval_config import flag_given
 from src.eval_setup import create_eval_dataset, create_eval_loader, create_eval_model
 from src.eval_state import EvalState
 from src.honesty import normalization_warnings
@@ -198,7 +199,10 @@ def output_path(args: argparse.Namespace) -> str:
 
 def fingerprint_of(args: argparse.Namespace) -> Dict[str, Any]:
     """Everything the losses depend on (not the process count: see the module docstring)."""
-    return {"format": "robust-vits-attack-convergence", **{k: getattr(args, k, None) for k in _SETTING_KEYS}}
+    settings = {k: getattr(args, k, None) for k in _SETTING_KEYS}
+    if not flag_given(args, "model"):  # the flag's default is not what ran: the checkpoint's record is
+        settings["model"] = None
+    return {"format": "robust-vits-attack-convergence", **settings}
 
 
 def _loss_text(v: float) -> str:

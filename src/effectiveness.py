@@ -51,6 +51,7 @@ from src.arg_parser.evaluate import build_effectiveness_parser as build_parser  
 from src.arg_parser.evaluate import parse_effectiveness_args as parse_args  # noqa: F401 (re-exported)
 from src.cli import seed_everything
 from src.errors import UsageError
+from src.eval_config import flag_given
 from src.eval_setup import build_eval_attack, create_eval_dataset, create_eval_loader, create_eval_model, eval_batches
 from src.honesty import attack_strength_warnings, gradient_warnings, normalization_warnings, robust_above_clean_warnings
 from src.results import RESULT_KEYS, result_row
@@ -154,6 +155,8 @@ def output_path(args: argparse.Namespace) -> str:
 def settings_of(args: argparse.Namespace, world_size: int = 1) -> Dict[str, Any]:
     """The settings every row depends on besides its key (JSON-able, canonical)."""
     settings = {k: getattr(args, k, None) for k in _SETTING_KEYS}
+    if not flag_given(args, "model"):  # the flag's default is not what ran: each checkpoint's record is
+        settings["model"] = None
     settings["checkpoints_dir"] = _norm_dir(args.checkpoints_dir)
     settings["world_size"] = int(world_size)  # shards and per-rank seeds change the numbers
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
@@ -245,7 +248,8 @@ class ResultsCsv:
         if theirs is None:
             _logger.warning("%s has %d rows but no %s: their evaluation settings cannot be checked; assuming they "
                             "match this run (%s)", self.path, len(self.rows), storage.basename(self.settings_path),
-                            ", ".join(f"{k}={settings[k]}" for k in ("model", "attack_eps", "num_examples")))
+                            ", ".join(f"{k}={settings[k] if settings[k] is not None else 'from the checkpoints'}"
+                                      for k in ("model", "attack_eps", "num_examples")))
             return
         diff = [k for k in sorted(set(theirs) | set(settings)) if theirs.get(k) != settings.get(k)]
         if diff:

@@ -37,7 +37,7 @@ _logger = logging.getLogger("robust_vits")
 
 __all__ = ["RECORD_KEY", "STATE_DICT_META_KEY", "EVAL_SEED", "DEFAULT_MODEL", "EvalRecord", "EvalSettings",
            "training_record", "read_record", "record_from_hparams", "attach_to_state_dict", "explicit_dests",
-           "flag_given", "resolve_settings", "describe", "complete_record"]
+           "flag_given", "parse_recording_explicit", "resolve_settings", "describe", "complete_record"]
 
 RECORD_KEY = "eval_config"                         # training checkpoints; safetensors metadata
 STATE_DICT_META_KEY = "robust_vits_eval_config"    # in a bare state dict's ``_metadata['']``
@@ -312,6 +312,15 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Set[
     probe = argparse.Namespace(**{d: sentinel for d in dests})
     parser.parse_args(list(argv), namespace=probe)
     return {d for d, v in vars(probe).items() if v is not sentinel}
+
+
+def parse_recording_explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with ``explicit_flags`` set: every evaluation CLI records which flags
+    were typed, so a flag given at its default value (``--model resnet50``) still beats a checkpoint's
+    record and a flag left out never does."""
+    args = parser.parse_args(list(argv))
+    args.explicit_flags = explicit_dests(parser, argv)
+    return args
 
 
 def flag_given(args: argparse.Namespace, dest: str) -> bool:

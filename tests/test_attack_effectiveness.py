@@ -249,6 +249,25 @@ def test_rows_without_settings_file_are_kept_with_a_warning(sweep, run_dir, tmp_
     assert os.path.exists(out + ".settings.json")  # recorded for the next resume
 
 
+def test_model_comes_from_the_checkpoints_unless_typed(run_dir, tmp_path, capsys):
+    import json
+
+    args = sweep_args(run_dir, epochs=(2,), seeds=(0,), steps=(1,))
+    args = args[:args.index("-m")] + args[args.index("-m") + 2:]  # no --model: each checkpoint's record
+    out = str(tmp_path / "from-record.csv")
+    rc, _, _ = cli(args + ["--output-file", out], capsys)
+    assert rc == 0
+    _, rows = read_csv(out)
+    assert [r["model"] for r in rows] == ["test_vit"]
+    settings = json.loads(open(out + ".settings.json").read())["settings"]
+    assert settings["model"] is None  # not the flag's default (resnet50), which is not what ran
+    # typed at the flag's default value, it is what the user asked for: a mismatch, not the record
+    rc, _, err = cli(args + ["--output-file", str(tmp_path / "typed.csv"), "--model", "resnet50"], capsys)
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc != 0 and "Traceback" not in err and len(errors) == 1
+    assert "--model resnet50 overrides the checkpoint's model test_vit" in err
+
+
 def test_honesty_warnings_are_reported(run_dir, tmp_path, capsys):
     argv = [a for a in sweep_args(run_dir, epochs=(1,), seeds=(0,), steps=(1,)) if a != "--no-normalize"]
     rc, out, _ = cli(argv + ["--output-file", str(tmp_path / "loader.csv"), "--normalize-model"], capsys)

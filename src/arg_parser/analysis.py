@@ -63,8 +63,10 @@ def build_convergence_parser() -> CliParser:
 
 def parse_convergence_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the attack_convergence CLI (``argv`` instead of ``sys.argv[1:]`` when given)."""
+    from src.eval_config import parse_recording_explicit
+
     parser = build_convergence_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_recording_explicit(parser, sys.argv[1:] if argv is None else argv)
     parser.check(check_convergence_args, args)
     return args
 

@@ -188,12 +188,11 @@ def build_validate_parser(prog: str = "validate.py", description: Optional[str] 
 
 def parse_validate_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the validate CLI (``argv`` instead of ``sys.argv[1:]`` when given)."""
-    from src.eval_config import explicit_dests
+    from src.eval_config import parse_recording_explicit
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_validate_parser(several_eps=True)
-    args = parser.parse_args(argv)
-    args.explicit_flags = explicit_dests(parser, argv)  # flags left at their default never override a checkpoint
+    args = parse_recording_explicit(parser, sys.argv[1:] if argv is None else argv)  # flags left out never
+    # override a checkpoint's record
     # several --attack-eps values: validate() runs one pass per value; args.attack_eps is the first,
     # so everything that reads one eps (attack building, honesty checks) keeps working
     args.attack_eps_values = list(dict.fromkeys(float(e) for e in args.attack_eps))
@@ -274,8 +273,10 @@ def build_effectiveness_parser() -> argparse.ArgumentParser:
 
 def parse_effectiveness_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the attack_effectiveness CLI (``argv`` instead of ``sys.argv[1:]`` when given)."""
+    from src.eval_config import parse_recording_explicit
+
     parser = build_effectiveness_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_recording_explicit(parser, sys.argv[1:] if argv is None else argv)
     parser.check(check_effectiveness_args, args)
     return args
 
@@ -392,7 +393,9 @@ def _add_robustbench_additions(p: argparse.ArgumentParser) -> None:
 
 def parse_robustbench_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse the validate_robustbench CLI; the checks run in ``src.robustbench.run``."""
-    return build_robustbench_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from src.eval_config import parse_recording_explicit
+
+    return parse_recording_explicit(build_robustbench_parser(), sys.argv[1:] if argv is None else argv)
 
 
 def check_robustbench_args(args: argparse.Namespace) -> None:
