@@ -24,6 +24,14 @@ def _error(msg: str) -> int:
     return 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are the project's one line (``error: ...``, exit 2), without the usage block."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        print(f"error: launch_xla.py: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def load_script(path: str) -> ModuleType:
     """Import ``path`` as a module (its ``if __name__ == '__main__'`` block does not run)."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -53,12 +61,15 @@ def run_replica(index: int, script: str, argv: List[str], num_devices: int) -> N
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = _Parser(prog="launch_xla.py", description=__doc__.splitlines()[0])
     p.add_argument("--num-devices", type=int, default=1,
                    help="XLA devices (replicas) to use, 1 or more; 8 on a TPU v3-8 VM (default: 1)")
     p.add_argument("script", help="train.py, validate.py, attack_effectiveness.py, attack_convergence.py (must define _mp_entry)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments forwarded to the script")
-    ns = p.parse_args(argv)
+    try:
+        ns = p.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a parse error already printed (2)
+        return e.code if isinstance(e.code, int) else 0
     if ns.num_devices < 1:
         return _error(f"--num-devices must be at least 1, got {ns.num_devices}")
     if not os.path.isfile(ns.script):

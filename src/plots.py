@@ -88,6 +88,8 @@ def _finish(fig, legend_ax=None):
 
 def read_csv(path: str, required: Sequence[str] = ()) -> pd.DataFrame:
     """A CSV as a DataFrame; a missing file, an empty file or missing columns are a UsageError."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a folder; give the CSV file in it")
     if not os.path.isfile(path):
         raise UsageError(f"{path} does not exist")
     try:

@@ -329,6 +329,12 @@ def test_launch_refuses_scripts_without_mp_entry_and_missing_scripts(fake_xla, t
     assert launch_xla.main([str(tmp_path / "nope.py")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert launch_xla.main(["--num-devices", "0", os.path.join(ROOT, "train.py")]) == 2
+    capsys.readouterr()
+    assert launch_xla.main(["--num-devices", "abc", os.path.join(ROOT, "train.py")]) == 2
+    assert launch_xla.main([]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(ln.startswith("error: launch_xla.py: ") for ln in err), err  # no usage block
+    assert "invalid int value: 'abc'" in err[0]
     assert fake_xla.spawned == []
 
 

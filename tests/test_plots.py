@@ -103,6 +103,7 @@ def test_learning_curves_read_summary_metric_and_wandb_runs(inputs):
     (lambda d: write_csv(d / "x.csv", ["adv_loss", "attack_steps", "epoch", "seed"], []), "effectiveness", "no rows"),
     (lambda d: (d / "x.csv").write_text("") and str(d / "x.csv") or str(d / "x.csv"), "learning-curves", "empty"),
     (lambda d: str(d / "missing.csv"), "robustness", "does not exist"),
+    (lambda d: str(d), "robustness", "is a folder; give the CSV file in it"),
     (lambda d: write_csv(d / "x.csv", ["a"], [[1]]), "histogram", "unknown plot kind"),
 ])
 def test_bad_input_is_one_error_line_exit_2(tmp_path, capsys, make, kind, needle):
