@@ -35,7 +35,7 @@ FREE_TEXT = {
     "initial_checkpoint": "a path", "resume": "a path or 'auto'", "finetune": "a path",
     "gp": "a pool type the model itself validates",
     "adv_training": "pgd, trades or a plugin path, imported by src.setup_task",
-    "output": "a path", "experiment": "a folder name", "run_notes": "W&B notes",
+    "output": "a path", "run_notes": "W&B notes",
 }
 ORIGINAL_CONFIGS = sorted(glob.glob("/work/shared/data/original-configs/configs/*.yaml"))
 
@@ -189,6 +189,20 @@ def test_legitimate_values_still_parse():
     assert (args.start_epoch, args.attack_norm, args.aa, args.crop_pct) == (309, "l2", "rand-m9-mstd0.5-inc1", 1.0)
     args, _ = parse_args(["--aa", "none"])
     assert args.aa is None
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../other-run", "/tmp/elsewhere", "group/run", "run\\x"])
+def test_experiment_is_one_folder_inside_output(name, tmp_path, capsys):
+    """'..' or a path would put the run outside --output, or into an existing folder (another run's
+    checkpoints and summary.csv) and overwrite it: refused before anything is written."""
+    line = _cli(["--dataset", "digits", "--output", str(tmp_path / "runs" / "new"), "--experiment", name], capsys)
+    assert "argument --experiment: must be one folder name inside --output" in line
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"dataset": "digits", "experiment": name}))
+    assert f"key 'experiment': must be one folder name" in _cli(["-c", str(cfg)], capsys)
+    assert not (tmp_path / "runs").exists()
+    args, _ = parse_args(["--experiment", "xcit-s12_lr5e-4.v2"])
+    assert args.experiment == "xcit-s12_lr5e-4.v2"
 
 
 # ----------------------------------------------------------------------------------------------

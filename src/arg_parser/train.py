@@ -52,12 +52,21 @@ def _check_aa(policy: str) -> None:
     make(policy, hparams)
 
 
+def _check_folder_name(name: str) -> None:
+    """One folder inside --output: a separator, '.' or '..' would put the run (and its checkpoints, summary.csv)
+    outside --output or into an existing folder such as another run's, where it would overwrite that run's files."""
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(name)
+
+
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly")
 COOLDOWN_SCHEDULERS = ("cosine", "tanh", "poly")  # they train --epochs + --cooldown-epochs
 EVAL_METRICS = ("top1", "top5", "robust_top1", "loss")
 OPTIMIZER = Text(check=_check_opt, what="an optimizer name of timm (timm.optim.list_optimizers())", bad="sgdx")
 AA_POLICY = Text(check=_check_aa, what="an auto-augment policy of timm (rand-..., augmix-..., original, v0, 3a, ...) "
                                        "or None", bad="rand-q9")
+EXPERIMENT = Text(check=_check_folder_name, what="one folder name inside --output (no '/' or backslash, not '.' or "
+                                                "'..'; '' for <date>-<time>-<model>-<size>)", bad="../run")
 TRUST_WHY = "it lets a checkpoint run code while it is loaded"
 SKIP_NONFINITE_WHY = "it turns the stop on a NaN/inf loss into skipped steps"
 # keys of timm's train.py the original's configs may hold, which this project has no flag for
@@ -325,8 +334,8 @@ def _add_misc_args(p: argparse.ArgumentParser) -> None:
     bool_flag(g, "--channels-last", help="channels-last memory layout")
     g.add_argument("--output", default="", metavar="PATH",
                    help="output root, local or gs:// (default: ./output/train)")
-    g.add_argument("--experiment", default="", metavar="NAME",
-                   help="experiment folder name (default: <date>-<time>-<model>-<size>)")
+    g.add_argument("--experiment", default="", type=EXPERIMENT, metavar="NAME",
+                   help="experiment folder name: one folder inside --output (default: <date>-<time>-<model>-<size>)")
     g.add_argument("--eval-metric", default="top1", type=Choice(names=EVAL_METRICS), metavar="METRIC",
                    help="checkpoint selection metric: " + ", ".join(EVAL_METRICS))
     bool_flag(g, "--skip-nonfinite", command_line_only=SKIP_NONFINITE_WHY,
