@@ -34,7 +34,6 @@ FREE_TEXT = {
     "model": "checked against timm's registry (unknown model error with suggestions)",
     "initial_checkpoint": "a path", "resume": "a path or 'auto'", "finetune": "a path",
     "gp": "a pool type the model itself validates",
-    "adv_training": "pgd, trades or a plugin path, imported by src.setup_task",
     "output": "a path", "run_notes": "W&B notes",
 }
 ORIGINAL_CONFIGS = sorted(glob.glob("/work/shared/data/original-configs/configs/*.yaml"))
@@ -203,6 +202,20 @@ def test_experiment_is_one_folder_inside_output(name, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
     args, _ = parse_args(["--experiment", "xcit-s12_lr5e-4.v2"])
     assert args.experiment == "xcit-s12_lr5e-4.v2"
+
+
+@pytest.mark.parametrize("spec", [":", ":Loss", ".relative:Loss", "mod:", "a..b:Loss", "mod:1Loss", "PGD"])
+def test_malformed_adv_training_spec_is_one_error(spec, tmp_path, capsys):
+    """An empty or relative module name crashed importlib with a traceback (ValueError / TypeError)."""
+    line = _cli(["--dataset", "digits", "--adv-training", spec], capsys)
+    assert "argument --adv-training: must be pgd, trades, module.path:ClassName or path/to/file.py:ClassName" in line
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"dataset": "digits", "adv_training": spec}))
+    assert "key 'adv_training': must be pgd, trades" in _cli(["-c", str(cfg)], capsys)
+    for good in ["", "pgd", "trades", "tests.plugin_losses:FGSMLoss", "plugins/loss.py:MyLoss"]:
+        assert parse_args(["--adv-training", good])[0].adv_training == good
+    cfg.write_text("adv_training: null\n")
+    assert parse_args(["-c", str(cfg)])[0].adv_training is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,6 +59,19 @@ def _check_folder_name(name: str) -> None:
         raise ValueError(name)
 
 
+def _check_loss_spec(spec: str) -> None:
+    """pgd, trades, '' (clean) or a plugin ``module.path:ClassName`` / ``path/to/file.py:ClassName`` whose parts are
+    well formed; importing it is src.setup_task's job (it names the module or file it cannot load)."""
+    if spec in ("", "pgd", "trades"):
+        return
+    module, _, cls = spec.rpartition(":")
+    if not module or not cls.isidentifier():
+        raise ValueError(spec)
+    is_path = module.endswith(".py") or "/" in module or "\\" in module
+    if not is_path and not all(part.isidentifier() for part in module.split(".")):
+        raise ValueError(spec)
+
+
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly")
 COOLDOWN_SCHEDULERS = ("cosine", "tanh", "poly")  # they train --epochs + --cooldown-epochs
 EVAL_METRICS = ("top1", "top5", "robust_top1", "loss")
@@ -67,6 +80,8 @@ AA_POLICY = Text(check=_check_aa, what="an auto-augment policy of timm (rand-...
                                        "or None", bad="rand-q9")
 EXPERIMENT = Text(check=_check_folder_name, what="one folder name inside --output (no '/' or backslash, not '.' or "
                                                 "'..'; '' for <date>-<time>-<model>-<size>)", bad="../run")
+LOSS_SPEC = Text(check=_check_loss_spec, what="pgd, trades, module.path:ClassName or path/to/file.py:ClassName "
+                                              "('' or null: clean training)", bad="madry")
 TRUST_WHY = "it lets a checkpoint run code while it is loaded"
 SKIP_NONFINITE_WHY = "it turns the stop on a NaN/inf loss into skipped steps"
 # keys of timm's train.py the original's configs may hold, which this project has no flag for
@@ -272,7 +287,7 @@ def _add_bn_ema_args(p: argparse.ArgumentParser) -> None:
 
 def _add_adv_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Adversarial training")
-    g.add_argument("--adv-training", type=str, default=None, metavar="LOSS",
+    g.add_argument("--adv-training", type=LOSS_SPEC, default=None, metavar="LOSS",
                    help="pgd, trades, or module.path:ClassName of a custom loss (default: clean training)")
     g.add_argument("--attack", type=Choice(names=("pgd", "targeted_pgd")), default="pgd", metavar="NAME",
                    help="training attack: pgd or targeted_pgd")
