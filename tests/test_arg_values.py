@@ -218,6 +218,27 @@ def test_malformed_adv_training_spec_is_one_error(spec, tmp_path, capsys):
     assert parse_args(["-c", str(cfg)])[0].adv_training is None
 
 
+def _unbounded_float_flags():
+    from src.arg_parser.values import Num
+
+    return [_flag(a) for a in _arguments() if isinstance(a.type, Num) and a.type.kind is float and a.type.hi is None]
+
+
+@pytest.mark.parametrize("flag", _unbounded_float_flags())
+def test_float_beyond_float32_is_refused(flag, tmp_path, capsys):
+    """1e300 is finite for Python but inf in a float32 tensor: it crashed the attack ('from is out of bounds')
+    or the optimizer step ('cannot be converted to type float without overflow') mid-run."""
+    action = next(a for a in _arguments() if _flag(a) == flag)
+    n = action.nargs if isinstance(action.nargs, int) else 1
+    line = _cli(["--dataset", "digits", flag, *["1e300"] * n], capsys)
+    assert f"argument {flag}" in line and "(float32), got '1e300'" in line
+    cfg = tmp_path / "c.yaml"
+    value = [1e300] * n if action.nargs not in (None, "?") else 1e300
+    cfg.write_text(yaml.safe_dump({"dataset": "digits", action.dest: value}))
+    assert "(float32), got " in _cli(["-c", str(cfg)], capsys)
+    assert parse_args(["--attack-eps", "3e38", "--lr", "-0", "--weight-decay", "1e38"])[0].attack_eps == 3e38
+
+
 # ----------------------------------------------------------------------------------------------
 # safety flags are command line only; records in args.yaml are accepted
 
