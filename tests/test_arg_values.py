@@ -173,6 +173,7 @@ def test_config_that_is_a_directory_or_not_utf8(tmp_path, capsys):
     (["--decay-milestones", "30", "60", "45"], ["--decay-milestones", "increasing order"]),
     (["--scale", "1.0", "0.5"], ["--scale", "low <= high"]),
     (["--aug-splits", "1"], ["--aug-splits", "0 or >= 2"]),
+    (["--adv-training", "trades", "--attack", "targeted_pgd"], ["--attack", "pgd with --adv-training trades"]),
 ])
 def test_checks_across_values(argv, words, capsys):
     line = _cli(["--dataset", "digits", *argv], capsys)

@@ -465,6 +465,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--jsd-loss needs --aug-splits >= 2")
     if args.split_bn and args.aug_splits < 2:
         raise UsageError("--split-bn needs --aug-splits >= 2")
+    if args.adv_training == "trades" and args.attack != "pgd":
+        raise must("--attack", "pgd with --adv-training trades (TRADES maximizes the KL divergence to the clean "
+                   "prediction; there is no target class)", args.attack)
     if args.eval_metric == "robust_top1" and not args.adv_training:
         raise UsageError("--eval-metric robust_top1 needs --adv-training (robust accuracy is not measured)")
     if args.reinit_patch_embedding and args.keep_patch_embedding:
