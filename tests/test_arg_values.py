@@ -241,6 +241,28 @@ def test_float_beyond_float32_is_refused(flag, tmp_path, capsys):
     assert parse_args(["--attack-eps", "3e38", "--lr", "-0", "--weight-decay", "1e38"])[0].attack_eps == 3e38
 
 
+@pytest.mark.parametrize("flag", [f for f in (_flag(a) for a in _arguments() if isinstance(a.type, Rule)
+                                                and getattr(a.type, "kind", None) is int and a.type.hi is None) if f])
+def test_integer_beyond_int64_is_refused(flag, tmp_path, capsys):
+    """Python ints are unbounded: --seed 10**23 crashed torch.manual_seed ('Overflow when unpacking long long')."""
+    action = next(a for a in _arguments() if _flag(a) == flag)
+    n = action.nargs if isinstance(action.nargs, int) else 1
+    big = str(10 ** 23)
+    assert "(int64), got '" in _cli(["--dataset", "digits", flag, *[big] * n], capsys)
+    cfg = tmp_path / "c.yaml"
+    value = [10 ** 23] * n if action.nargs not in (None, "?") else 10 ** 23
+    cfg.write_text(yaml.safe_dump({"dataset": "digits", action.dest: value}))
+    assert "(int64), got " in _cli(["-c", str(cfg)], capsys)
+
+
+def test_seed_fits_every_generator(capsys):
+    """Per-epoch seeds are derived from --seed; it is kept to 32 bits so derived seeds fit torch and numpy."""
+    assert "argument --seed: must be an integer in [0, 4294967295], got '4294967296'" in \
+        _cli(["--dataset", "digits", "--seed", str(2 ** 32)], capsys)
+    assert "got '100000000000000000000000'" in _cli(["--dataset", "digits", "--seed", str(10 ** 23)], capsys)
+    assert parse_args(["--seed", str(2 ** 32 - 1)])[0].seed == 2 ** 32 - 1
+
+
 # ----------------------------------------------------------------------------------------------
 # safety flags are command line only; records in args.yaml are accepted
 

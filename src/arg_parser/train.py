@@ -334,7 +334,8 @@ def _add_adv_args(p: argparse.ArgumentParser) -> None:
 
 def _add_misc_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Miscellaneous")
-    g.add_argument("--seed", type=nonneg_int(), default=42, metavar="S", help="random seed")
+    g.add_argument("--seed", type=Num(kind=int, lo=0, hi=2 ** 32 - 1), default=42, metavar="S",
+                   help="random seed (0 .. 2**32 - 1; per-epoch and per-process seeds are derived from it)")
     bool_flag(g, "--deterministic", help="deterministic algorithms (reproducible CPU runs)")
     g.add_argument("--log-interval", type=positive_int(), default=50, metavar="N", help="steps between log lines")
     g.add_argument("--recovery-interval", type=nonneg_int(), default=0, metavar="N",
