@@ -147,6 +147,7 @@ def test_bad_yaml_value(key, value, tmp_path, capsys):
     ("aa: rand-q9\n", ["key 'aa'", "auto-augment policy"]),
     ("no_normalize: false\n", ["--no-normalize", "never normalizes"]),
     ("- epochs\n", ["must be a mapping"]),
+    ("lr: " + "[" * 20000 + "]" * 20000 + "\n", ["nests lists or mappings too deeply"]),  # was a RecursionError
 ])
 def test_bad_config_files(text, words, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
