@@ -159,8 +159,12 @@ def create_dataset(name: str, root: Optional[str], split: str, is_training: bool
         raise UsageError(f"dataset '{name or 'image folder'}' needs a data dir (positional DIR or data_dir "
                          "in the config); the embedded demo dataset is --dataset digits")
     if needs_root and "://" not in str(root) and not os.path.isdir(root):
+        if os.path.exists(root):
+            raise UsageError(f"data dir {root} is a file, not a folder: DIR is the folder that holds the dataset")
         raise UsageError(f"data dir {root} does not exist")
     if class_map and "://" not in str(class_map) and not os.path.isfile(class_map):
+        if os.path.exists(class_map):
+            raise UsageError(f"--class-map {class_map} is a folder, not a file of class names (one per line)")
         raise UsageError(f"--class-map file {class_map} does not exist")
     if not name:
         from src.image_folder import create_folder_dataset

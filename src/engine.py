@@ -7,6 +7,7 @@ clean loss / top-1 and, with an attack, robust top-1. Metrics are accumulated as
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -194,6 +195,21 @@ class FiniteGuard:
                 f"epoch {epoch}, step {step} of the epoch (global step {update})"))
 
 
+@contextlib.contextmanager
+def _step_overflow_is_nonfinite():
+    """A learning rate or weight decay near float32's limit makes a value the optimizer derives from it (AdamW's
+    lr / (1 - beta1**t), ...) overflow when torch converts it to float32: a RuntimeError mid-step, which is the
+    same failure as a non-finite update (stop, the last good checkpoint stays), said in one line."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "overflow" not in str(e):
+            raise
+        raise NonFiniteLossError(f"the optimizer step overflowed float32 ({str(e).strip().splitlines()[0]}): the "
+                                 "learning rate or weight decay is far too large; the last good checkpoint is "
+                                 "kept") from None
+
+
 def _optimizer_step(parts: TrainParts, num_updates: int, sums: Optional[_Sums] = None) -> int:
     """One update. A grad scaler drops a step whose scaled gradients overflowed and lowers its
     scale: such steps still count as updates (the schedule moves on, as in the original) and are
@@ -202,12 +218,14 @@ def _optimizer_step(parts: TrainParts, num_updates: int, sums: Optional[_Sums] =
     if scaler is not None:
         scale = getattr(scaler, "_scale", None)  # the scale tensor GradScaler updates in place
         before = scale.clone() if isinstance(scale, torch.Tensor) and sums is not None else None
-        scaler.step(parts.optimizer)
+        with _step_overflow_is_nonfinite():
+            scaler.step(parts.optimizer)
         scaler.update()
         if before is not None:
             sums.scaler_skipped += (scaler._scale < before).long()
     else:
-        parts.optimizer.step()
+        with _step_overflow_is_nonfinite():
+            parts.optimizer.step()
     num_updates += 1
     if parts.model_ema is not None:
         parts.model_ema.update(parts.model, step=num_updates)

@@ -202,6 +202,21 @@ def _check_against_training_split(root: str, folder: str, class_to_idx: Mapping[
     check_same_classes(expected, class_to_idx, f"the training split {train_path}", f"the evaluation split {folder}")
 
 
+def _check_no_loose_images(reader: Any, folder: str) -> None:
+    """Images directly in the split folder get the class '' (index 0, shifting every class folder by one); a
+    folder of images without class folders becomes a one-class problem that trains to 100 %. Usually DIR points
+    one level too deep (at a class folder, or at a split of unlabelled images)."""
+    if "" not in reader.class_to_idx:
+        return
+    loose = sum(1 for _, label in reader.samples if label == reader.class_to_idx[""])
+    others = len(reader.class_to_idx) - 1
+    raise UsageError(f"image folder {folder} holds {loose} image{'s' if loose != 1 else ''} directly, "
+                     f"{'beside its ' + str(others) + ' class folders' if others else 'not in class folders'}: "
+                     "each image must be in the folder of its class (<split>/<class>/<image>), as the labels are "
+                     "the class folders; move or delete the loose images, or point DIR at the folder that holds "
+                     "the split folders")
+
+
 def create_folder_dataset(root: str, split: str, is_training: bool,
                           class_map: Optional[str] = None) -> StrictImageDataset:
     """An image-folder split as a :class:`StrictImageDataset`, with the split and class checks."""
@@ -213,6 +228,7 @@ def create_folder_dataset(root: str, split: str, is_training: bool,
     except (RuntimeError, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot load dataset 'image folder' split '{split}' from {root}: {msg}") from None
+    _check_no_loose_images(reader, folder)
     if class_map:
         _apply_class_map(reader, class_map, folder)
     elif not is_training and folder != root:

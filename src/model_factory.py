@@ -125,6 +125,7 @@ def create_model(name: str, *, pretrained: bool = False, scriptable: Optional[bo
             flags = ", ".join(f"{OPTION_FLAGS.get(k, k)} ({k})" for k in refused)
             raise UsageError(f"model '{name}' does not accept {flags}; drop the option or pick another model")
         options = {k: v for k, v in options.items() if accepted[k]}
+        _check_options_build(name, options)
     try:
         return timm.create_model(name, pretrained=pretrained, scriptable=scriptable, **options)
     except (RuntimeError, OSError, ValueError) as e:
@@ -132,6 +133,31 @@ def create_model(name: str, *, pretrained: bool = False, scriptable: Optional[bo
             raise
         raise UsageError(f"cannot load pretrained weights for '{name}' ({first_line(e)[:160]}); pass --checkpoint, "
                          "or check the network connection") from None
+
+
+def _check_options_build(name: str, options: Mapping[str, Any]) -> None:
+    """Build ``name`` with ``options`` on the ``meta`` device (no memory, no weights).
+
+    It was already built without them (``accepted_options``), so a failure here is the options' fault: a pool
+    type the model does not have (``--gp``), an image size its patch size does not divide (``--img-size``),
+    ... The model's own check (often an ``assert``) becomes a ``UsageError`` naming the flags and values.
+    """
+    import timm
+
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, pretrained=False, **options)
+    except ExpectedError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model's constructor refused one of the user's values
+        given = ", ".join(f"{OPTION_FLAGS.get(k, k)} {_show_option(v)}" for k, v in options.items())
+        raise UsageError(f"model '{name}' cannot be built with {given}: {first_line(e)[:200]}") from None
+
+
+def _show_option(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return " ".join(str(v) for v in value)
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def _patch_embed(model: nn.Module) -> Optional[nn.Module]:

@@ -308,6 +308,14 @@ def plan_output(task: TrainTask) -> OutputPlan:
             _logger.info("--resume auto: nothing to resume in %s, starting from scratch", output_dir)
     if plan.resume_path:
         plan.resume_ckpt = _load_resume(plan.resume_path, args)
+        ckpt = plan.resume_ckpt
+        start = int(ckpt["epoch"]) + (1 if ckpt.get("epoch_done", True) else 0)
+        start = start if args.start_epoch is None else args.start_epoch
+        if args.resume != "auto" and start >= task.num_epochs:
+            # it would write args.yaml (a new folder with --experiment), train nothing and exit 0; --resume auto of
+            # a finished run stays a no-op, so re-running a job script after the run completed is harmless
+            raise UsageError(f"--resume {plan.resume_path}: that run already trained {start} epochs and this "
+                             f"schedule has {task.num_epochs}: nothing to train; raise --epochs to train longer")
     return plan
 
 

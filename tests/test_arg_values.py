@@ -34,8 +34,7 @@ FREE_TEXT = {
     "model": "checked against timm's registry (unknown model error with suggestions)",
     "initial_checkpoint": "a path", "resume": "a path or 'auto'", "finetune": "a path",
     "gp": "a pool type the model itself validates",
-    "adv_training": "pgd, trades or a plugin path, imported by src.setup_task",
-    "output": "a path", "experiment": "a folder name", "run_notes": "W&B notes",
+    "output": "a path", "run_notes": "W&B notes",
 }
 ORIGINAL_CONFIGS = sorted(glob.glob("/work/shared/data/original-configs/configs/*.yaml"))
 
@@ -148,6 +147,7 @@ def test_bad_yaml_value(key, value, tmp_path, capsys):
     ("aa: rand-q9\n", ["key 'aa'", "auto-augment policy"]),
     ("no_normalize: false\n", ["--no-normalize", "never normalizes"]),
     ("- epochs\n", ["must be a mapping"]),
+    ("lr: " + "[" * 20000 + "]" * 20000 + "\n", ["nests lists or mappings too deeply"]),  # was a RecursionError
 ])
 def test_bad_config_files(text, words, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
@@ -174,6 +174,8 @@ def test_config_that_is_a_directory_or_not_utf8(tmp_path, capsys):
     (["--decay-milestones", "30", "60", "45"], ["--decay-milestones", "increasing order"]),
     (["--scale", "1.0", "0.5"], ["--scale", "low <= high"]),
     (["--aug-splits", "1"], ["--aug-splits", "0 or >= 2"]),
+    (["--adv-training", "trades", "--attack", "targeted_pgd"], ["--attack", "pgd with --adv-training trades"]),
+    (["--no-aug", "--aug-splits", "2", "--jsd-loss"], ["--aug-splits", "0 with --no-aug"]),
 ])
 def test_checks_across_values(argv, words, capsys):
     line = _cli(["--dataset", "digits", *argv], capsys)
@@ -189,6 +191,77 @@ def test_legitimate_values_still_parse():
     assert (args.start_epoch, args.attack_norm, args.aa, args.crop_pct) == (309, "l2", "rand-m9-mstd0.5-inc1", 1.0)
     args, _ = parse_args(["--aa", "none"])
     assert args.aa is None
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../other-run", "/tmp/elsewhere", "group/run", "run\\x"])
+def test_experiment_is_one_folder_inside_output(name, tmp_path, capsys):
+    """'..' or a path would put the run outside --output, or into an existing folder (another run's
+    checkpoints and summary.csv) and overwrite it: refused before anything is written."""
+    line = _cli(["--dataset", "digits", "--output", str(tmp_path / "runs" / "new"), "--experiment", name], capsys)
+    assert "argument --experiment: must be one folder name inside --output" in line
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"dataset": "digits", "experiment": name}))
+    assert f"key 'experiment': must be one folder name" in _cli(["-c", str(cfg)], capsys)
+    assert not (tmp_path / "runs").exists()
+    args, _ = parse_args(["--experiment", "xcit-s12_lr5e-4.v2"])
+    assert args.experiment == "xcit-s12_lr5e-4.v2"
+
+
+@pytest.mark.parametrize("spec", [":", ":Loss", ".relative:Loss", "mod:", "a..b:Loss", "mod:1Loss", "PGD"])
+def test_malformed_adv_training_spec_is_one_error(spec, tmp_path, capsys):
+    """An empty or relative module name crashed importlib with a traceback (ValueError / TypeError)."""
+    line = _cli(["--dataset", "digits", "--adv-training", spec], capsys)
+    assert "argument --adv-training: must be pgd, trades, module.path:ClassName or path/to/file.py:ClassName" in line
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"dataset": "digits", "adv_training": spec}))
+    assert "key 'adv_training': must be pgd, trades" in _cli(["-c", str(cfg)], capsys)
+    for good in ["", "pgd", "trades", "tests.plugin_losses:FGSMLoss", "plugins/loss.py:MyLoss"]:
+        assert parse_args(["--adv-training", good])[0].adv_training == good
+    cfg.write_text("adv_training: null\n")
+    assert parse_args(["-c", str(cfg)])[0].adv_training is None
+
+
+def _unbounded_float_flags():
+    from src.arg_parser.values import Num
+
+    return [_flag(a) for a in _arguments() if isinstance(a.type, Num) and a.type.kind is float and a.type.hi is None]
+
+
+@pytest.mark.parametrize("flag", _unbounded_float_flags())
+def test_float_beyond_float32_is_refused(flag, tmp_path, capsys):
+    """1e300 is finite for Python but inf in a float32 tensor: it crashed the attack ('from is out of bounds')
+    or the optimizer step ('cannot be converted to type float without overflow') mid-run."""
+    action = next(a for a in _arguments() if _flag(a) == flag)
+    n = action.nargs if isinstance(action.nargs, int) else 1
+    line = _cli(["--dataset", "digits", flag, *["1e300"] * n], capsys)
+    assert f"argument {flag}" in line and "(float32), got '1e300'" in line
+    cfg = tmp_path / "c.yaml"
+    value = [1e300] * n if action.nargs not in (None, "?") else 1e300
+    cfg.write_text(yaml.safe_dump({"dataset": "digits", action.dest: value}))
+    assert "(float32), got " in _cli(["-c", str(cfg)], capsys)
+    assert parse_args(["--attack-eps", "3e38", "--lr", "-0", "--weight-decay", "1e38"])[0].attack_eps == 3e38
+
+
+@pytest.mark.parametrize("flag", [f for f in (_flag(a) for a in _arguments() if isinstance(a.type, Rule)
+                                                and getattr(a.type, "kind", None) is int and a.type.hi is None) if f])
+def test_integer_beyond_int64_is_refused(flag, tmp_path, capsys):
+    """Python ints are unbounded: --seed 10**23 crashed torch.manual_seed ('Overflow when unpacking long long')."""
+    action = next(a for a in _arguments() if _flag(a) == flag)
+    n = action.nargs if isinstance(action.nargs, int) else 1
+    big = str(10 ** 23)
+    assert "(int64), got '" in _cli(["--dataset", "digits", flag, *[big] * n], capsys)
+    cfg = tmp_path / "c.yaml"
+    value = [10 ** 23] * n if action.nargs not in (None, "?") else 10 ** 23
+    cfg.write_text(yaml.safe_dump({"dataset": "digits", action.dest: value}))
+    assert "(int64), got " in _cli(["-c", str(cfg)], capsys)
+
+
+def test_seed_fits_every_generator(capsys):
+    """Per-epoch seeds are derived from --seed; it is kept to 32 bits so derived seeds fit torch and numpy."""
+    assert "argument --seed: must be an integer in [0, 4294967295], got '4294967296'" in \
+        _cli(["--dataset", "digits", "--seed", str(2 ** 32)], capsys)
+    assert "got '100000000000000000000000'" in _cli(["--dataset", "digits", "--seed", str(10 ** 23)], capsys)
+    assert parse_args(["--seed", str(2 ** 32 - 1)])[0].seed == 2 ** 32 - 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,6 +42,17 @@ def test_unknown_split_and_dataset():
         D.create_dataset("", "/nonexistent/dir", "train", True)
 
 
+
+def test_data_dir_that_is_a_file_and_class_map_that_is_a_folder(tmp_path):
+    """Both were reported as 'does not exist', which sends the user looking for a typo in a path that exists."""
+    f = tmp_path / "images.tar"
+    f.write_bytes(b"x")
+    with pytest.raises(UsageError, match=r"data dir .*images.tar is a file, not a folder"):
+        D.create_dataset("", str(f), "train", True)
+    with pytest.raises(UsageError, match=r"--class-map .* is a folder, not a file"):
+        D.create_dataset("", str(tmp_path), "train", True, class_map=str(tmp_path))
+
+
 def _names(t):
     return [type(x).__name__ for x in t.transforms]
 

@@ -50,6 +50,21 @@ def test_type_error_inside_model_code_is_not_swallowed():
         mf.create_model("buggy_net_test", num_classes=3, img_size=32)
 
 
+@pytest.mark.parametrize("name, options, flag", [
+    ("resnet18", {"global_pool": "bogus"}, "--gp 'bogus'"),
+    ("xcit_nano_12_p16_224", {"global_pool": "max"}, "--gp 'max'"),
+    ("xcit_nano_12_p16_224", {"img_size": 40}, "--img-size 40"),
+])
+def test_value_the_model_refuses_is_a_usage_error(name, options, flag):
+    """timm's constructors check values with assert / ValueError: before, a traceback (AssertionError: Invalid pool
+    type); the model builds without the options, so the error names the flags and keeps the model's reason."""
+    with pytest.raises(UsageError, match=f"model '{name}' cannot be built with .*{flag}: ") as e:
+        mf.create_model(name, num_classes=10, **options)
+    assert "\n" not in str(e.value)
+    assert isinstance(mf.create_model("xcit_nano_12_p16_224", num_classes=10, global_pool="avg", img_size=48),
+                      nn.Module)
+
+
 def test_matching_patch_size_is_a_no_op_everywhere():
     torch.manual_seed(0)
     net = mf.create_model("xcit_nano_12_p16_224", num_classes=10, img_size=32)

@@ -135,3 +135,35 @@ def test_results_file_of_the_same_kind_is_replaced(run_dir, tmp_path, capsys):
         argv = EVAL + ["--checkpoint", os.path.join(run_dir, "last.pth.tar"), "--results-file", target]
         assert _cli(validate, argv, capsys)[0] == 0
         assert _cli(validate, argv, capsys)[0] == 0  # its own earlier results: replaced
+
+
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+def test_learning_rate_that_overflows_the_optimizer_step(tmp_path, opt, capsys):
+    """lr 1e38 is a valid float32, but AdamW's step size lr / (1 - beta1) is not: torch raised 'value cannot be
+    converted to type float without overflow' mid-step (a traceback); now the non-finite stop, one line."""
+    import train
+
+    rc, err = _cli(train, TINY_TRAIN + ["--epochs", "1", "--max-train-steps", "1", "--opt", opt, "--lr", "3e38",
+                                        "--weight-decay", "3e38", "--output", str(tmp_path), "--experiment", "e"],
+                   capsys)
+    _one_clean_error(rc, err, "non-finite" if opt == "sgd" else "overflowed float32", "last good checkpoint")
+    assert not any(n.endswith(".pth.tar") for n in os.listdir(tmp_path / "e"))
+
+
+def test_resume_of_a_finished_run_that_would_train_nothing(run_dir, tmp_path, capsys):
+    """Before: 'training epochs 1..0', args.yaml rewritten (or a new folder with --experiment), exit 0, nothing
+    trained. --resume auto of a finished run stays a harmless no-op (re-running a job script)."""
+    import train
+
+    before = _hashes(run_dir)
+    last = os.path.join(run_dir, "last.pth.tar")
+    common = TINY_TRAIN + ["--opt", "sgd", "--lr", "0.01", "--epochs", "1", "--resume", last]
+    rc, err = _cli(train, common, capsys)
+    _one_clean_error(rc, err, "already trained 1 epochs", "schedule has 1", "--epochs")
+    rc, err = _cli(train, common + ["--output", str(tmp_path), "--experiment", "other"], capsys)
+    _one_clean_error(rc, err, "nothing to train")
+    assert _hashes(run_dir) == before and not (tmp_path / "other").exists()
+    out = os.path.dirname(run_dir)
+    rc, err = _cli(train, TINY_TRAIN + ["--opt", "sgd", "--lr", "0.01", "--epochs", "1", "--resume", "auto",
+                                        "--output", out, "--experiment", os.path.basename(run_dir)], capsys)
+    assert rc == 0, err

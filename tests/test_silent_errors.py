@@ -185,6 +185,27 @@ def test_train_without_validation_folder_or_same_folder_is_an_error(world, tmp_p
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.parametrize("with_classes", [False, True])
+def test_images_directly_in_a_split_folder_are_an_error(world, tmp_path, capsys, snapshot, with_classes):
+    """Loose images got the class '' (index 0): alone, a one-class problem that trains to 100 % (DIR one level
+    too deep); beside class folders, every class index shifted by one. Both train.py and validate.py refuse."""
+    root = tmp_path / "root"
+    for split in ("train", "validation"):
+        if with_classes:
+            write_split(root, split, 1)
+        os.makedirs(root / split, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / split / "loose.png")
+    before = tree(root)
+    out = tmp_path / "out"
+    rc, _, err = cli(train_cli.main, [root] + TRAIN + ["--epochs", "1", "--output", out], capsys)
+    assert_clean_error(rc, err, str(root / "train"), "1 image directly", "class folder")
+    rc, _, err = cli(validate_cli.main, [root, "--dataset", "", "--split", "validation", "--checkpoint",
+                                        world / "ok.pth.tar"] + MODEL, capsys)
+    assert_clean_error(rc, err, str(root / "validation"), "1 image directly")
+    assert tree(root) == before and tree(world) == snapshot
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_split_folder_legitimate_variants(world, tmp_path, capsys):
     ok = world / "ok.pth.tar"
     for argv in ([world / "good", "--split", "validation"],      # the split folder under DIR

@@ -181,6 +181,9 @@ def _read_config(path: str) -> Tuple[str, Any]:
         return text, yaml.load(text, Loader=_UniqueKeyLoader)
     except UsageError as e:
         raise UsageError(f"config file {path}: {e}") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise UsageError(f"config file {path} nests lists or mappings too deeply to be a config of flag values; "
+                         "-c takes a YAML mapping of flag names to values") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -52,12 +52,36 @@ def _check_aa(policy: str) -> None:
     make(policy, hparams)
 
 
+def _check_folder_name(name: str) -> None:
+    """One folder inside --output: a separator, '.' or '..' would put the run (and its checkpoints, summary.csv)
+    outside --output or into an existing folder such as another run's, where it would overwrite that run's files."""
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(name)
+
+
+def _check_loss_spec(spec: str) -> None:
+    """pgd, trades, '' (clean) or a plugin ``module.path:ClassName`` / ``path/to/file.py:ClassName`` whose parts are
+    well formed; importing it is src.setup_task's job (it names the module or file it cannot load)."""
+    if spec in ("", "pgd", "trades"):
+        return
+    module, _, cls = spec.rpartition(":")
+    if not module or not cls.isidentifier():
+        raise ValueError(spec)
+    is_path = module.endswith(".py") or "/" in module or "\\" in module
+    if not is_path and not all(part.isidentifier() for part in module.split(".")):
+        raise ValueError(spec)
+
+
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly")
 COOLDOWN_SCHEDULERS = ("cosine", "tanh", "poly")  # they train --epochs + --cooldown-epochs
 EVAL_METRICS = ("top1", "top5", "robust_top1", "loss")
 OPTIMIZER = Text(check=_check_opt, what="an optimizer name of timm (timm.optim.list_optimizers())", bad="sgdx")
 AA_POLICY = Text(check=_check_aa, what="an auto-augment policy of timm (rand-..., augmix-..., original, v0, 3a, ...) "
                                        "or None", bad="rand-q9")
+EXPERIMENT = Text(check=_check_folder_name, what="one folder name inside --output (no '/' or backslash, not '.' or "
+                                                "'..'; '' for <date>-<time>-<model>-<size>)", bad="../run")
+LOSS_SPEC = Text(check=_check_loss_spec, what="pgd, trades, module.path:ClassName or path/to/file.py:ClassName "
+                                              "('' or null: clean training)", bad="madry")
 TRUST_WHY = "it lets a checkpoint run code while it is loaded"
 SKIP_NONFINITE_WHY = "it turns the stop on a NaN/inf loss into skipped steps"
 # keys of timm's train.py the original's configs may hold, which this project has no flag for
@@ -263,7 +287,7 @@ def _add_bn_ema_args(p: argparse.ArgumentParser) -> None:
 
 def _add_adv_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Adversarial training")
-    g.add_argument("--adv-training", type=str, default=None, metavar="LOSS",
+    g.add_argument("--adv-training", type=LOSS_SPEC, default=None, metavar="LOSS",
                    help="pgd, trades, or module.path:ClassName of a custom loss (default: clean training)")
     g.add_argument("--attack", type=Choice(names=("pgd", "targeted_pgd")), default="pgd", metavar="NAME",
                    help="training attack: pgd or targeted_pgd")
@@ -310,7 +334,8 @@ def _add_adv_args(p: argparse.ArgumentParser) -> None:
 
 def _add_misc_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Miscellaneous")
-    g.add_argument("--seed", type=SEED, default=42, metavar="S", help="random seed")
+    g.add_argument("--seed", type=SEED, default=42, metavar="S",
+                   help="random seed (0 .. 2**32 - 1; per-epoch and per-process seeds are derived from it)")
     bool_flag(g, "--deterministic", help="deterministic algorithms (reproducible CPU runs)")
     g.add_argument("--log-interval", type=positive_int(), default=50, metavar="N", help="steps between log lines")
     g.add_argument("--recovery-interval", type=nonneg_int(), default=0, metavar="N",
@@ -325,8 +350,8 @@ def _add_misc_args(p: argparse.ArgumentParser) -> None:
     bool_flag(g, "--channels-last", help="channels-last memory layout")
     g.add_argument("--output", default="", metavar="PATH",
                    help="output root, local or gs:// (default: ./output/train)")
-    g.add_argument("--experiment", default="", metavar="NAME",
-                   help="experiment folder name (default: <date>-<time>-<model>-<size>)")
+    g.add_argument("--experiment", default="", type=EXPERIMENT, metavar="NAME",
+                   help="experiment folder name: one folder inside --output (default: <date>-<time>-<model>-<size>)")
     g.add_argument("--eval-metric", default="top1", type=Choice(names=EVAL_METRICS), metavar="METRIC",
                    help="checkpoint selection metric: " + ", ".join(EVAL_METRICS))
     bool_flag(g, "--skip-nonfinite", command_line_only=SKIP_NONFINITE_WHY,
@@ -437,10 +462,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--tta is not supported by train.py; evaluate with validate.py instead")
     if args.aug_splits == 1:
         raise must("--aug-splits", "0 or >= 2", args.aug_splits)
+    if args.aug_splits and args.no_aug:
+        raise must("--aug-splits", "0 with --no-aug (the splits are differently augmented views of each image, and "
+                   "--no-aug turns augmentation off)", args.aug_splits)
     if args.jsd_loss and args.aug_splits < 2:
         raise UsageError("--jsd-loss needs --aug-splits >= 2")
     if args.split_bn and args.aug_splits < 2:
         raise UsageError("--split-bn needs --aug-splits >= 2")
+    if args.adv_training == "trades" and args.attack != "pgd":
+        raise must("--attack", "pgd with --adv-training trades (TRADES maximizes the KL divergence to the clean "
+                   "prediction; there is no target class)", args.attack)
     if args.eval_metric == "robust_top1" and not args.adv_training:
         raise UsageError("--eval-metric robust_top1 needs --adv-training (robust accuracy is not measured)")
     if args.reinit_patch_embedding and args.keep_patch_embedding:

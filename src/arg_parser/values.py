@@ -28,6 +28,10 @@ __all__ = ["RuleViolation", "Rule", "Num", "Text", "Choice", "show", "must", "po
            "convert_value", "INTERPOLATIONS", "INTERPOLATION", "CROP_PCT", "MEAN", "STD", "SEED"]
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: model, optimizer and attack arithmetic
+INT64_MAX = 2 ** 63 - 1  # torch.iinfo(torch.int64).max
+
+
 class RuleViolation(ValueError):
     """A value broke its rule; ``str()`` is ``must be <requirement>, got <value>``."""
 
@@ -127,6 +131,12 @@ class Num(Rule):
             number = self.kind(value)
         if not math.isfinite(number) or self._outside(number):
             raise RuleViolation(self.requirement, value)
+        if self.kind is int and abs(number) > INT64_MAX:
+            # Python ints are unbounded; torch (seeds, sizes, counters) overflows past int64
+            raise RuleViolation(f"{self.requirement} of at most {INT64_MAX} in magnitude (int64)", value)
+        if self.kind is float and abs(number) > FLOAT32_MAX:
+            # finite for Python, inf (or an overflow error) once it reaches a float32 tensor or optimizer step
+            raise RuleViolation(f"{self.requirement} of at most {FLOAT32_MAX:.4g} in magnitude (float32)", value)
         return number
 
     def _outside(self, x: float) -> bool:
