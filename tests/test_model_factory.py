@@ -113,3 +113,27 @@ def test_load_checkpoint_reports_recorded_normalization(tmp_path):
     assert rec.mean == (0.3,) * 3 and rec.std is None and "hparams" in rec.source
     wrapped = mf.wrap_normalization(net, *mf.resolve_normalization(None, None, rec, ((0, 0, 0), (1, 1, 1)))[:2])
     assert get_normalizer(wrapped).mean.flatten().tolist() == pytest.approx([0.3] * 3)
+
+
+class _ItemNet(nn.Module):
+    """A constructor that reads tensor values (``.item()``), as some models do for their drop-path rates:
+    impossible on the meta device whatever the value, so the meta check must not call it a refusal."""
+
+    def __init__(self, num_classes=10, drop_path_rate=0.0, **kwargs):
+        super().__init__()
+        self.rates = [x.item() for x in torch.linspace(0, drop_path_rate, 3)] if drop_path_rate else []
+        self.fc = nn.Linear(4, num_classes)
+
+
+def item_net_test(pretrained=False, **kwargs):
+    return _ItemNet(**kwargs)
+
+
+def test_a_model_the_meta_device_cannot_build_with_options_is_still_built():
+    import timm
+    from timm.models import register_model
+
+    if not timm.list_models("item_net_test"):
+        register_model(item_net_test)
+    net = mf.create_model("item_net_test", num_classes=3, drop_path_rate=0.1)
+    assert net.rates == pytest.approx([0.0, 0.05, 0.1]) and net.fc.out_features == 3
