@@ -251,12 +251,17 @@ def _available_global(name: str) -> bool:
             obj: Any = importlib.import_module(".".join(parts[:i]))
         except ImportError:
             continue
-        for attr in parts[i:]:
-            if not hasattr(obj, attr):
-                return False
-            obj = getattr(obj, attr)
-        return True
+        return _has_attrs(obj, parts[i:])
     return False
+
+
+def _has_attrs(obj: Any, attrs: Sequence[str]) -> bool:
+    """``obj.a.b...`` exists for the attribute path ``attrs``."""
+    for attr in attrs:
+        if not hasattr(obj, attr):
+            return False
+        obj = getattr(obj, attr)
+    return True
 
 
 def _plausible_global(name: str) -> bool:
@@ -270,12 +275,7 @@ def _plausible_global(name: str) -> bool:
         module = sys.modules.get(".".join(parts[:i]))
         if module is None:
             continue
-        obj: Any = module
-        for attr in parts[i:]:
-            if not hasattr(obj, attr):
-                return False
-            obj = getattr(obj, attr)
-        return True
+        return _has_attrs(module, parts[i:])
     return True
 
 
