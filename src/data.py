@@ -238,9 +238,10 @@ def build_train_transform(args, data_config: Dict[str, Any], separate: bool = Fa
         # the training one; 'random' means bilinear there
         interp = data_config.get("interpolation") or "bilinear"
         interp = "bilinear" if interp == "random" else interp
-        tfl = [transforms.Resize(size, interpolation=str_to_pil_interp(interp)), transforms.CenterCrop(size),
-               transforms.ToTensor()]
-        return transforms.Compose(tfl)
+        resize_crop = [transforms.Resize(size, interpolation=str_to_pil_interp(interp)), transforms.CenterCrop(size)]
+        if separate:  # --aug-splits with --no-aug (the original's tiny-imagenet-wd sweep): identical views
+            return transforms.Compose(resize_crop), transforms.Compose([]), transforms.Compose([transforms.ToTensor()])
+        return transforms.Compose(resize_crop + [transforms.ToTensor()])
     primary: List[Any] = []
     if args.rand_crop:
         primary.append(transforms.RandomCrop(size, padding=args.pad or None))

@@ -175,7 +175,6 @@ def test_config_that_is_a_directory_or_not_utf8(tmp_path, capsys):
     (["--scale", "1.0", "0.5"], ["--scale", "low <= high"]),
     (["--aug-splits", "1"], ["--aug-splits", "0 or >= 2"]),
     (["--adv-training", "trades", "--attack", "targeted_pgd"], ["--attack", "pgd with --adv-training trades"]),
-    (["--no-aug", "--aug-splits", "2", "--jsd-loss"], ["--aug-splits", "0 with --no-aug"]),
 ])
 def test_checks_across_values(argv, words, capsys):
     line = _cli(["--dataset", "digits", *argv], capsys)

@@ -139,6 +139,16 @@ def test_aug_splits_collate_concatenates_views():
     assert x.shape == (12, 3, 32, 32) and torch.equal(y[:4], y[4:8]) and torch.equal(y[:4], y[8:])
 
 
+def test_aug_splits_with_no_aug_are_identical_no_aug_views():
+    """The original's tiny-imagenet-wd sweep trains xcit.yaml (aug_splits 3) with --no-aug: each image
+    then comes as k identical resize + center-crop views (the original yielded it k times)."""
+    args = _args("--aug-splits", "3", "--no-aug")
+    ds = D.AugSplitsDataset(D.DigitsDataset("train"), D.build_train_transform(args, CFG32, separate=True), 3)
+    views, label = ds[5]
+    plain = D.build_train_transform(args, CFG32)(D.DigitsDataset("train")[5][0])
+    assert len(views) == 3 and all(torch.equal(v, plain) for v in views) and label == D.DigitsDataset("train")[5][1]
+
+
 def test_combined_loaders_mix_each_batch():
     a = D.create_loader(D.DigitsDataset("train"), 6, True, seed=0)
 

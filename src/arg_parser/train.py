@@ -462,9 +462,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--tta is not supported by train.py; evaluate with validate.py instead")
     if args.aug_splits == 1:
         raise must("--aug-splits", "0 or >= 2", args.aug_splits)
-    if args.aug_splits and args.no_aug:
-        raise must("--aug-splits", "0 with --no-aug (the splits are differently augmented views of each image, and "
-                   "--no-aug turns augmentation off)", args.aug_splits)
     if args.jsd_loss and args.aug_splits < 2:
         raise UsageError("--jsd-loss needs --aug-splits >= 2")
     if args.split_bn and args.aug_splits < 2:
