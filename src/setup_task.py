@@ -109,11 +109,38 @@ def scale_lr(args: argparse.Namespace, world_size: int) -> float:
     return lr
 
 
+def _check_optimizer_options(args: argparse.Namespace) -> None:
+    """--opt-betas / --opt-eps against what the optimizer takes (timm's registry): timm silently keeps only the
+    first betas when there are too many, fails with an IndexError when there are too few, and drops the ones an
+    optimizer has no use for (SGD has neither)."""
+    from timm.optim import get_optimizer_info
+
+    name = str(getattr(args, "opt", "")).lower().split("_")[-1]
+    try:
+        info = get_optimizer_info(name)
+    except ValueError:
+        return  # an unknown name: timm's own error, turned into one line by create_optimizer
+    betas = getattr(args, "opt_betas", None)
+    if betas is not None and info.has_betas and len(betas) != info.num_betas:
+        raise UsageError(f"--opt-betas: optimizer '{args.opt}' takes {info.num_betas} betas, got {len(betas)} "
+                         f"({' '.join(format(b, 'g') for b in betas)})")
+    ignored = []
+    if betas is not None and not info.has_betas:
+        ignored.append(f"--opt-betas {' '.join(format(b, 'g') for b in betas)}")
+    eps = getattr(args, "opt_eps", None)
+    if eps is not None and not info.has_eps:
+        ignored.append(f"--opt-eps {eps:g}")
+    if ignored:
+        _logger.warning("%s: no effect with optimizer '%s', which has no such parameter", " and ".join(ignored),
+                        args.opt)
+
+
 def create_optimizer(args: argparse.Namespace, model: nn.Module, lr: Optional[float] = None) -> torch.optim.Optimizer:
     """timm's optimizer factory; ``lr`` (e.g. from ``scale_lr``) overrides ``args.lr`` without changing args."""
     from timm.optim import create_optimizer_v2, optimizer_kwargs
 
     cfg = args if lr is None else argparse.Namespace(**{**vars(args), "lr": lr})
+    _check_optimizer_options(args)
     try:
         return create_optimizer_v2(model, **optimizer_kwargs(cfg=cfg))
     except (AssertionError, ValueError) as e:

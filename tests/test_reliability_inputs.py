@@ -167,3 +167,40 @@ def test_resume_of_a_finished_run_that_would_train_nothing(run_dir, tmp_path, ca
     rc, err = _cli(train, TINY_TRAIN + ["--opt", "sgd", "--lr", "0.01", "--epochs", "1", "--resume", "auto",
                                         "--output", out, "--experiment", os.path.basename(run_dir)], capsys)
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("opt,betas,what", [("adamw", ["0.9", "0.99", "0.9"], "takes 2 betas, got 3"),
+                                            ("adan", ["0.9", "0.99"], "takes 3 betas, got 2")])
+def test_opt_betas_of_the_wrong_count_are_one_error(tmp_path, opt, betas, what, capsys):
+    """timm kept the first two of three betas for AdamW without a word, and raised an IndexError for Adan with
+    two; the count is checked against timm's optimizer registry before the optimizer is built."""
+    import train
+
+    rc, err = _cli(train, TINY_TRAIN + ["--epochs", "1", "--opt", opt, "--opt-betas", *betas, "--output",
+                                        str(tmp_path), "--experiment", "e"], capsys)
+    _one_clean_error(rc, err, "--opt-betas", what)
+    assert not (tmp_path / "e").exists() or not any(n.endswith(".pth.tar") for n in os.listdir(tmp_path / "e"))
+
+
+def test_optimizer_options_the_optimizer_ignores_are_named(caplog):
+    """SGD has neither betas nor eps: timm drops them silently; the run says so (a warning, as the original's
+    resnet config sets opt_eps with sgd and must still run)."""
+    import argparse
+    import logging
+
+    from src import setup_task
+
+    model = torch.nn.Linear(3, 2)
+    args = argparse.Namespace(opt="sgd", opt_betas=[0.5, 0.6], opt_eps=1e-3, lr=0.1, weight_decay=0.0,
+                              momentum=0.9)
+    with caplog.at_level(logging.WARNING, logger="robust_vits"):
+        opt = setup_task.create_optimizer(args, model)
+    assert "--opt-betas 0.5 0.6 and --opt-eps 0.001: no effect with optimizer 'sgd'" in caplog.text
+    assert "betas" not in opt.defaults
+    caplog.clear()
+    args = argparse.Namespace(opt="lookahead_adamw", opt_betas=[0.5, 0.6], opt_eps=1e-3, lr=0.1, weight_decay=0.0,
+                              momentum=0.9)
+    with caplog.at_level(logging.WARNING, logger="robust_vits"):
+        opt = setup_task.create_optimizer(args, model)
+    assert "no effect" not in caplog.text
+    assert tuple(opt.param_groups[0]["betas"]) == (0.5, 0.6)
