@@ -103,9 +103,25 @@ def bench_pgd(ns: argparse.Namespace, ckpt: str) -> Dict:
         x, y = plain_loop.digits_tensors("validation")
         got["plain loop"].append(plain_loop.evaluate(model, x, y, 99, 8 / 255, ns.pgd_steps)["robust_top1"])
 
-    t = bc.interleaved({"validate.py": cli, "plain loop": plain}, ns.rounds, 1, ns.warmup)
-    return summarize(f"PGD-{ns.pgd_steps} evaluation, {ns.pgd_model}, 297 images", t, ns.clock, got,
-                     "validate.py", "plain loop", 297)
+    fns = {"validate.py": cli, "plain loop": plain}
+    if ns.fold_bn:
+        got["validate.py --fold-bn"] = []
+        fns["validate.py --fold-bn"] = lambda: got["validate.py --fold-bn"].append(
+            validate_result(argv + ["--fold-bn"])["robust_top1"])
+    t = bc.interleaved(fns, ns.rounds, 1, ns.warmup)
+    res = summarize(f"PGD-{ns.pgd_steps} evaluation, {ns.pgd_model}, 297 images", t, ns.clock,
+                    {k: got[k] for k in ("validate.py", "plain loop")}, "validate.py", "plain loop", 297)
+    if ns.fold_bn:
+        # speed-up of --fold-bn: validate.py's time without it over its time with it
+        fold = summarize(f"PGD-{ns.pgd_steps} evaluation, {ns.pgd_model}, 297 images, --fold-bn", t, ns.clock,
+                         {k: got[k] for k in ("validate.py --fold-bn", "plain loop")}, "validate.py --fold-bn",
+                         "plain loop", 297)
+        samples = t.cpu if ns.clock == "cpu" else t.wall
+        fold["speedup_over_unfolded"] = bc.median(samples["validate.py"]) / bc.median(samples["validate.py --fold-bn"])
+        fold["speedup_spread"] = bc.ratio_spread(samples["validate.py"], samples["validate.py --fold-bn"])
+        fold["robust_top1_unfolded"] = got["validate.py"]
+        return [res, fold]
+    return [res]
 
 
 def bench_autoattack(ns: argparse.Namespace, ckpt: str) -> Dict:
@@ -152,6 +168,8 @@ def main(argv=None) -> int:
     p.add_argument("--aa-examples", type=int, default=4, help="first N validation images for AutoAttack")
     p.add_argument("--aa-untrained", action="store_true",
                    help="attack the randomly initialised --aa-model (quick check of the plumbing, not a timing)")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="also time validate.py --fold-bn in the PGD part (its speed-up over validate.py without it)")
     p.add_argument("--skip", nargs="*", default=[], choices=["pgd", "autoattack"], help="parts not to run")
     bc.add_common_args(p, rounds=3, reps=1, warmup=1, device=False)
     ns = p.parse_args(argv)
@@ -161,7 +179,7 @@ def main(argv=None) -> int:
     results = []
     try:
         if "pgd" not in ns.skip:
-            results.append(bench_pgd(ns, make_checkpoint(ns.pgd_model, tmp, adversarial=False)))
+            results += bench_pgd(ns, make_checkpoint(ns.pgd_model, tmp, adversarial=False))
         if "autoattack" not in ns.skip:
             ckpt = untrained_checkpoint(ns.aa_model, tmp) if ns.aa_untrained else \
                 make_checkpoint(ns.aa_model, tmp, adversarial=True)
@@ -173,6 +191,10 @@ def main(argv=None) -> int:
         # validate.py reports 4 decimals: identical means identical as reported, in every run
         same = len({round(v, 4) for v in r["robust_top1"][r["cli"]] + r["robust_top1"][r["reference"]]}) == 1
         r["identical_robust_accuracy"] = same
+        if "speedup_over_unfolded" in r:
+            print(f"--fold-bn: {r['speedup_over_unfolded']:.3f}x faster than validate.py without it (rounds "
+                  f"{'..'.join(f'{v:.3f}' for v in r['speedup_spread'])}); robust top1 "
+                  f"{r['robust_top1'][r['cli']][-1]:.2f} folded / {r['robust_top1_unfolded'][-1]:.2f} unfolded")
         rows.append([r["title"], r["cli_s"], r["reference_s"], r["ratio"], r["ratio_other_clock"],
                      "..".join(f"{v:.3f}" for v in r["ratio_spread"]),
                      f"{r['robust_top1'][r['cli']][-1]:.2f} / {r['robust_top1'][r['reference']][-1]:.2f}"

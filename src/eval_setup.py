@@ -178,6 +178,10 @@ def create_eval_model(args: argparse.Namespace, dev_env: DeviceEnv, checkpoint: 
     _logger.info(describe(settings.model, num_classes, patch_size, data_config, mode, mean, std, source))
     param_count = sum(p.numel() for p in model.parameters())
     model.requires_grad_(False)
+    if getattr(args, "fold_bn", False):
+        from src.bn_fold import fold_for_evaluation
+
+        fold_for_evaluation(model, data_config["input_size"])
     model = dev_env.to_model_device(model)
     model.eval()
     if args.torchscript:

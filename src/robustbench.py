@@ -377,6 +377,12 @@ def setup_evaluation(args: argparse.Namespace) -> EvaluationSetup:
                      "use_ema": bool(args.use_ema), "patch_size": patch_size,
                      "weights_sha256": weights_sha256(model)}
     fingerprint = _fingerprint(args, examples, model_summary, {"loader": desc, "in_model": in_model})
+    if args.fold_bn:
+        from src.bn_fold import fold_for_evaluation
+
+        # after the weights' hash (of the checkpoint's weights); a folded run's state is not mixed with an unfolded one
+        fold_for_evaluation(net, data_config["input_size"])
+        fingerprint["fold_bn"] = True
     return EvaluationSetup(model=model, examples=examples, preprocessing=preprocessing, fingerprint=fingerprint,
                            model_summary=model_summary)
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from src.arg_parser.common import CliParser
+from src.arg_parser.common import FOLD_BN_HELP, CliParser
 from src.arg_parser.evaluate import build_validate_parser, check_validate_args
 from src.arg_parser.values import Choice, must, nonneg_float, nonneg_int, positive_int, rate
 from src.errors import UsageError
@@ -155,6 +155,7 @@ def build_benchmark_parser() -> CliParser:
     p.add_argument("--num-classes", type=positive_int(), default=None, metavar="N", help="number of classes")
     p.add_argument("--gp", default=None, metavar="POOL", help="global pool type")
     p.add_argument("--channels-last", action="store_true", default=False, help="channels-last memory layout")
+    p.add_argument("--fold-bn", action="store_true", default=False, help=FOLD_BN_HELP)
     p.add_argument("--amp", action="store_true", default=False, help="same as --precision amp")
     p.add_argument("--amp-dtype", default="bfloat16", type=Choice(names=("bfloat16", "float16")), metavar="DTYPE",
                    help="autocast dtype for amp: bfloat16 or float16")

@@ -20,6 +20,8 @@ _logger = logging.getLogger("robust_vits")
 
 # the first line of every args.yaml train.py writes: such a file's 'config' key records which file that run was
 # given (its values are already expanded in the file), so loading it again with -c ignores that key
+FOLD_BN_HELP = ("fold eval-mode BatchNorm into the convolution before it (the same function with one pass fewer "
+                "per map; checked on a probe batch, skipped with a warning when it does not apply)")
 ARGS_YAML_HEADER = "# train.py arguments of this run (train.py -c <this file> repeats them)\n"
 # keys train.py appends to args.yaml to record what happened, not to set anything
 RECORD_KEYS = {

@@ -14,7 +14,7 @@ import sys
 from collections import OrderedDict
 from typing import Any, List, Mapping, Optional, Sequence
 
-from src.arg_parser.common import CliParser, bool_flag, check_mean_std, norm_name
+from src.arg_parser.common import FOLD_BN_HELP, CliParser, bool_flag, check_mean_std, norm_name
 from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, MEAN, SEED, STD, Choice, finite_float, must,
                                    nonneg_float, nonneg_int, positive_float, positive_int)
 from src.errors import UsageError
@@ -152,6 +152,7 @@ def _add_validate_run(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--amp-dtype", default="auto", type=Choice(names=("auto", "bfloat16", "float16")), metavar="DTYPE",
                    help="autocast dtype with --amp: auto (float16 on CUDA, bfloat16 elsewhere), bfloat16 or float16")
     g.add_argument("--channels-last", action="store_true", default=False, help="channels-last memory layout")
+    g.add_argument("--fold-bn", action="store_true", default=False, help=FOLD_BN_HELP)
     g.add_argument("--force-cpu", action="store_true", default=False, help="run on the CPU")
     g.add_argument("--results-file", default=None if sweep else "", type=str, metavar="PATH",
                    help=argparse.SUPPRESS if sweep else "write results here: .json gives JSON (with warnings), "
@@ -388,6 +389,7 @@ def _add_robustbench_additions(p: argparse.ArgumentParser) -> None:
     g.add_argument("--poll-seconds", type=positive_float(), default=5.0, metavar="S",
                    help="torchrun: how often rank 0 checks whether the other ranks have finished")
     g.add_argument("--force-cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    g.add_argument("--fold-bn", action="store_true", default=False, help=FOLD_BN_HELP)
     g.add_argument("--workers", type=nonneg_int(), default=4, metavar="N", help="data loading processes (ImageNet)")
 
 
