@@ -4,7 +4,7 @@ timm's folder reader numbers the folders in which it *found* .png / .jpg / .jpeg
 is empty or holds only other formats disappears and every later class index shifts. Around it: hidden folders,
 images in a folder and in its subfolder, folders of the same name in a nested layout, symlinked class folders,
 class names that sort as equal, a class map with blank or repeated lines, split folders spelt in another case,
-TFDS slices on a folder, broken image links.
+TFDS slices on a folder, broken image links, and RobustBench's ImageNet images.
 """
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import unicodedata
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import train as train_cli
 import validate as validate_cli
 from src.data import create_dataset
 from src.errors import UsageError
-from src.image_folder import load_rgb_image, read_image_folder
+from src.image_folder import ImageReadError, load_rgb_image, read_image_folder
 from tests.test_silent_errors import (MODEL, TRAIN, assert_clean_error, cli, tree, world,  # noqa: F401 - fixture
                                       write_split)
 
@@ -336,3 +337,24 @@ def test_image_modes_decode_to_8bit_rgb(tmp_path, mode):
     img = load_rgb_image(str(path), str(path))
     assert img.mode == "RGB" and np.asarray(img).min() >= 250
 
+
+def test_robustbench_imagenet_unreadable_image_names_the_file(tmp_path):
+    """A damaged ImageNet file read in a loader worker gave 'Caught UsageError in DataLoader worker process 0.'"""
+    from torchvision import transforms
+
+    from src.robustbench_data import ImageNetSubset, load_chunk
+
+    ids = tmp_path / "ids.txt"
+    ids.write_text("n1/a.JPEG\nn2/b.JPEG\n")
+    cmap = tmp_path / "map.json"
+    cmap.write_text('{"n1": 0, "n2": 1}')
+    _png(tmp_path / "data" / "val" / "n1" / "a.JPEG", fmt="JPEG")
+    os.makedirs(tmp_path / "data" / "val" / "n2")
+    (tmp_path / "data" / "val" / "n2" / "b.JPEG").write_bytes(b"")
+    ds = ImageNetSubset(str(tmp_path / "data"), transforms.ToTensor(), 2, ids_file=str(ids),
+                        class_map_file=str(cmap))
+    assert torch.is_tensor(ds[0][0])
+    for workers in (0, 1):
+        with pytest.raises(ImageReadError) as e:
+            load_chunk(ds, 0, 2, workers)
+        assert str(e.value).startswith("cannot read image") and "b.JPEG" in str(e.value), str(e.value)
