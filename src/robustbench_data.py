@@ -245,15 +245,14 @@ class ImageNetSubset(_RobustBenchImageNet):
         self.data_check = f"{n_examples} image files present" if storage.is_local(root) else "not checked (remote)"
 
     def __getitem__(self, i: int):
-        from PIL import Image
+        from src.image_folder import ImageReadError, load_rgb_image
 
         path = self._paths[i]
-        try:
+        try:  # load_rgb_image: one line naming the file (also from a loader worker), 16-bit images scaled
             with storage.open_file(path, "rb") as f:
-                img = Image.open(f)
-                img = img.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read ImageNet image {path}: {e}") from None
+                img = load_rgb_image(f, path)
+        except OSError as e:
+            raise ImageReadError(f"cannot read ImageNet image {path}: {e.strerror or e}") from None
         return self.transform(img), self._labels[i]
 
 
