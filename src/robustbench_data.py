@@ -337,12 +337,10 @@ class TfdsImageNetSubset(_RobustBenchImageNet):
         return out
 
     def __getitem__(self, i: int):
-        from PIL import Image
+        from src.image_folder import load_rgb_image
 
-        try:
-            img = Image.open(io.BytesIO(self._images[i])).convert("RGB")
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot decode the image of {self.ids[i]} from {self.tfds['dataset']}: {e}") from None
+        # load_rgb_image: one line naming the example (ImageReadError survives a loader worker), 16-bit scaled
+        img = load_rgb_image(io.BytesIO(self._images[i]), f"{self.ids[i]} from {self.tfds['dataset']}")
         return self.transform(img), self._labels[i]
 
 

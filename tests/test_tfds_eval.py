@@ -497,3 +497,20 @@ def test_tensorflow_only_for_tfds_data_and_after_torch(digits_both_ways, tmp_pat
     out = subprocess.run([sys.executable, "-c", IMPORT_PROBE, digits_both_ways["data"], *common], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_robustbench_tfds_undecodable_image_names_the_example_also_from_a_worker(rb_images):
+    """A stored image PIL cannot decode is one line naming the example, also when a loader worker reads it
+    (a UsageError from a worker printed 'Caught UsageError in DataLoader worker process 0.')."""
+    from src.image_folder import ImageReadError
+
+    tf, _ = robustbench.imagenet_transform({"input_size": (3, 16, 16), "crop_pct": 0.875,
+                                            "interpolation": "bicubic"}, None)
+    tfd = robustbench.load_examples("tfds/robustbench_image_net", rb_images["data"], N_RB, tf, split="validation")
+    tfd._images[1] = b"not an image"
+    with pytest.raises(ImageReadError, match=f"cannot read image {tfd.ids[1]} from"):
+        tfd[1]
+    loader = torch.utils.data.DataLoader(tfd, batch_size=2, num_workers=1)
+    with pytest.raises(ImageReadError) as err:
+        list(loader)
+    assert str(err.value).startswith(f"cannot read image {tfd.ids[1]} from") and "\n" not in str(err.value)
