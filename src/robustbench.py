@@ -534,6 +534,15 @@ def _merged_results(args: argparse.Namespace, state: Any, dev_env: Any, n: int, 
     return None
 
 
+def _is_report(text: str) -> bool:
+    """True for a report this tool wrote (what ``--output`` may replace)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and {"clean_acc", "autoattack_acc", "threat_model"} <= set(doc)
+
+
 def _open_state(args: argparse.Namespace, setup: EvaluationSetup, dev_env: Any, shard: Tuple[int, int]) -> Any:
     """This shard's resumable state (checked against the other torchrun ranks) and the chunks done so far;
     the report's folder must be writable."""
@@ -546,10 +555,11 @@ def _open_state(args: argparse.Namespace, setup: EvaluationSetup, dev_env: Any, 
                          "differ between ranks)")
     done = state.load()
     if dev_env.primary:  # fail now, not after hours of attacks, when the report cannot be written
-        try:
-            storage.check_writable(storage.dirname(args.output) or ".")
-        except OSError as e:
-            raise UsageError(f"cannot write the report {args.output}: {e}") from None
+        from src.results import check_results_target
+
+        # an earlier report is replaced (a resumed run writes it again), never a checkpoint or another file
+        check_results_target(args.output, tool="validate_robustbench.py", flag="--output", kind="report",
+                             is_ours=lambda text, _json: _is_report(text), inputs=(args.checkpoint,))
         storage.remove_stale_temp_of(args.output)  # what a killed earlier write of the report left behind
     return state, done
 
