@@ -3,8 +3,8 @@ and never replaces an input or another tool's file, never leaves half an output 
 
 Found by an audit of every writer (train.py, validate.py, validate_robustbench.py, the analyses,
 src.plots, prepare_checkpoint.py, benchmark.py, notebooks/make_notebooks.py); the checks live in
-``src.storage`` (``check_output_file`` / ``check_output_folder``) and
-``src.results.check_results_target``.
+``src.storage`` (``check_output_file`` / ``check_output_folder``), ``src.results.check_results_target``
+and the ``OUTPUT_PATH`` rule of ``src.arg_parser.values``.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import ROOT
 
@@ -237,3 +238,46 @@ def test_make_notebooks_creates_a_new_folder(tmp_path):
     written = module.write_all(str(tmp_path / "new" / "nb"))
     assert written and all(os.path.isfile(p) for p in written)
     assert not [n for n in os.listdir(tmp_path / "new" / "nb") if n.startswith(".")]  # no temporary files left
+
+
+# ----------------------------------------------------------------------------------------------
+# ~ and $VARIABLES in output paths
+
+
+def test_tilde_and_variables_in_output_paths_are_expanded(tmp_path, monkeypatch):
+    """``output: ~/runs`` in a config (no shell to expand it) created a folder literally named '~'
+    in the working directory; ``$VAR`` the same."""
+    from src.arg_parser import parse_args
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RUNS", str(tmp_path / "runs"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"dataset": "digits", "output": "~/out"}))
+    assert parse_args(["-c", str(cfg)])[0].output == str(tmp_path / "home" / "out")
+    assert parse_args(["--dataset", "digits", "--output", "$RUNS/a"])[0].output == str(tmp_path / "runs" / "a")
+    assert parse_args(["--dataset", "digits", "--output", "${RUNS}/b"])[0].output == str(tmp_path / "runs" / "b")
+    assert parse_args(["--dataset", "digits", "--output", "gs://bucket/~x"])[0].output == "gs://bucket/~x"
+
+
+@pytest.mark.parametrize("cli, argv, work", [
+    ("train", ["--dataset", "digits", "--output", "$ROBUST_VITS_UNSET_OUT/runs"], "src.trainer.run_training"),
+    ("validate", ["--model", "test_vit", "--results-file", "$ROBUST_VITS_UNSET_OUT/r.csv"], "src.validation.run"),
+    ("attack_convergence", ["--model", "test_vit", "--output-file", "${ROBUST_VITS_UNSET_OUT}/c.csv"],
+     "src.convergence.run"),
+    ("benchmark", ["--model", "test_vit", "--results-file", "$ROBUST_VITS_UNSET_OUT/b.csv"], "src.benchmark.run"),
+    ("validate_robustbench", ["--model", "rb_toy", "--output", "$ROBUST_VITS_UNSET_OUT/r.json"], "src.robustbench.run"),
+])
+def test_unset_variable_in_an_output_path_is_refused(cli, argv, work, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("ROBUST_VITS_UNSET_OUT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    module_name, func = work.rsplit(".", 1)
+
+    def refuse(*_a, **_k):
+        raise AssertionError(f"{cli}: the output path was accepted and the work would start")
+
+    monkeypatch.setattr(importlib.import_module(module_name), func, refuse)
+    module = importlib.import_module(cli)
+    rc = run_cli(module.main, argv)
+    line = _one_error(rc, capsys.readouterr().err, "$VARIABLES are set", "ROBUST_VITS_UNSET_OUT")
+    assert line.startswith(f"error: {cli}.py: argument --"), line
+    assert os.listdir(tmp_path) == []  # no folder named '$ROBUST_VITS_UNSET_OUT'
