@@ -84,6 +84,7 @@ def check_results_target(path: str, tool: str = "validate.py",
     ``is_ours(text, is_json)`` recognizes ``tool``'s own files (default: validate.py's rows);
     ``kind`` names them in the message (default: JSON for ``.json``, else CSV)."""
     what = f"{flag} {path}"
+    storage.check_reachable(path, flag)
     if storage.isdir(path):
         raise UsageError(f"{what} is a folder; give a file name" + ("" if kind else " ending in .csv or .json"))
     storage.check_output_file(path, flag, inputs=inputs)

@@ -288,6 +288,13 @@ def _file_in_the_way(folder: str) -> Optional[str]:
         p = parent
 
 
+def check_reachable(path: str, what: str) -> None:
+    """An unknown protocol, a missing backend or bucket: one line, not a client traceback
+    (``memory://`` is left to ``check_output_location``'s single warning)."""
+    if not is_local(path) and not str(path).startswith("memory://"):
+        check_output_location(path, what)
+
+
 def check_output_folder(folder: str, what: str) -> None:
     """Create ``folder`` if needed and make sure files can be written in it, before any long work.
 
@@ -295,6 +302,7 @@ def check_output_folder(folder: str, what: str) -> None:
     is needed (``--out results.csv/plots``), a folder that cannot be created or written.
     """
     folder = str(folder) or "."
+    check_reachable(folder, what)
     blocker = _file_in_the_way(folder)
     if blocker is not None:
         raise UsageError(f"{what}: cannot create the folder {folder}: {blocker} is a file, not a folder")
@@ -313,6 +321,7 @@ def check_output_file(path: str, what: str, inputs: Iterable[str] = ()) -> None:
     kind may be replaced is each writer's own rule (``src.results.check_results_target``).
     """
     path = str(path)
+    check_reachable(path, what)
     if not basename(path) or isdir(path):
         raise UsageError(f"{what}: {path} is a folder, not a file; choose another {what}")
     for src in inputs:

@@ -160,6 +160,71 @@ def test_export_output_dir_that_is_a_file(bare_weights, tmp_path, capsys):
     assert "Errno" not in err
 
 
+def test_robustbench_unknown_protocol_is_one_error_line(rb_world, capsys):
+    """gs:// without gcsfs (or a mistyped scheme) ended in fsspec's traceback from the state folder."""
+    rc, err = _rb(rb_world, "robust-vits-no-such-protocol://bucket/r.json", capsys)
+    _one_error(rc, err, "--output robust-vits-no-such-protocol://bucket/r.json", "cannot be reached")
+
+
+# ----------------------------------------------------------------------------------------------
+# attack_effectiveness.py / attack_convergence.py --output-file
+
+NO_SUCH_PROTOCOL = "robust-vits-no-such-protocol://bucket/out.csv"
+TINY_EVAL = ["--dataset", "digits", "-m", "test_vit", "--num-classes", "10", "--input-size", "3", "32", "32",
+             "--crop-pct", "1.0", "--interpolation", "bicubic", "-j", "0", "--no-normalize", "--attack-eps", "8"]
+
+
+@pytest.fixture
+def refuse_work(monkeypatch):
+    """A bad output path must be refused before the model or the data are built."""
+    import src.convergence
+    import src.effectiveness
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the output path was accepted and the work started")
+
+    monkeypatch.setattr(src.effectiveness, "create_eval_dataset", refuse)
+    monkeypatch.setattr(src.convergence, "build_model_and_data", refuse)
+
+
+@pytest.mark.parametrize("target, words", [
+    (lambda d: d / "a_file" / "ae.csv", ["--output-file", "a_file is a file, not a folder"]),  # was a traceback
+    (lambda d: NO_SUCH_PROTOCOL, ["--output-file", "cannot be reached"]),  # was fsspec's traceback
+], ids=["under-a-file", "unknown-protocol"])
+def test_effectiveness_output_file_checked_before_work(tmp_path, capsys, refuse_work, target, words):
+    import attack_effectiveness
+
+    (tmp_path / "a_file").write_text("x")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint-0.pth.tar").write_bytes(b"never read: the output is refused first")
+    argv = TINY_EVAL + ["--checkpoints-dir", str(run_dir), "--epochs-to-try", "0", "--seeds", "0", "--steps-to-try",
+                        "1", "--output-file", str(target(tmp_path))]
+    capsys.readouterr()
+    _one_error(run_cli(attack_effectiveness.main, argv), capsys.readouterr().err, *words)
+
+
+@pytest.mark.parametrize("target, words", [
+    (lambda d: d / "a_file" / "c.csv", ["--output-file", "a_file is a file, not a folder"]),  # was a traceback
+    (lambda d: NO_SUCH_PROTOCOL, ["--output-file", "cannot be reached"]),  # was fsspec's traceback
+    (lambda d: d / "folder", ["--output-file", "folder is a folder, not a file"]),
+    (lambda d: d / "weights.pth", ["--output-file", "would replace the input"]),  # was written over at the end
+], ids=["under-a-file", "unknown-protocol", "a-folder", "the-checkpoint"])
+def test_convergence_output_file_checked_before_work(tmp_path, capsys, refuse_work, target, words):
+    import attack_convergence
+
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    ckpt = tmp_path / "weights.pth"
+    ckpt.write_bytes(b"never read: the output is refused first")
+    (tmp_path / "weights.pth.state").mkdir()  # as if an earlier study had written there
+    argv = TINY_EVAL + ["--checkpoint", str(ckpt), "--n-points", "4", "-b", "4", "--runs", "1", "--steps-to-try", "0",
+                        "1", "--output-file", str(target(tmp_path))]
+    capsys.readouterr()
+    _one_error(run_cli(attack_convergence.main, argv), capsys.readouterr().err, *words)
+    assert ckpt.read_bytes() == b"never read: the output is refused first"
+
+
 # ----------------------------------------------------------------------------------------------
 # python -m src.plots --out
 
