@@ -346,3 +346,21 @@ def test_unset_variable_in_an_output_path_is_refused(cli, argv, work, tmp_path, 
     line = _one_error(rc, capsys.readouterr().err, "$VARIABLES are set", "ROBUST_VITS_UNSET_OUT")
     assert line.startswith(f"error: {cli}.py: argument --"), line
     assert os.listdir(tmp_path) == []  # no folder named '$ROBUST_VITS_UNSET_OUT'
+
+
+# ----------------------------------------------------------------------------------------------
+# datasets/build.py --data_dir
+
+
+@pytest.mark.tfds
+def test_tfds_build_data_dir_under_a_file_is_one_error_line(tmp_path):
+    """--data_dir under a file ended in TFDS's NotADirectoryError traceback (after loading the builder)."""
+    pytest.importorskip("tensorflow_datasets", reason="needs tensorflow-datasets (requirements-tfds.txt)")
+    (tmp_path / "manual").mkdir()
+    (tmp_path / "manual" / "f").write_text("x")
+    (tmp_path / "a_file").write_text("x")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "datasets", "build.py"),
+                           os.path.join(ROOT, "datasets", "cifar_ddpm"), "--manual_dir", str(tmp_path / "manual"),
+                           "--data_dir", str(tmp_path / "a_file" / "tfds")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    _one_error(proc.returncode, proc.stderr, "--data_dir", "a_file is a file, not a folder")
