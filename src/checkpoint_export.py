@@ -133,7 +133,7 @@ def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, da
     # both targets before reading anything: never the input itself, never one file written and the other not
     source_path = [str(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else []
     for path in paths.values():
-        storage.check_output_file(path, "--output-dir", inputs=source_path)
+        storage.check_output_file(path, "--output-dir", inputs=source_path, create=False)
     ckpt, source = resolve_checkpoint(checkpoint, trust)
     state_dict, meta = extract_state_dict(ckpt, use_ema=use_ema, source=source)
     if use_ema and meta["state_key"] not in EMA_KEYS:
@@ -148,6 +148,8 @@ def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, da
         _logger.warning("checkpoint %s was trained as '%s' and is exported as '%s'", source, arch, model_name)
     record = complete_record(recorded, model_name, net, eval_overrides)
     _logger.info("evaluation record: %s", json.dumps(record))
+
+    storage.check_output_folder(output_dir, "--output-dir")  # everything checked: create it now
 
     save_released_checkpoint(state_dict, paths["pth"], record=record)
     metadata = {"arch": model_name, "dataset": dataset, "eps": None if eps is None else _format_eps(eps),
