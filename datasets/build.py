@@ -31,9 +31,16 @@ from src.errors import ExpectedError, UsageError, first_line  # noqa: E402
 def check_inputs(args: build.Args) -> None:
     """What TFDS would report with a traceback, checked before anything is built: every dataset is a
     builder (a folder of datasets/, a builder script or a registered name), ``--config`` is one of its
-    configs, and a given ``--manual_dir`` is an existing folder (not empty where the builder reads it)."""
+    configs, a given ``--manual_dir`` is an existing folder (not empty where the builder reads it), and the
+    folders it writes to (``--data_dir``, ``--download_dir``, ``--extract_dir``) can be created and written."""
     import tensorflow_datasets as tfds
 
+    from src import storage
+
+    for flag, folder in (("--data_dir", args.paths.data_dir), ("--download_dir", args.paths.download_dir),
+                         ("--extract_dir", args.paths.extract_dir)):
+        if folder:  # where the build writes: a file in the way is one line, not TFDS's traceback mid-build
+            storage.check_output_folder(os.path.expanduser(str(folder)), flag)
     if args.automation.exclude_datasets:
         return
     config = args.generation.config

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, List, Tuple
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.dirname(HERE) not in sys.path:  # run as a script: make the repository's `src` importable
+    sys.path.insert(0, os.path.dirname(HERE))
+
+from src import storage  # noqa: E402
+from src.errors import run_cli  # noqa: E402
 
 # Every notebook starts here: find the repository root (the folder holding src/) and import from it.
 SETUP = """\
@@ -210,20 +216,31 @@ def build(name: str, cells: List[Cell]) -> nbformat.NotebookNode:
 
 
 def write_all(out_dir: str = HERE) -> List[str]:
-    """Write every notebook into ``out_dir``; returns their paths."""
-    paths = []
+    """Write every notebook into ``out_dir`` (created if needed); returns their paths.
+
+    Every target is checked before the first is written, and each is written atomically, so a bad
+    ``--out`` or a kill never leaves a half-written notebook (``src.errors.UsageError`` on bad input)."""
+    texts = {}
     for name, cells in NOTEBOOKS.items():
-        path = os.path.join(out_dir, f"{name}.ipynb")
         nb = build(name, cells)
         nbformat.validate(nb)
-        with open(path, "w", encoding="utf-8") as f:
-            nbformat.write(nb, f)
-        paths.append(path)
-    return paths
+        text = nbformat.writes(nb)
+        texts[storage.join(out_dir, f"{name}.ipynb")] = text if text.endswith("\n") else text + "\n"
+    storage.check_output_folder(out_dir, "--out")
+    for path in texts:
+        storage.check_output_file(path, "--out")
+    for path, text in texts.items():
+        storage.atomic_write_text(path, text)
+    return list(texts)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=HERE, help="output folder (default: notebooks/)")
+    for written in write_all(p.parse_args(argv).out):
+        print(written)
+    return 0
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=HERE, help="output folder (default: notebooks/)")
-    for written in write_all(p.parse_args().out):
-        print(written)
+    sys.exit(run_cli(main))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -128,6 +129,11 @@ def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, da
 
     model_name = MODEL_ALIASES.get(model_name, model_name)  # README spellings -> registered names
     stem = storage.join(output_dir, released_checkpoint_name(model_name, dataset, eps))  # bad names fail first
+    paths = {"pth": stem + ".pth.tar", "safetensors": stem + ".safetensors"}
+    # both targets before reading anything: never the input itself, never one file written and the other not
+    source_path = [str(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else []
+    for path in paths.values():
+        storage.check_output_file(path, "--output-dir", inputs=source_path, create=False)
     ckpt, source = resolve_checkpoint(checkpoint, trust)
     state_dict, meta = extract_state_dict(ckpt, use_ema=use_ema, source=source)
     if use_ema and meta["state_key"] not in EMA_KEYS:
@@ -143,8 +149,8 @@ def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, da
     record = complete_record(recorded, model_name, net, eval_overrides)
     _logger.info("evaluation record: %s", json.dumps(record))
 
-    storage.makedirs(output_dir)
-    paths = {"pth": stem + ".pth.tar", "safetensors": stem + ".safetensors"}
+    storage.check_output_folder(output_dir, "--output-dir")  # everything checked: create it now
+
     save_released_checkpoint(state_dict, paths["pth"], record=record)
     metadata = {"arch": model_name, "dataset": dataset, "eps": None if eps is None else _format_eps(eps),
                 "weights": meta["state_key"], "eval_config": json.dumps(record)}

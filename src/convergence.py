@@ -240,6 +240,7 @@ class ConvergenceRun:
 
 def _open_state(args: argparse.Namespace, path: str, dev_env) -> EvalState:
     state_dir = path + STATE_SUFFIX
+    storage.check_output_file(path, "--output-file", inputs=(args.checkpoint,))
     if storage.exists(path) and not storage.isdir(state_dir):
         raise UsageError(f"{path} exists but has no {storage.basename(state_dir)}/ folder to resume from; refusing "
                          f"to overwrite it: pass another --output-file, or delete it")

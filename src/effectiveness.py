@@ -382,6 +382,7 @@ def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
     checkpoint is loaded once (EMA weights preferred) for all its seeds and step counts.
     """
     path = output_path(args)
+    storage.check_reachable(path, "--output-file")
     results = ResultsCsv(path).load()
     settings = settings_of(args, dev_env.world_size)
     results.check_settings(settings)
@@ -405,10 +406,7 @@ def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
     folder = storage.dirname(path)
     if dev_env.primary:
         if folder:
-            try:
-                storage.check_writable(folder)
-            except PermissionError as e:
-                raise UsageError(str(e)) from None
+            storage.check_output_folder(folder, "--output-file")
         for written_file in (path, results.settings_path):  # what a killed earlier write left behind
             storage.remove_stale_temp_of(written_file)
         results.write_settings(settings)

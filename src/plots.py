@@ -25,6 +25,7 @@ paper column (3.25 in wide; panel grids 6.75 in), 8 pt text, labelled axes.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import random
 import re
@@ -33,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from src import storage
 from src.errors import UsageError, run_cli
 
 __all__ = ["KINDS", "STYLE", "read_csv", "relative_gap", "effectiveness_figures", "convergence_figures",
@@ -427,27 +429,44 @@ def summary_png(rows: Sequence[Dict[str, str]], title: str = "") -> bytes:
     return buf.getvalue()
 
 
+def _figure_paths(out_dir: str, name: str) -> List[str]:
+    safe = re.sub(r"[^\w.+-]+", "_", name)
+    return [storage.join(out_dir, f"{safe}.{ext}") for ext in ("png", "pdf")]
+
+
 @_styled
 def save_figure(fig, out_dir: str, name: str) -> List[str]:
-    """Write ``<out_dir>/<name>.png`` and ``.pdf``; returns both paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    safe = re.sub(r"[^\w.+-]+", "_", name)
+    """Write ``<out_dir>/<name>.png`` and ``.pdf`` (each atomically: a kill never leaves half a
+    figure, an earlier figure stays until the new one is complete); returns both paths."""
+    storage.makedirs(out_dir)
     out = []
-    for ext in ("png", "pdf"):
-        path = os.path.join(out_dir, f"{safe}.{ext}")
-        fig.savefig(path)
+    for path in _figure_paths(out_dir, name):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=path.rsplit(".", 1)[1])
+        storage.atomic_write_bytes(path, buf.getvalue())
         out.append(path)
     return out
 
 
 def draw(kind: str, paths: Sequence[str], out_dir: str, labels: Optional[Sequence[str]] = None,
          **options) -> List[str]:
-    """Draw every figure of ``kind`` into ``out_dir`` (PNG + PDF); returns the files written."""
-    written: List[str] = []
-    for name, fig in figures(kind, paths, labels, **options).items():
-        written += save_figure(fig, out_dir, name)
-        _pyplot().close(fig)
-    return written
+    """Draw every figure of ``kind`` into ``out_dir`` (PNG + PDF); returns the files written.
+
+    Every target is checked before the first is written (``--out`` a file, a figure name taken by
+    a folder or by one of the input CSVs): an error line, and no figure set half written."""
+    figs = figures(kind, paths, labels, **options)
+    try:
+        storage.check_output_folder(out_dir, "--out")
+        for name in figs:
+            for target in _figure_paths(out_dir, name):
+                storage.check_output_file(target, "--out", inputs=paths)
+        written: List[str] = []
+        for name, fig in figs.items():
+            written += save_figure(fig, out_dir, name)
+        return written
+    finally:
+        for fig in figs.values():
+            _pyplot().close(fig)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

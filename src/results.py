@@ -74,15 +74,20 @@ def results_json(rows: Sequence[Mapping[str, Any]], warnings: Sequence[Sequence[
 
 
 def check_results_target(path: str, tool: str = "validate.py",
-                         is_ours: Optional[Callable[[str, bool], bool]] = None) -> None:
-    """Refuse, before any work, a ``--results-file`` that would replace something other than an
+                         is_ours: Optional[Callable[[str, bool], bool]] = None, flag: str = "--results-file",
+                         inputs: Sequence[str] = (), kind: Optional[str] = None) -> None:
+    """Refuse, before any work, a results file (``flag``) that would replace something other than an
     earlier results file of the same kind (a training ``summary.csv``, a checkpoint, a folder, a
-    JSON or CSV of another tool); also make sure its folder can be written.
+    JSON or CSV of another tool) or one of the run's ``inputs``; also make sure its folder can be
+    written.
 
-    ``is_ours(text, is_json)`` recognizes ``tool``'s own files (default: validate.py's rows)."""
-    what = f"--results-file {path}"
+    ``is_ours(text, is_json)`` recognizes ``tool``'s own files (default: validate.py's rows);
+    ``kind`` names them in the message (default: JSON for ``.json``, else CSV)."""
+    what = f"{flag} {path}"
+    storage.check_reachable(path, flag)
     if storage.isdir(path):
-        raise UsageError(f"{what} is a folder; give a file name ending in .csv or .json")
+        raise UsageError(f"{what} is a folder; give a file name" + ("" if kind else " ending in .csv or .json"))
+    storage.check_output_file(path, flag, inputs=inputs)
     if storage.exists(path):
         json_file = str(path).lower().endswith(".json")
         ours = is_ours or (lambda t, j: _is_results_json(t) if j else _is_results_csv(t))
@@ -91,13 +96,9 @@ def check_results_target(path: str, tool: str = "validate.py",
         except (OSError, UnicodeDecodeError):
             text = None
         if text is None or not ours(text, json_file):
-            raise UsageError(f"{what} exists and is not a {tool} results {'JSON' if json_file else 'CSV'}; "
+            kind = kind or ("JSON" if json_file else "CSV")
+            raise UsageError(f"{what} exists and is not a {tool} results {kind}; "
                              "it is not replaced: choose another file name")
-    folder = storage.dirname(path)
-    try:
-        storage.check_writable(folder or ".")
-    except OSError as e:
-        raise UsageError(f"{what}: cannot write to {folder or '.'} ({e})") from None
 
 
 def _is_results_csv(text: str) -> bool:

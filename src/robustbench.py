@@ -540,23 +540,35 @@ def _merged_results(args: argparse.Namespace, state: Any, dev_env: Any, n: int, 
     return None
 
 
+def _is_report(text: str) -> bool:
+    """True for a report this tool wrote (what ``--output`` may replace)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and {"clean_acc", "autoattack_acc", "threat_model"} <= set(doc)
+
+
 def _open_state(args: argparse.Namespace, setup: EvaluationSetup, dev_env: Any, shard: Tuple[int, int]) -> Any:
     """This shard's resumable state (checked against the other torchrun ranks) and the chunks done so far;
     the report's folder must be writable."""
     from src.eval_state import EvalState
+    from src.results import check_results_target
 
-    state = EvalState(args.state_dir or default_state_dir(args.output), setup.fingerprint, setup.examples.n_examples,
-                      args.chunk_size, FIELDS, shard[0], shard[1])
+    state_dir = args.state_dir or default_state_dir(args.output)
+    if dev_env.primary:  # fail now, not after hours of attacks, when the report cannot be written
+        # an earlier report is replaced (a resumed run writes it again), never a checkpoint or another file
+        check_results_target(args.output, tool="validate_robustbench.py", flag="--output", kind="report",
+                             is_ours=lambda text, _json: _is_report(text), inputs=(args.checkpoint,))
+        if args.state_dir:
+            storage.check_output_location(args.state_dir, "--state-dir")
+        storage.remove_stale_temp_of(args.output)  # what a killed earlier write of the report left behind
+    state = EvalState(state_dir, setup.fingerprint, setup.examples.n_examples, args.chunk_size, FIELDS, shard[0],
+                      shard[1])
     if dev_env.distributed and len(set(dev_env.all_gather_object(state.digest))) != 1:
         raise UsageError("the torchrun processes disagree on the configuration (model weights, data or flags "
                          "differ between ranks)")
     done = state.load()
-    if dev_env.primary:  # fail now, not after hours of attacks, when the report cannot be written
-        try:
-            storage.check_writable(storage.dirname(args.output) or ".")
-        except OSError as e:
-            raise UsageError(f"cannot write the report {args.output}: {e}") from None
-        storage.remove_stale_temp_of(args.output)  # what a killed earlier write of the report left behind
     return state, done
 
 

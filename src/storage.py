@@ -262,6 +262,91 @@ def check_writable(folder: str) -> None:
     remove(probe)
 
 
+def same_file(a: str, b: str) -> bool:
+    """True when the paths ``a`` and ``b`` name one file (links and ``./`` spellings included)."""
+    a, b = str(a), str(b)
+    if is_local(a) and is_local(b):
+        a, b = _local(a), _local(b)
+        try:
+            return os.path.samefile(a, b)
+        except OSError:  # one of them does not exist (yet)
+            return os.path.realpath(a) == os.path.realpath(b)
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _file_in_the_way(folder: str) -> Optional[str]:
+    """The existing non-folder among ``folder`` and its parents, if one blocks creating ``folder``."""
+    if not is_local(folder):
+        return None
+    p = os.path.abspath(_local(folder))
+    while True:
+        if os.path.exists(p):
+            return None if os.path.isdir(p) else p
+        parent = os.path.dirname(p)
+        if parent == p:
+            return None
+        p = parent
+
+
+def _nearest_existing(folder: str) -> str:
+    p = os.path.abspath(_local(folder))
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    return p
+
+
+def check_reachable(path: str, what: str) -> None:
+    """An unknown protocol, a missing backend or bucket: one line, not a client traceback
+    (``memory://`` is left to ``check_output_location``'s single warning)."""
+    if not is_local(path) and not str(path).startswith("memory://"):
+        check_output_location(path, what)
+
+
+def check_output_folder(folder: str, what: str, create: bool = True) -> None:
+    """Make sure files can be written in ``folder`` (created if needed), before any long work.
+
+    Raises ``src.errors.UsageError`` naming ``what`` (the flag) and the cause: a file where a folder
+    is needed (``--out results.csv/plots``), a folder that cannot be created or written, a location
+    that cannot be reached. With ``create=False`` a missing local folder is not created (nothing is
+    left behind when a later check fails); its nearest existing parent must be writable instead.
+    """
+    folder = str(folder) or "."
+    check_reachable(folder, what)
+    blocker = _file_in_the_way(folder)
+    if blocker is not None:
+        raise UsageError(f"{what}: cannot create the folder {folder}: {blocker} is a file, not a folder")
+    if not create and is_local(folder) and not os.path.isdir(_local(folder)):
+        parent = _nearest_existing(folder)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"{what}: cannot create the folder {folder} ({parent} is not writable)")
+        return
+    if not create and not is_local(folder):
+        return  # object stores have no folders to create; reachability was checked
+    try:
+        check_writable(folder)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise UsageError(f"{what}: cannot write to the folder {folder} ({reason})") from None
+
+
+def check_output_file(path: str, what: str, inputs: Iterable[str] = (), create: bool = True) -> None:
+    """Refuse, before any work, an output file ``path`` that would replace one of the run's ``inputs``
+    (a checkpoint, a CSV being plotted) or that is a folder; make sure its folder can be written.
+
+    Raises ``src.errors.UsageError`` naming ``what`` (the flag); ``create`` as in
+    ``check_output_folder``. Whether an existing file of another kind may be replaced is each
+    writer's own rule (``src.results.check_results_target``).
+    """
+    path = str(path)
+    check_reachable(path, what)
+    if not basename(path) or isdir(path):
+        raise UsageError(f"{what}: {path} is a folder, not a file; choose another {what}")
+    for src in inputs:
+        if src and same_file(path, src):
+            raise UsageError(f"{what}: {path} would replace the input {src}; choose another {what}")
+    check_output_folder(dirname(path) or ".", what, create=create)
+
+
 def remove_stale_temp(folder: str, name: Optional[str] = None) -> List[str]:
     """Delete the temporary files a killed write left in ``folder``; returns their paths.
 

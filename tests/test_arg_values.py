@@ -34,7 +34,7 @@ FREE_TEXT = {
     "model": "checked against timm's registry (unknown model error with suggestions)",
     "initial_checkpoint": "a path", "resume": "a path or 'auto'", "finetune": "a path",
     "gp": "a pool type the model itself validates",
-    "output": "a path", "run_notes": "W&B notes",
+    "run_notes": "W&B notes",
 }
 ORIGINAL_CONFIGS = sorted(glob.glob("/work/shared/data/original-configs/configs/*.yaml"))
 

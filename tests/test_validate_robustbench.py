@@ -491,7 +491,8 @@ def test_unwritable_report_fails_before_any_attack(cifar, tmp_path, capsys):
     out = blocker / "r.json"
     assert validate_robustbench.main(_cifar_args(cifar, out, "--state-dir", str(tmp_path / "state"))) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith(f"error: cannot write the report {out}")
+    assert err.strip().splitlines()[-1] == (f"error: --output: cannot create the folder {blocker}: {blocker} is a "
+                                            "file, not a folder")
     assert _processed_chunks(err) == [] and not (tmp_path / "state").exists()
 
 

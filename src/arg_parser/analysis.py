@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from src.arg_parser.common import FOLD_BN_HELP, CliParser
 from src.arg_parser.evaluate import build_validate_parser, check_validate_args
-from src.arg_parser.values import Choice, must, nonneg_float, nonneg_int, positive_int, rate
+from src.arg_parser.values import OUTPUT_PATH, Choice, must, nonneg_float, nonneg_int, positive_int, rate
 from src.errors import UsageError
 
 __all__ = ["CONVERGENCE_DEFAULT_STEPS", "CONVERGENCE_DEFAULT_RUNS", "CONVERGENCE_DEFAULT_POINTS",
@@ -56,7 +56,7 @@ def build_convergence_parser() -> CliParser:
                         "1.5 * eps / --attack-steps for every k")
     g.add_argument("--one-instance", action="store_true", default=False,
                    help="record the loss after every iteration 0 .. max(--steps-to-try), batch size 1")
-    g.add_argument("--output-file", default=None, metavar="PATH",
+    g.add_argument("--output-file", default=None, type=OUTPUT_PATH, metavar="PATH",
                    help="results CSV (default ./<model>.csv); its resumable state goes to <PATH>.state/")
     return p
 
@@ -111,7 +111,7 @@ def build_plots_parser(kinds: Sequence[str]) -> CliParser:
     p = CliParser(prog="python -m src.plots", description="Draw the analyses' figures (PNG + PDF) from their CSVs.")
     p.add_argument("kind", metavar="KIND", help=f"one of: {', '.join(kinds)}")
     p.add_argument("csv", nargs="+", metavar="CSV", help="input CSV file(s); one line (or model) per file")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--out", required=True, type=OUTPUT_PATH, metavar="DIR", help="output folder")
     p.add_argument("--labels", nargs="+", default=None, metavar="L", help="one label per CSV (default: file names)")
     p.add_argument("--metric", default=None, metavar="COLUMN",
                    help="learning-curves: summary.csv column (default eval_robust_top1)")
@@ -142,7 +142,7 @@ def build_benchmark_parser() -> CliParser:
     p.add_argument("--model", "-m", default="resnet50", metavar="NAME", help="model name, or a wildcard (bulk mode)")
     p.add_argument("--bench", default="both", type=Choice(names=BENCHES), metavar="WHAT",
                    help="what to time: " + ", ".join(BENCHES) + " ('both': inference and train)")
-    p.add_argument("--results-file", default="", metavar="PATH",
+    p.add_argument("--results-file", default="", type=OUTPUT_PATH, metavar="PATH",
                    help="write results here: .json gives JSON, anything else CSV (bulk default ./benchmark.csv)")
     p.add_argument("--num-warm-iter", type=nonneg_int(), default=10, metavar="N", help="untimed warm-up steps")
     p.add_argument("--num-bench-iter", type=positive_int(), default=40, metavar="N", help="timed steps")

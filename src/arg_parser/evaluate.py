@@ -15,7 +15,7 @@ from collections import OrderedDict
 from typing import Any, List, Mapping, Optional, Sequence
 
 from src.arg_parser.common import FOLD_BN_HELP, CliParser, bool_flag, check_mean_std, norm_name
-from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, MEAN, SEED, STD, Choice, finite_float, must,
+from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, MEAN, OUTPUT_PATH, SEED, STD, Choice, finite_float, must,
                                    nonneg_float, nonneg_int, positive_float, positive_int)
 from src.errors import UsageError
 from src.honesty import PGD_ATTACKS
@@ -154,7 +154,7 @@ def _add_validate_run(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--channels-last", action="store_true", default=False, help="channels-last memory layout")
     g.add_argument("--fold-bn", action="store_true", default=False, help=FOLD_BN_HELP)
     g.add_argument("--force-cpu", action="store_true", default=False, help="run on the CPU")
-    g.add_argument("--results-file", default=None if sweep else "", type=str, metavar="PATH",
+    g.add_argument("--results-file", default=None if sweep else "", type=OUTPUT_PATH, metavar="PATH",
                    help=argparse.SUPPRESS if sweep else "write results here: .json gives JSON (with warnings), "
                                                          "anything else CSV; gs:// works")
     g.add_argument("--log-wandb", action="store_true", default=None if sweep else False,
@@ -266,7 +266,7 @@ def build_effectiveness_parser() -> argparse.ArgumentParser:
                    help="also run APGD-CE once per checkpoint and seed (attack_steps empty)")
     g.add_argument("--seeds", type=SEED, nargs="+", default=list(DEFAULT_SEEDS), metavar="S",
                    help="seeds (each row's RNG is reset to seed + rank)")
-    g.add_argument("--output-file", default=None, metavar="PATH",
+    g.add_argument("--output-file", default=None, type=OUTPUT_PATH, metavar="PATH",
                    help=f"results CSV (default <checkpoints-dir>/{DEFAULT_OUTPUT_NAME}); rows already in it are "
                         "kept and not recomputed")
     return p
@@ -374,10 +374,10 @@ def _add_robustbench_additions(p: argparse.ArgumentParser) -> None:
     bool_flag(g, "--trust-checkpoint", command_line_only=TRUST_WHY,
               help="allow checkpoints that need arbitrary unpickling (only for trusted files)")
     g.add_argument("--use-ema", action="store_true", help="evaluate the checkpoint's EMA weights")
-    g.add_argument("--output", default=None,
+    g.add_argument("--output", default=None, type=OUTPUT_PATH,
                    help="JSON report path, local or gs:// (default output/robustbench/<model>-<dataset>-"
                         "<threat>-eps<eps>.json)")
-    g.add_argument("--state-dir", default=None,
+    g.add_argument("--state-dir", default=None, type=OUTPUT_PATH,
                    help="per-shard resumable state (default: <report without .json>.state next to the report)")
     g.add_argument("--chunk-size", type=nonneg_int(), default=None, metavar="N",
                    help="examples per chunk: the unit of resumption, sharding and seeding (default: --batch-size; "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from src.arg_parser.common import CliParser, bool_flag
-from src.arg_parser.values import CROP_PCT, INTERPOLATION, MEAN, STD, Choice, nonneg_float, positive_int
+from src.arg_parser.values import CROP_PCT, INTERPOLATION, MEAN, OUTPUT_PATH, STD, Choice, nonneg_float, positive_int
 
 __all__ = ["build_export_parser"]
 
@@ -21,7 +21,7 @@ def build_export_parser() -> CliParser:
     p.add_argument("--eps", default=None, type=nonneg_float(), metavar="N",
                    help="training epsilon in /255 units, added to the file name as -eps-N")
     p.add_argument("--use-ema", action="store_true", help="export the EMA weights (model_ema)")
-    p.add_argument("--output-dir", required=True, metavar="DIR", help="folder for the released files")
+    p.add_argument("--output-dir", required=True, type=OUTPUT_PATH, metavar="DIR", help="folder for the released files")
     bool_flag(p, "--trust-checkpoint", command_line_only="it lets a checkpoint run code while it is loaded",
               help="allow a checkpoint that needs arbitrary unpickling (can run code): only for files from a "
                    "source you trust")

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from src.arg_parser.common import ARGS_YAML_HEADER, CliParser, bool_flag, check_mean_std, load_yaml_config, norm_name
-from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, MEAN, SEED, STD, Choice, Num, Text, finite_float,
+from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, MEAN, OUTPUT_PATH, SEED, STD, Choice, Num, Text, finite_float,
                                    fraction, must, nonneg_float, nonneg_int, positive_float, positive_int, rate)
 from src.errors import UsageError
 
@@ -348,7 +348,7 @@ def _add_misc_args(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype with --amp: auto (float16 on CUDA, bfloat16 elsewhere), bfloat16 or float16 "
                         "(CUDA only; uses a grad scaler)")
     bool_flag(g, "--channels-last", help="channels-last memory layout")
-    g.add_argument("--output", default="", metavar="PATH",
+    g.add_argument("--output", default="", type=OUTPUT_PATH, metavar="PATH",
                    help="output root, local or gs:// (default: ./output/train)")
     g.add_argument("--experiment", default="", type=EXPERIMENT, metavar="NAME",
                    help="experiment folder name: one folder inside --output (default: <date>-<time>-<model>-<size>)")

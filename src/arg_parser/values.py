@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 from src.errors import UsageError
 
-__all__ = ["RuleViolation", "Rule", "Num", "Text", "Choice", "show", "must", "positive_int", "nonneg_int",
+__all__ = ["RuleViolation", "Rule", "Num", "Text", "Choice", "OutputPath", "show", "must", "positive_int", "nonneg_int",
            "int_at_least", "finite_float", "nonneg_float", "positive_float", "fraction", "rate", "check_list",
-           "convert_value", "INTERPOLATIONS", "INTERPOLATION", "CROP_PCT", "MEAN", "STD", "SEED"]
+           "convert_value", "INTERPOLATIONS", "INTERPOLATION", "CROP_PCT", "MEAN", "STD", "SEED", "OUTPUT_PATH"]
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: model, optimizer and attack arithmetic
@@ -181,6 +183,32 @@ class Text(Rule):
         return (self.bad,) if self.bad else ()
 
 
+_ENV_VAR = re.compile(r"\$(?:\{([^}]*)\}|(\w+))")
+
+
+@dataclass(frozen=True)
+class OutputPath(Rule):
+    """Where a CLI writes: ``~`` and ``$VAR`` / ``${VAR}`` are expanded as a shell would, also in a
+    config file (``output: ~/runs`` used to create a folder literally named ``~`` in the working
+    directory); a variable that is not set is refused rather than written into a folder name."""
+
+    @property
+    def requirement(self) -> str:
+        return "a path whose $VARIABLES are set in the environment"
+
+    def parse(self, value: Any) -> Any:
+        if not isinstance(value, str):
+            raise RuleViolation(self.requirement, value)
+        names = [a or b for a, b in _ENV_VAR.findall(value)]
+        if any(not n or n not in os.environ for n in names):
+            raise RuleViolation(self.requirement, value)
+        value = os.path.expandvars(value)
+        return os.path.expanduser(value) if value.startswith("~") else value
+
+    def bad_examples(self) -> Tuple[str, ...]:
+        return ("$ROBUST_VITS_UNSET_VARIABLE/out",)
+
+
 @dataclass(frozen=True)
 class Choice(Rule):
     """One of a fixed set of names (``normalize`` maps spellings first, e.g. 'Linf' -> 'linf')."""
@@ -296,3 +324,4 @@ MEAN = finite_float(counts=(1, 3))
 STD = positive_float(counts=(1, 3))
 # a random seed: NumPy's range, so seed + rank / + example index / + epoch terms still fit torch's and TF's seeds
 SEED = nonneg_int(hi=2 ** 32 - 1)
+OUTPUT_PATH = OutputPath()
