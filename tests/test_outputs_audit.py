@@ -364,3 +364,25 @@ def test_tfds_build_data_dir_under_a_file_is_one_error_line(tmp_path):
                            "--data_dir", str(tmp_path / "a_file" / "tfds")], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     _one_error(proc.returncode, proc.stderr, "--data_dir", "a_file is a file, not a folder")
+
+
+def test_tilde_and_variables_in_input_paths_are_expanded(tmp_path, monkeypatch):
+    """Four of the original's configs say ``data_dir: ~/torch_data``: without a shell to expand it, the data dir
+    '~/torch_data' did not exist; checkpoints and label files given in a config the same."""
+    from src.arg_parser import parse_args
+    from src.arg_parser.evaluate import parse_validate_args
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CKPTS", str(tmp_path / "ck"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"dataset": "torch/cifar10", "data_dir": "~/torch_data",
+                                   "initial_checkpoint": "$CKPTS/a.pth", "resume": "", "finetune": None,
+                                   "combine_data_dir": "~/ddpm"}))
+    args = parse_args(["-c", str(cfg)])[0]
+    assert args.data_dir == str(tmp_path / "home" / "torch_data")
+    assert args.initial_checkpoint == str(tmp_path / "ck" / "a.pth")
+    assert args.combine_data_dir == str(tmp_path / "home" / "ddpm")
+    assert args.resume == "" and args.finetune is None
+    v = parse_validate_args(["~/data", "--checkpoint", "${CKPTS}/b.pth", "--class-map", "~/m.txt"])
+    assert (v.data, v.checkpoint, v.class_map) == (str(tmp_path / "home" / "data"), str(tmp_path / "ck" / "b.pth"),
+                                                   str(tmp_path / "home" / "m.txt"))

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from src.arg_parser.common import FOLD_BN_HELP, CliParser
 from src.arg_parser.evaluate import build_validate_parser, check_validate_args
-from src.arg_parser.values import OUTPUT_PATH, Choice, must, nonneg_float, nonneg_int, positive_int, rate
+from src.arg_parser.values import INPUT_PATH, OUTPUT_PATH, Choice, must, nonneg_float, nonneg_int, positive_int, rate
 from src.errors import UsageError
 
 __all__ = ["CONVERGENCE_DEFAULT_STEPS", "CONVERGENCE_DEFAULT_RUNS", "CONVERGENCE_DEFAULT_POINTS",
@@ -138,7 +138,7 @@ PRECISIONS = ("float32", "float16", "bfloat16", "amp")
 def build_benchmark_parser() -> CliParser:
     """timm's benchmark flags (original-behaviour.md §1.7) plus adversarial training and torch.compile."""
     p = CliParser(prog="benchmark.py", description="Inference / training / adversarial-training speed of timm models")
-    p.add_argument("--model-list", default="", metavar="FILE", help="text file of model names (bulk mode)")
+    p.add_argument("--model-list", default="", type=INPUT_PATH, metavar="FILE", help="text file of model names (bulk mode)")
     p.add_argument("--model", "-m", default="resnet50", metavar="NAME", help="model name, or a wildcard (bulk mode)")
     p.add_argument("--bench", default="both", type=Choice(names=BENCHES), metavar="WHAT",
                    help="what to time: " + ", ".join(BENCHES) + " ('both': inference and train)")

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from typing import Any, List, Mapping, Optional, Sequence
 
 from src.arg_parser.common import FOLD_BN_HELP, CliParser, bool_flag, check_mean_std, norm_name
-from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, MEAN, OUTPUT_PATH, SEED, STD, Choice, finite_float, must,
+from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, INPUT_PATH, MEAN, OUTPUT_PATH, SEED, STD, Choice, finite_float, must,
                                    nonneg_float, nonneg_int, positive_float, positive_int)
 from src.errors import UsageError
 from src.honesty import PGD_ATTACKS
@@ -48,7 +48,7 @@ SWEEP_SETS = OrderedDict([
 def _add_validate_data(p: argparse.ArgumentParser, sweep: bool) -> None:
     """Dataset, loader and transform flags (timm's validate.py)."""
     g = p.add_argument_group("Data")
-    g.add_argument("data", metavar="DIR", nargs="?", default=None,
+    g.add_argument("data", type=INPUT_PATH, metavar="DIR", nargs="?", default=None,
                    help="dataset root; tfds/: the TFDS data dir, local or gs:// (default: TFDS's); not needed for "
                         "the embedded 'digits' dataset")
     g.add_argument("--dataset", "-d", metavar="NAME", default="",
@@ -58,7 +58,7 @@ def _add_validate_data(p: argparse.ArgumentParser, sweep: bool) -> None:
                    help="dataset split (tfds/: TFDS slices work, e.g. 'validation[:1000]')")
     g.add_argument("--dataset-download", action="store_true", default=False,
                    help="allow downloading torch/ datasets")
-    g.add_argument("--class-map", default="", type=str, metavar="FILE",
+    g.add_argument("--class-map", default="", type=INPUT_PATH, metavar="FILE",
                    help="file mapping class folder names to indices")
     g.add_argument("-j", "--workers", default=4, type=nonneg_int(), metavar="N", help="data loading workers per process")
     g.add_argument("-b", "--batch-size", default=256, type=positive_int(), metavar="N", help="batch size per process")
@@ -74,10 +74,10 @@ def _add_validate_data(p: argparse.ArgumentParser, sweep: bool) -> None:
                    help="on XLA, wrap the loader in torch_xla's MpDeviceLoader (ignored elsewhere)")
     g.add_argument("--tf-preprocessing", action="store_true", default=False,
                    help="not supported (rejected): TensorFlow preprocessing")
-    g.add_argument("--real-labels", default="", type=str, metavar="FILE",
+    g.add_argument("--real-labels", default="", type=INPUT_PATH, metavar="FILE",
                    help="ImageNet-ReaL labels (real.json): clean top1/top5 are ReaL accuracy (timm's "
                         "RealLabelsImagenet); robust accuracy is always against the dataset's labels")
-    g.add_argument("--valid-labels", default="", type=str, metavar="FILE",
+    g.add_argument("--valid-labels", default="", type=INPUT_PATH, metavar="FILE",
                    help="file of valid class indices (one per line): the model's logits are restricted to "
                         "them for the clean forward AND the attack")
     g.add_argument("--num-examples", "--n-examples", type=positive_int(), default=None, metavar="N",
@@ -91,7 +91,7 @@ def _add_validate_model(p: argparse.ArgumentParser, sweep: bool) -> None:
                    help="timm model name; 'all', a wildcard or a text file of names for bulk evaluation")
     g.add_argument("--pretrained", action="store_true", default=False,
                    help="use timm's pretrained weights (forced when no --checkpoint)")
-    g.add_argument("--checkpoint", default=None if sweep else "", type=str, metavar="PATH",
+    g.add_argument("--checkpoint", default=None if sweep else "", type=INPUT_PATH, metavar="PATH",
                    help=argparse.SUPPRESS if sweep else
                    "checkpoint file (local, gs://, memory://), or a folder: every *.pth.tar / *.pth in it")
     # the sweep uses EMA weights by default (as the original): its switch is --no-ema, --use-ema is accepted
@@ -253,7 +253,7 @@ def build_effectiveness_parser() -> argparse.ArgumentParser:
                               "checkpoints saved during training, over several seeds: how effective are few-step "
                               "attacks?", sweep=True)
     g = p.add_argument_group("Attack effectiveness")
-    g.add_argument("--checkpoints-dir", default=None, metavar="DIR",
+    g.add_argument("--checkpoints-dir", default=None, type=INPUT_PATH, metavar="DIR",
                    help="required: folder (local, gs://, memory://) with the training run's "
                         "checkpoint-<epoch>.pth.tar files")
     g.add_argument("--epochs-to-try", type=nonneg_int(), nargs="+", default=list(DEFAULT_EPOCHS), metavar="E",
@@ -327,7 +327,7 @@ def build_robustbench_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="cifar10",
                    help="cifar10, cifar100, imagenet, or tfds/<name>[:version]: RobustBench's ImageNet images from a "
                         "built TFDS dataset (tfds/robustbench_image_net from datasets/, or tfds/imagenet2012)")
-    g.add_argument("--data-dir", default=None,
+    g.add_argument("--data-dir", type=INPUT_PATH, default=None,
                    help="CIFAR: folder holding cifar-10-batches-py/ or cifar-100-python/ (torchvision format); "
                         "ImageNet: folder holding val/<wnid>/ILSVRC2012_val_*.JPEG (both ~/torch_data/ when not given); "
                         "tfds/: the TFDS data dir it was built into, local or gs:// (default: TFDS's, "
@@ -337,7 +337,7 @@ def build_robustbench_parser() -> argparse.ArgumentParser:
     g.add_argument("--normalize", action="store_true",
                    help="ImageNet: normalize in the loader with the model's mean/std (attacks then run in "
                         "normalized space; prefer --mean/--std, which normalize inside the model)")
-    g.add_argument("--checkpoint", default=None,
+    g.add_argument("--checkpoint", type=INPUT_PATH, default=None,
                    help="weights (local, gs://); without it the model's timm pretrained weights are used")
     g.add_argument("--model", default=None, help="timm or robust-vits model name")
     g.add_argument("--batch-size", type=positive_int(), default=512, metavar="N", help="batch size of the forward passes and AutoAttack")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from src.arg_parser.common import CliParser, bool_flag
-from src.arg_parser.values import CROP_PCT, INTERPOLATION, MEAN, OUTPUT_PATH, STD, Choice, nonneg_float, positive_int
+from src.arg_parser.values import CROP_PCT, INTERPOLATION, INPUT_PATH, MEAN, OUTPUT_PATH, STD, Choice, nonneg_float, positive_int
 
 __all__ = ["build_export_parser"]
 
@@ -14,7 +14,7 @@ def build_export_parser() -> CliParser:
                   description="Export a training checkpoint or an original release (local or gs://) as "
                               "{model}-{dataset}[-eps-{eps}].pth.tar plus a .safetensors copy, both recording what "
                               "evaluating them needs.")
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
+    p.add_argument("--checkpoint", required=True, type=INPUT_PATH, metavar="PATH",
                    help="training checkpoint (e.g. <run>/best.pth.tar), local, gs:// or any fsspec URL")
     p.add_argument("--model", required=True, metavar="NAME", help="model name the weights belong to")
     p.add_argument("--dataset", required=True, metavar="NAME", help="dataset name used in the file name")

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from src.arg_parser.common import ARGS_YAML_HEADER, CliParser, bool_flag, check_mean_std, load_yaml_config, norm_name
-from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, MEAN, OUTPUT_PATH, SEED, STD, Choice, Num, Text, finite_float,
+from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, INPUT_PATH, MEAN, OUTPUT_PATH, SEED, STD, Choice, Num, Text, finite_float,
                                    fraction, must, nonneg_float, nonneg_int, positive_float, positive_int, rate)
 from src.errors import UsageError
 
@@ -96,7 +96,7 @@ LEGACY_KEYS = {
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Dataset")
-    g.add_argument("data_dir", metavar="DIR", nargs="?", default=None,
+    g.add_argument("data_dir", type=INPUT_PATH, metavar="DIR", nargs="?", default=None,
                    help="path to the dataset root; tfds/: the TFDS data dir, local or gs:// (default: TFDS's); not "
                         "needed for the embedded 'digits' dataset; may be set in the YAML as data_dir")
     g.add_argument("--dataset", "-d", metavar="NAME", default="",
@@ -108,7 +108,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="validation split (tfds/: e.g. 'train[90%%:]')")
     g.add_argument("--combine-dataset", metavar="NAME", default=None,
                    help="second training dataset mixed into every batch (e.g. tfds/cifar_ddpm)")
-    g.add_argument("--combine-data-dir", metavar="DIR", default=None,
+    g.add_argument("--combine-data-dir", type=INPUT_PATH, metavar="DIR", default=None,
                    help="root of the combined dataset (default: data_dir)")
     g.add_argument("--combined-dataset-ratio", type=finite_float(0, 1, lo_open=True, hi_open=True), default=0.5,
                    metavar="FRAC", help="fraction of each batch drawn from the combined dataset")
@@ -130,9 +130,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Model")
     g.add_argument("--model", default="resnet50", metavar="MODEL", help="timm model name")
     bool_flag(g, "--pretrained", help="start from timm's pretrained weights (needs the network)")
-    g.add_argument("--initial-checkpoint", default="", metavar="PATH",
+    g.add_argument("--initial-checkpoint", default="", type=INPUT_PATH, metavar="PATH",
                    help="load these weights into the model before training")
-    g.add_argument("--resume", default="", metavar="PATH",
+    g.add_argument("--resume", default="", type=INPUT_PATH, metavar="PATH",
                    help="resume model, EMA, optimizer and schedule from a checkpoint "
                         "('auto': the newest last/recovery checkpoint of the experiment folder)")
     bool_flag(g, "--no-resume-opt", help="do not restore the optimizer state when resuming")
@@ -156,7 +156,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                help="prepend (x - mean) / std to the model, with --mean/--std or the model's defaults (the "
                     "training loader never normalizes: inputs stay in [0, 1], as in the original, whose "
                     "-nn/--no-normalize is accepted and always on)")
-    g.add_argument("--finetune", default=None, metavar="PATH",
+    g.add_argument("--finetune", default=None, type=INPUT_PATH, metavar="PATH",
                    help="fine-tune from this checkpoint: wrong-shape classifier weights are dropped")
     g.add_argument("--finetuning-patch-size", type=positive_int(), default=None, metavar="N",
                    help="XCiT patch size to adapt the model to before loading --finetune weights")

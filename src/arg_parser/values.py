@@ -25,9 +25,9 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 from src.errors import UsageError
 
-__all__ = ["RuleViolation", "Rule", "Num", "Text", "Choice", "OutputPath", "show", "must", "positive_int", "nonneg_int",
+__all__ = ["RuleViolation", "Rule", "Num", "Text", "Choice", "ExpandedPath", "show", "must", "positive_int", "nonneg_int",
            "int_at_least", "finite_float", "nonneg_float", "positive_float", "fraction", "rate", "check_list",
-           "convert_value", "INTERPOLATIONS", "INTERPOLATION", "CROP_PCT", "MEAN", "STD", "SEED", "OUTPUT_PATH"]
+           "convert_value", "INTERPOLATIONS", "INTERPOLATION", "CROP_PCT", "MEAN", "STD", "SEED", "OUTPUT_PATH", "INPUT_PATH"]
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: model, optimizer and attack arithmetic
@@ -187,10 +187,11 @@ _ENV_VAR = re.compile(r"\$(?:\{([^}]*)\}|(\w+))")
 
 
 @dataclass(frozen=True)
-class OutputPath(Rule):
-    """Where a CLI writes: ``~`` and ``$VAR`` / ``${VAR}`` are expanded as a shell would, also in a
-    config file (``output: ~/runs`` used to create a folder literally named ``~`` in the working
-    directory); a variable that is not set is refused rather than written into a folder name."""
+class ExpandedPath(Rule):
+    """A path a CLI reads or writes: ``~`` and ``$VAR`` / ``${VAR}`` are expanded as a shell would, also
+    in a config file (``output: ~/runs`` used to create a folder literally named ``~`` in the working
+    directory; the original's ``data_dir: ~/torch_data`` was not found); a variable that is not set is
+    refused rather than taken as part of a name."""
 
     @property
     def requirement(self) -> str:
@@ -324,4 +325,5 @@ MEAN = finite_float(counts=(1, 3))
 STD = positive_float(counts=(1, 3))
 # a random seed: NumPy's range, so seed + rank / + example index / + epoch terms still fit torch's and TF's seeds
 SEED = nonneg_int(hi=2 ** 32 - 1)
-OUTPUT_PATH = OutputPath()
+OUTPUT_PATH = ExpandedPath()  # where a CLI writes
+INPUT_PATH = ExpandedPath()  # what a CLI reads (data dirs, checkpoints, label and class files)
