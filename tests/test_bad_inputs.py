@@ -113,7 +113,7 @@ CASES = [
     ("mistyped-value", ["--attack-steps", "three"], ["--attack-steps", "must be an integer >= 0", "'three'"]),
     ("missing-data-dir", ["--dataset", ""], ["no data dir"]),
     ("data-dir-does-not-exist", ["{inp}/no_such_dir", "--dataset", ""], ["no_such_dir", "does not exist"]),
-    ("data-dir-without-images", ["{inp}/empty_dir", "--dataset", ""], ["cannot load dataset", "empty_dir"]),
+    ("data-dir-without-images", ["{inp}/empty_dir", "--dataset", ""], ["holds no image", "empty_dir"]),
     ("unknown-dataset", ["--dataset", "imagenet_typo"], ["unknown dataset 'imagenet_typo'"]),
     ("unknown-torch-dataset", ["{inp}", "--dataset", "torch/no_such_set"], ["no_such_set"]),
     ("unknown-model", ["--model", "vit_tiny_patch16_typo"], ["unknown model 'vit_tiny_patch16_typo'"]),
