@@ -29,6 +29,7 @@ EVAL = "eval_overhead-resnet18-test_vit.json"
 PEER = "peer_torchattacks-resnet18.json"
 STEP_COST = ("adv_step_cost-resnet18.json", "adv_step_cost-xcit_nano_12_p4_32.json")
 COMPILE = "compile_check-resnet18-xcit_nano_12_p4_32.json"
+FOLD_BN = ("eval_overhead-fold_bn-resnet18.json", "eval_overhead-fold_bn-resnet50.json")
 
 
 def _load(name: str, results: Path) -> Optional[dict]:
@@ -68,6 +69,18 @@ def rows(results: Path = RESULTS) -> List[List[str]]:
             what = ("`validate.py` PGD-10 evaluation vs a plain loop" if r["reference"] == "plain loop"
                     else f"AutoAttack through `validate.py` vs a direct pyautoattack call ({r['images']} images)")
             out.append([f"{what} ({same})", f"{r['ratio']:.3f}x", _clock(ev)])
+    folds = []
+    for name in FOLD_BN:
+        fb = _load(name, results)
+        r = next((r for r in fb["results"] if "speedup_over_unfolded" in r), None) if fb else None
+        if r is not None:
+            model = fb["options"]["pgd_model"]
+            same = len({round(v, 4) for v in r["robust_top1"][r["cli"]] + r["robust_top1_unfolded"]}) == 1
+            folds.append((model, r["speedup_over_unfolded"], same, _clock(fb)))
+    if folds:
+        same = "same robust accuracy" if all(f[2] for f in folds) else "robust accuracy differs, see RESULTS.md"
+        out.append([f"speed-up of `validate.py --fold-bn` PGD-10 over `validate.py` ({same}): "
+                    + " / ".join(f[0] for f in folds), " / ".join(f"{f[1]:.2f}x" for f in folds), folds[0][3]])
     peer = _load(PEER, results)
     if peer:
         ks = [r["k"] for r in peer["results"]]
