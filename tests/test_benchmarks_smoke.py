@@ -187,3 +187,15 @@ def test_summary_reads_the_variant_names_the_peer_benchmark_writes():
         sys.path.remove(str(BENCH))
     # a renamed variant would otherwise drop its README row without a word
     assert (summarize.FAST, summarize.CL) == (peer_torchattacks.FAST, peer_torchattacks.CL)
+
+
+def test_loader_overhead_reads_a_jpeg_folder_through_train_py_code(tmp_path):
+    res = _run("loader_overhead", ["--model", "test_vit", "--input-size", "32", "--disk-size", "40", "--images",
+                                   "16", "--batch-size", "4", "--e2e-steps", "2", "--e2e-workers", "1", "--reps", "1"]
+               + QUICK, tmp_path)
+    assert res["loader_batch_s"] > 0 and res["step_s"] > 0
+    assert res["loader_over_step"] == pytest.approx(res["loader_batch_s"] / res["step_s"])
+    assert res["workers_to_keep_up"] >= 1
+    e2e = res["end_to_end_s"]
+    assert len(e2e["loader-fed"]) == len(e2e["in memory"]) == len(e2e["first batch"]) == 1
+    assert not any(n.startswith("bench-loader-") for n in os.listdir(tmp_path))  # its temporary folder is gone
