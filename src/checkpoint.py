@@ -191,6 +191,9 @@ def load_checkpoint_file(path: Union[str, os.PathLike], trust: bool = False) -> 
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was probably not written completely")
     if _is_safetensors(path, head, size):
         return _load_safetensors(path, read_all())
+    other = _other_format(path, head, opener)
+    if other:
+        raise CheckpointError(f"checkpoint {path} {other}")
 
     corrupt = f"cannot read checkpoint {path}: the file is truncated or corrupt"
     if trust:
@@ -231,6 +234,32 @@ def load_checkpoint_file(path: Union[str, os.PathLike], trust: bool = False) -> 
         raise CheckpointError(f"{corrupt} (damaged pickle data)") from None
     except Exception as e:  # noqa: BLE001 - zip/stream errors of damaged files
         raise CheckpointError(f"{corrupt} ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _other_format(path: str, head: bytes, opener: Any) -> Optional[str]:
+    """What a file that is not a checkpoint is, from its first bytes (None: maybe a checkpoint).
+
+    Such files used to be reported as "truncated or corrupt", which sends the user hunting for a
+    damaged download when the file is intact and merely of another kind. A zip archive that cannot be
+    listed is left to ``torch.load`` (a truncated checkpoint)."""
+    if head[:2] == b"\x1f\x8b":
+        return "is gzip-compressed: decompress it first (gunzip) and pass the .pth/.pth.tar inside"
+    if head[:4] != b"PK\x03\x04":
+        return None
+    import zipfile
+
+    try:
+        with opener() as f, zipfile.ZipFile(f) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
+    if any(n.endswith("/constants.pkl") or "/code/__torch__/" in n for n in names):
+        return ("is a TorchScript archive (torch.jit.save), not a checkpoint: load it with torch.jit.load and save "
+                "its state_dict() instead")
+    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "nothing"
+        return f"is a zip archive but not a PyTorch checkpoint (no data.pkl; it holds {shown})"
+    return None
 
 
 def _missing_code(path: str, names: Sequence[str]) -> str:
@@ -356,18 +385,39 @@ def extract_state_dict(ckpt: Any, use_ema: bool = False,
     weights: Any = ckpt
     candidates = (EMA_KEYS if use_ema else ()) + _MODEL_KEYS
     for key in candidates:
-        if isinstance(ckpt.get(key), Mapping):
-            state_key, weights = key, ckpt[key]
+        value = ckpt.get(key)
+        if isinstance(value, Mapping):
+            state_key, weights = key, value
             break
+        if value is not None and not isinstance(value, torch.Tensor):  # None: no EMA; a tensor: a bare state dict
+            raise CheckpointError(f"checkpoint {source}: its '{key}' entry is a {type(value).__name__}, not a "
+                                  f"state dict; the file is damaged or was not written as a checkpoint")
     if not _is_state_dict(weights):
-        keys = ", ".join(sorted(map(str, ckpt))[:8])
-        raise CheckpointError(f"checkpoint {source} contains no model weights (top-level keys: {keys})")
+        raise CheckpointError(f"checkpoint {source} {_not_weights(weights, state_key, ckpt)}")
     sd, meta = _strip_wrappers(weights)
     meta["state_key"] = state_key
     norm = checkpoint_normalization(ckpt)
     if norm is not None:
         meta["normalization"] = norm
     return sd, meta
+
+
+def _not_weights(weights: Mapping[str, Any], state_key: str, ckpt: Mapping[str, Any]) -> str:
+    """Why ``weights`` (the ``state_key`` entry, or the whole file when ``bare``) is no state dict."""
+    if state_key != "bare" and not weights:
+        return f"contains no model weights: its '{state_key}' entry is empty"
+    tensors = [k for k, v in weights.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
+    junk = [f"{k!r} ({type(v).__name__})" if not isinstance(k, str) else f"{k} ({type(v).__name__})"
+            for k, v in weights.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if tensors and state_key != "bare":  # loading only the tensors would hide the damage
+        return (f"is damaged: its '{state_key}' entry holds {len(tensors)} tensors and {len(junk)} other entries "
+                f"({_first_names(junk, 3)})")
+    if tensors:
+        return (f"is not a state dict: it mixes {len(tensors)} tensors with {len(junk)} other entries "
+                f"({_first_names(junk, 3)}); weights are read from a bare state dict or a 'model' / 'state_dict' "
+                f"entry")
+    keys = ", ".join(sorted(map(str, ckpt))[:8])
+    return f"contains no model weights (top-level keys: {keys})"
 
 
 def checkpoint_normalization(ckpt: Any) -> Optional[Normalization]:

@@ -110,6 +110,27 @@ def _architecture(model_name: str, state_dict: Mapping[str, torch.Tensor], sourc
     return net
 
 
+def _check_record_fits(record: Mapping[str, Any], net: nn.Module, source: str, verify: bool, recorded: Any,
+                       overrides: Mapping[str, Any]) -> None:
+    """The record must describe these weights: a release whose record contradicts them fails (or, for a patch
+    size, evaluates wrongly without a word) in every evaluation CLI later, far from the flag that caused it.
+
+    The class count is checked against the network built from the weights (``verify``: it fits them exactly);
+    the patch size must be one the network's stem can take (``set_patch_size``'s rules)."""
+    from .errors import UsageError
+    from .model_factory import patch_size_of, set_patch_size
+
+    classes = getattr(net, "num_classes", None)
+    if verify and isinstance(classes, int) and record.get("num_classes") not in (None, classes):
+        where = "--num-classes" if overrides.get("num_classes") is not None else \
+            (recorded.source if recorded is not None else "the record")
+        raise UsageError(f"checkpoint {source} has a {classes}-class classifier, but {where} says "
+                         f"{record['num_classes']} classes: pass --num-classes {classes} (or leave it out)")
+    patch = record.get("patch_size")
+    if patch is not None and patch != patch_size_of(net):
+        set_patch_size(net, patch, flag="--patch-size", error=UsageError)  # refuses models without such a stem
+
+
 def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, dataset: str, output_dir: str,
                                eps: Optional[Union[int, float, str]] = None, use_ema: bool = False,
                                trust: bool = False, verify: bool = True,
@@ -147,6 +168,7 @@ def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, da
     if isinstance(arch, str) and arch != model_name:
         _logger.warning("checkpoint %s was trained as '%s' and is exported as '%s'", source, arch, model_name)
     record = complete_record(recorded, model_name, net, eval_overrides)
+    _check_record_fits(record, net, source, verify, recorded, eval_overrides or {})
     _logger.info("evaluation record: %s", json.dumps(record))
 
     storage.check_output_folder(output_dir, "--output-dir")  # everything checked: create it now

@@ -248,6 +248,7 @@ def read_record(ckpt: Any, model_hint: Optional[str] = None, path: Optional[str]
 
 def _read_record(ckpt: Any, model_hint: Optional[str]) -> Optional[EvalRecord]:
     from src.checkpoint import checkpoint_normalization
+    from src.errors import CheckpointError
 
     if not isinstance(ckpt, Mapping):
         return None
@@ -258,9 +259,13 @@ def _read_record(ckpt: Any, model_hint: Optional[str]) -> Optional[EvalRecord]:
         rec = EvalRecord.from_dict(found)
     elif isinstance(st_meta, Mapping) and st_meta.get(RECORD_KEY):
         try:
-            rec = EvalRecord.from_dict(json.loads(st_meta[RECORD_KEY]))
-        except (ValueError, TypeError):
-            _logger.warning("ignoring the unreadable eval_config metadata of the safetensors checkpoint")
+            found = json.loads(st_meta[RECORD_KEY])
+        except ValueError:
+            found = None
+        if not isinstance(found, Mapping):  # damaged like any other record: evaluating without it guesses
+            raise CheckpointError(f"the checkpoint's record is damaged: its '{RECORD_KEY}' metadata is not a JSON "
+                                  f"object ({str(st_meta[RECORD_KEY])[:60]!r})")
+        rec = EvalRecord.from_dict(found)
     if rec is None:
         for obj in (ckpt, ckpt.get("state_dict"), ckpt.get("model")):
             found = _state_dict_record(obj)

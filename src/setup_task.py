@@ -41,8 +41,12 @@ def create_model(args: argparse.Namespace) -> nn.Module:
     if args.initial_checkpoint:
         from src.checkpoint import load_model_weights
 
-        load_model_weights(model, args.initial_checkpoint, use_ema=True, strict=True,
-                           trust=getattr(args, "trust_checkpoint", False))
+        # timm's choice: a checkpoint's EMA weights when it has them; said, so it is never a surprise
+        report = load_model_weights(model, args.initial_checkpoint, use_ema=True, strict=True,
+                                    trust=getattr(args, "trust_checkpoint", False))
+        _logger.info("--initial-checkpoint: starting from the %s weights of %s%s", report.state_key,
+                     args.initial_checkpoint, " (its EMA weights, preferred as in timm)"
+                     if report.state_key in ("model_ema", "state_dict_ema") else "")
     if args.finetune:
         from src.checkpoint import finetune_from_checkpoint
 

@@ -356,13 +356,14 @@ def restore(task: TrainTask, plan: OutputPlan) -> Progress:
     if ckpt is not None:
         from src.checkpoint import load_model_weights
 
-        try:
-            load_model_weights(parts.model, ckpt, use_ema=False, strict=True)
-        except CheckpointError as e:  # name the file, not the in-memory dict it was read into
-            raise CheckpointError(str(e).replace("<in-memory checkpoint>", f"--resume {plan.resume_path}")) from None
+        source = f"--resume {plan.resume_path}"
+        load_model_weights(parts.model, ckpt, use_ema=False, strict=True, source=source)
         if parts.model_ema is not None:
             if ckpt.get("model_ema") is not None:
-                unwrap_model(parts.model_ema).load_state_dict(ckpt["model_ema"])
+                # the same checks as the model's (prefixes, shapes, NaN/inf, junk): a damaged EMA would
+                # otherwise crash with a traceback or silently pick every best checkpoint from garbage
+                load_model_weights(parts.model_ema, {"model_ema": ckpt["model_ema"]}, use_ema=True, strict=True,
+                                   source=f"{source} (EMA weights)")
             else:  # no EMA in the file: the average restarts from the resumed weights, not from the init
                 parts.model_ema.set(parts.model)
         if not args.no_resume_opt:  # present and of the same optimizer: _load_resume checked

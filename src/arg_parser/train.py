@@ -131,7 +131,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="resnet50", metavar="MODEL", help="timm model name")
     bool_flag(g, "--pretrained", help="start from timm's pretrained weights (needs the network)")
     g.add_argument("--initial-checkpoint", default="", type=INPUT_PATH, metavar="PATH",
-                   help="load these weights into the model before training")
+                   help="load these weights into the model before training (its EMA weights when it has "
+                        "them, as timm does; the log names which)")
     g.add_argument("--resume", default="", type=INPUT_PATH, metavar="PATH",
                    help="resume model, EMA, optimizer and schedule from a checkpoint "
                         "('auto': the newest last/recovery checkpoint of the experiment folder)")
