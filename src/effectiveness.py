@@ -392,6 +392,9 @@ def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
     skipped = len(jobs) - len(pending)
     labels = list(dict.fromkeys(j.epoch for j in pending))
     if labels and not storage.isdir(args.checkpoints_dir):
+        if storage.exists(args.checkpoints_dir):
+            raise UsageError(f"--checkpoints-dir {args.checkpoints_dir} is a file: pass the training run's folder "
+                             f"(it holds checkpoint-<epoch>.pth.tar)")
         raise UsageError(f"--checkpoints-dir {args.checkpoints_dir} does not exist")
     missing = [e for e in labels if not storage.exists(checkpoint_path(args.checkpoints_dir, e))]
     if missing:

@@ -338,6 +338,13 @@ def test_missing_checkpoint_fails_before_any_work(run_dir, tmp_path, capsys, cou
     assert not os.path.exists(out) and not count_evals
 
 
+def test_checkpoints_dir_that_is_a_file_says_so(run_dir, tmp_path, capsys, count_evals):
+    ckpt = os.path.join(run_dir, "checkpoint-0.pth.tar")
+    rc, _, err = cli(sweep_args(ckpt, epochs=(0,), extra=["--output-file", str(tmp_path / "x.csv")]), capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert f"--checkpoints-dir {ckpt} is a file" in err and not count_evals
+
+
 def test_training_summary_is_never_the_output(run_dir, sweep, capsys):
     summary = os.path.join(run_dir, "summary.csv")
     before = open(summary, "rb").read()
