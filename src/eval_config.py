@@ -276,6 +276,10 @@ def _read_record(ckpt: Any, model_hint: Optional[str]) -> Optional[EvalRecord]:
     hparams = vars(hparams) if isinstance(hparams, argparse.Namespace) else hparams
     if rec is None and isinstance(hparams, Mapping):
         rec = record_from_hparams(hparams, ckpt.get("arch") if isinstance(ckpt.get("arch"), str) else None)
+    arch = ckpt.get("arch")  # timm's train.py saves the model name there, also without training arguments
+    if isinstance(arch, str) and arch.strip() and (rec is None or not rec.model):
+        rec = rec or EvalRecord(source="the checkpoint's 'arch' entry")
+        rec.model = arch.strip()
     norm = checkpoint_normalization(ckpt)
     if norm is not None and (rec is None or rec.mean is None):
         rec = rec or EvalRecord(source="stored in the checkpoint")

@@ -222,3 +222,19 @@ def test_initial_checkpoint_says_which_weights_it_started_from(run, tmp_path, ca
         assert ("EMA" in line) == (expected == "model_ema")
         loaded = model.state_dict()["head.weight"]
         assert torch.equal(loaded, ck[expected]["head.weight"])
+
+
+def test_timm_checkpoint_arch_names_the_model(tmp_path, capsys):
+    """timm's train.py saves {'state_dict', 'arch', ...}; without training arguments the 'arch' entry was ignored
+    and validate.py built its default resnet50 (a shape-mismatch error about a model the user never named)."""
+    model = timm.create_model("test_vit", num_classes=10, img_size=32)
+    path = tmp_path / "timm.pth.tar"
+    torch.save({"state_dict": model.state_dict(), "arch": "test_vit", "epoch": 3}, path)
+    rec = read_record(torch.load(path, weights_only=True), path=str(path))
+    assert rec is not None and rec.model == "test_vit"
+    rc = run_cli(validate_cli.main, ["--dataset", "digits", "-j", "0", "--checkpoint", str(path), "--num-classes",
+                                     "10", "--input-size", "3", "32", "32", "--num-examples", "20", "-b", "20",
+                                     "--log-freq", "0"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "evaluating test_vit (10 classes)" in err
