@@ -289,6 +289,6 @@ def build_eval_attack(args: argparse.Namespace, steps: int, num_classes: int, de
                                criterion=nn.NLLLoss(reduction="sum"), dev_env=dev_env, num_classes=num_classes)
         return make_attack(cfg.name, cfg.eps, cfg.step_size, cfg.steps, cfg.norm, cfg.boundaries,
                            criterion=nn.NLLLoss(reduction="sum"), device=dev_env.device, verbose=args.verbose,
-                           seed=args.seed, batch_size=args.batch_size)
+                           seed=args.seed, batch_size=args.batch_size, num_classes=num_classes)
     except ValueError as e:
         raise UsageError(f"--attack {args.attack}: {e}") from None
