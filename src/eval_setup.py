@@ -189,6 +189,12 @@ def create_eval_model(args: argparse.Namespace, dev_env: DeviceEnv, checkpoint: 
             model = torch.jit.script(model)
         except Exception as e:  # noqa: BLE001 - scripting failures are many kinds of error
             raise UsageError(f"--torchscript: cannot script {settings.model} ({first_line(e)})") from None
+    from src.sanity import probe_model_outputs
+
+    probed = probe_model_outputs(model, data_config["input_size"], num_classes, dev_env.device, dev_env.autocast())
+    for note in probed:  # outputs that are not logits: an error; randomized or probability outputs: notes
+        _logger.warning(note)
+    notes = notes + probed
     rec_mode = settings.record.normalization if settings.record is not None else None
     trained = {"raw": "raw", "model": "normalized", "loader": "normalized"}.get(rec_mode or "")
     if trained is None and loaded is not None:
