@@ -253,6 +253,10 @@ def create_eval_loader(args: argparse.Namespace, em: EvalModel, dev_env: DeviceE
     from src.image_folder import check_folder_class_count
 
     check_folder_class_count(dataset, em.num_classes, args.class_map)  # a missing class folder shifts labels
+    if ds_classes is not None and ds_classes > em.num_classes and getattr(args, "valid_labels", None):
+        raise UsageError(f"the dataset has {ds_classes} classes but --valid-labels {args.valid_labels} keeps "
+                         f"{em.num_classes} of the model's outputs: the dataset's label i must be the i-th listed "
+                         f"class, so list one model class per dataset class")
     if ds_classes is not None and ds_classes > em.num_classes:
         raise UsageError(f"the dataset has {ds_classes} classes but the model predicts {em.num_classes}; pass "
                          f"--num-classes {ds_classes} (with a checkpoint trained for them)")
