@@ -150,6 +150,10 @@ def _check_budget(eps: float, steps: int, step_size: Optional[float] = None) -> 
         raise ValueError(f"attack steps must be >= 0, got {steps}")
     if step_size is not None and step_size < 0:
         raise ValueError(f"attack step size must be >= 0, got {step_size}")
+    if step_size == 0 and steps > 0 and eps > 0:
+        # every iterate would stay at the random start: a noise baseline reported as a PGD-k number
+        raise ValueError(f"attack step size 0 with {steps} steps and eps {eps:g} never moves from the random start; "
+                         f"give a step size > 0 (or --attack-steps 0 for the random start alone)")
 
 
 def _attack_loss(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, criterion: Criterion) -> torch.Tensor:
@@ -374,9 +378,10 @@ def make_attack(attack: str,
     global torch RNG (seeded by the scripts), so it does not use them.
 
     ``apgd-ce`` (APGD-CE, 5 restarts) and ``autoattack`` (standard AutoAttack) delegate to
-    :mod:`src.autoattack`; they take ``verbose``, ``seed`` and ``batch_size`` and ignore the
+    :mod:`src.autoattack`; they take ``verbose``, ``seed``, ``batch_size`` and ``num_classes``
+    (too few classes for the version is a ValueError here, not in the first batch) and ignore the
     PGD-only ``step_size``, ``steps``, ``boundaries`` (AutoAttack clips to [0, 1]),
-    ``criterion``, ``num_classes`` and ``dev_env``. The returned callable has ``flags`` /
+    ``criterion`` and ``dev_env``. The returned callable has ``flags`` /
     ``flag_counts`` attributes listing AutoAttack's sanity-check warnings.
     """
     _check_budget(eps, steps, step_size if attack not in _AUTOATTACKS else None)
@@ -384,10 +389,9 @@ def make_attack(attack: str,
         from src.autoattack import make_autoattack
 
         kwargs.pop("dev_env", None)
-        kwargs.pop("num_classes", None)
-        unknown = sorted(set(kwargs) - {"verbose", "seed", "batch_size"})
+        unknown = sorted(set(kwargs) - {"verbose", "seed", "batch_size", "num_classes"})
         if unknown:
-            raise ValueError(f"{attack} does not take {unknown}; it accepts verbose, seed, batch_size")
+            raise ValueError(f"{attack} does not take {unknown}; it accepts verbose, seed, batch_size, num_classes")
         if tuple(boundaries) != (0, 1):
             _logger.warning("%s always clips to [0, 1]; attack boundaries %s are not used",
                             attack, tuple(boundaries))

@@ -57,6 +57,23 @@ def _check_version(version: str) -> None:
         raise ValueError(f"unknown AutoAttack version '{version}': choose one of {list(VERSIONS)}")
 
 
+# The fewest classes each version can attack: the untargeted DLR loss (APGD-DLR) needs 3, the
+# targeted one (APGD-T) 4; APGD-CE alone needs a second class to move towards.
+MIN_CLASSES = {"apgd-ce": 2, "standard": 4, "plus": 4, "rand": 3}
+
+
+def check_num_classes(version: str, num_classes: Optional[int]) -> None:
+    """Refuse, before any work, a model with too few classes for ``version`` (None: unknown, not checked).
+
+    pyautoattack would otherwise fail inside the first batch (or, with one class, attack nothing).
+    """
+    needed = MIN_CLASSES.get(version, 2)
+    if num_classes is not None and num_classes < needed:
+        hint = "; use apgd-ce instead" if version != "apgd-ce" else ""
+        raise ValueError(f"AutoAttack '{version}' needs at least {needed} classes, the model has {num_classes}"
+                         f"{hint}")
+
+
 def _check_eps(eps: float) -> None:
     if eps < 0:
         raise ValueError(f"AutoAttack eps must be >= 0, got {eps}")
@@ -365,9 +382,11 @@ class AutoAttackFn:
     """
 
     def __init__(self, version: str, eps: float, norm: str, seed: Optional[int] = None, verbose: bool = False,
-                 device: Optional[Union[str, torch.device]] = None, batch_size: Optional[int] = None):
+                 device: Optional[Union[str, torch.device]] = None, batch_size: Optional[int] = None,
+                 num_classes: Optional[int] = None):
         _check_version(version)
         _check_eps(eps)
+        check_num_classes(version, num_classes)
         autoattack_norm(norm)
         self.version = version
         self.eps = eps
@@ -400,9 +419,11 @@ class AutoAttackFn:
 
 def make_autoattack(version: str, eps: float, norm: str, seed: Optional[int] = None, verbose: bool = False,
                     device: Optional[Union[str, torch.device]] = None,
-                    batch_size: Optional[int] = None) -> AutoAttackFn:
-    """Build an :class:`AutoAttackFn` ('apgd-ce' or 'standard' are the ones the CLIs use)."""
-    return AutoAttackFn(version, eps, norm, seed=seed, verbose=verbose, device=device, batch_size=batch_size)
+                    batch_size: Optional[int] = None, num_classes: Optional[int] = None) -> AutoAttackFn:
+    """Build an :class:`AutoAttackFn` ('apgd-ce' or 'standard' are the ones the CLIs use); a known
+    ``num_classes`` too small for ``version`` is a ValueError here, before any batch."""
+    return AutoAttackFn(version, eps, norm, seed=seed, verbose=verbose, device=device, batch_size=batch_size,
+                        num_classes=num_classes)
 
 
 def attack_flags(attack: object) -> List[str]:

@@ -53,7 +53,8 @@ from src.cli import seed_everything
 from src.errors import UsageError
 from src.eval_config import flag_given
 from src.eval_setup import build_eval_attack, create_eval_dataset, create_eval_loader, create_eval_model, eval_batches
-from src.honesty import attack_strength_warnings, gradient_warnings, normalization_warnings, robust_above_clean_warnings
+from src.honesty import (attack_setting_warnings, attack_strength_warnings, gradient_warnings, nonfinite_warnings, normalization_warnings,
+                         robust_above_clean_warnings)
 from src.results import RESULT_KEYS, result_row
 
 _logger = logging.getLogger("robust_vits")
@@ -343,7 +344,8 @@ def _evaluate_checkpoint(args: argparse.Namespace, base: argparse.Namespace, dat
         em = create_eval_model(base, dev_env, checkpoint=ckpt)
     loader = create_eval_loader(base, em, dev_env, dataset)
     max_batches = eval_batches(base, loader, dev_env)
-    _note(warnings, em.notes + normalization_warnings(em.normalization, "pgd", em.trained_inputs))
+    _note(warnings, em.notes + normalization_warnings(em.normalization, "pgd", em.trained_inputs)
+          + attack_setting_warnings("pgd", getattr(base, "attack_norm", "linf"), base.attack_eps, base.attack_lr))
     label_rows: Dict[int, List[Dict[str, Any]]] = {}
     n_examples = 0
     for job in (j for j in pending if j.epoch == label):
@@ -357,6 +359,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, base: argparse.Namespace, dat
                    seed=job.seed)
         n_examples = ev.num_examples
         _note(warnings, robust_above_clean_warnings(row) + gradient_warnings(ev.zero_grad_fraction)
+              + nonfinite_warnings(ev.nonfinite_clean, ev.nonfinite_adv, ev.num_examples)
               + [f"AutoAttack check: {f}" for f in ev.attack_flags])
         if job.attack == "pgd":
             label_rows.setdefault(job.seed, []).append(row)

@@ -386,6 +386,8 @@ class EvalResult:
     local_examples: int = 0
     zero_grad_fraction: Optional[float] = None
     attack_flags: list = field(default_factory=list)
+    nonfinite_clean: int = 0  # examples whose clean logits hold NaN/inf (counted wrong)
+    nonfinite_adv: int = 0  # the same for the adversarial logits
     per_example: Optional[dict] = None
     indices: Optional[torch.Tensor] = None
 
@@ -498,13 +500,22 @@ def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> tuple:
 
 
 def _forward_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dev_env: DeviceEnv, topk: int) -> dict:
-    """One no-grad forward: per-example top-1/top-k correctness, prediction and float32 CE loss."""
+    """One no-grad forward: per-example top-1/top-k correctness, prediction and float32 CE loss.
+
+    An example whose logits hold a NaN or inf is never counted correct (``argmax`` would pick the
+    NaN's class, so class-0 examples of a diverging model would count as robust); ``nonfinite``
+    counts them so the report can say so.
+    """
+    from src.sanity import check_logits
+
     with torch.no_grad(), dev_env.autocast():
         logits = model(x)
-    logits = logits.float()
+    logits = check_logits(logits, x.shape[0]).float()
+    finite = torch.isfinite(logits).all(dim=-1)
     c1, ck, pred = _topk_correct(logits, y, min(topk, logits.shape[-1]))
-    return {"c1": c1, "ck": ck, "pred": pred, "loss": nn.functional.cross_entropy(logits, y, reduction="none"),
-            "k": min(topk, logits.shape[-1])}
+    return {"c1": c1 & finite, "ck": ck & finite, "pred": pred,
+            "loss": nn.functional.cross_entropy(logits, y, reduction="none"), "k": min(topk, logits.shape[-1]),
+            "nonfinite": (~finite).sum()}
 
 
 class _EvalProgress:
@@ -554,7 +565,8 @@ def evaluate_loop(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional
     from src.sanity import check_input_batch
 
     model.eval()
-    sums = torch.zeros(6, dtype=torch.float64, device=dev_env.device)  # c1, ck, loss, r1, rk, adv_loss
+    # c1, ck, loss, r1, rk, adv_loss, examples with non-finite clean / adversarial logits
+    sums = torch.zeros(8, dtype=torch.float64, device=dev_env.device)
     total = len(loader) if hasattr(loader, "__len__") else 0
     if max_batches is not None:
         total = min(total, max_batches) if total else max_batches
@@ -571,6 +583,7 @@ def evaluate_loop(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional
         k_used = clean["k"]
         items = {"label": y, "clean_pred": clean["pred"], "clean_correct": clean["c1"], "clean_loss": clean["loss"]}
         batch = [clean["c1"].sum(), clean["ck"].sum(), clean["loss"].sum()]
+        nonfinite = [clean["nonfinite"], torch.zeros((), device=dev_env.device)]
         if attack is not None:
             if check_gradients and i == 0:
                 zero_frac = zero_gradient_fraction(model, x, y, dev_env)
@@ -578,9 +591,10 @@ def evaluate_loop(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional
                                    topk)
             items.update(adv_pred=adv["pred"], robust_correct=adv["c1"], adv_loss=adv["loss"])
             batch += [adv["c1"].sum(), adv["ck"].sum(), adv["loss"].sum()]
+            nonfinite[1] = adv["nonfinite"]
         else:
             batch += [torch.zeros((), device=dev_env.device)] * 3
-        sums += torch.stack([b.double() for b in batch])
+        sums += torch.stack([b.double() for b in batch + nonfinite])
         if return_per_example:
             for key, v in items.items():
                 per.setdefault(key, []).append(v.detach().cpu())
@@ -588,7 +602,10 @@ def evaluate_loop(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional
         dev_env.mark_step()
         progress.update(i, x.shape[0], sums, count, k_used)
     progress.close()
-    c1, ck, loss_sum, r1, rk, adv_loss_sum, n = reduce_sums(dev_env, sums.tolist() + [count])
+    c1, ck, loss_sum, r1, rk, adv_loss_sum, bad_clean, bad_adv, n = reduce_sums(dev_env, sums.tolist() + [count])
+    if (bad_clean or bad_adv) and dev_env.primary:
+        _logger.warning("%s: %d of %d examples have NaN/inf logits (%d clean, %d adversarial); they count as wrong",
+                        desc, int(max(bad_clean, bad_adv)), int(n), int(bad_clean), int(bad_adv))
     flags: list = []
     if attack is not None:
         from src.autoattack import attack_flags
@@ -597,7 +614,8 @@ def evaluate_loop(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional
     return EvalResult(num_examples=int(n), clean_correct1=c1, clean_correct5=ck, loss_sum=loss_sum,
                       attacked=attack is not None, robust_correct1=r1, robust_correct5=rk,
                       adv_loss_sum=adv_loss_sum, topk=k_used, seconds=time.time() - t0, local_examples=count,
-                      zero_grad_fraction=zero_frac, attack_flags=flags,
+                      zero_grad_fraction=zero_frac, attack_flags=flags, nonfinite_clean=int(bad_clean),
+                      nonfinite_adv=int(bad_adv),
                       per_example={k: torch.cat(v) for k, v in per.items()} if return_per_example else None,
                       indices=_sampler_indices(loader, count) if return_per_example else None)
 

@@ -189,6 +189,12 @@ def create_eval_model(args: argparse.Namespace, dev_env: DeviceEnv, checkpoint: 
             model = torch.jit.script(model)
         except Exception as e:  # noqa: BLE001 - scripting failures are many kinds of error
             raise UsageError(f"--torchscript: cannot script {settings.model} ({first_line(e)})") from None
+    from src.sanity import probe_model_outputs
+
+    probed = probe_model_outputs(model, data_config["input_size"], num_classes, dev_env.device, dev_env.autocast())
+    for note in probed:  # outputs that are not logits: an error; randomized or probability outputs: notes
+        _logger.warning(note)
+    notes = notes + probed
     rec_mode = settings.record.normalization if settings.record is not None else None
     trained = {"raw": "raw", "model": "normalized", "loader": "normalized"}.get(rec_mode or "")
     if trained is None and loaded is not None:
@@ -247,6 +253,10 @@ def create_eval_loader(args: argparse.Namespace, em: EvalModel, dev_env: DeviceE
     from src.image_folder import check_folder_class_count
 
     check_folder_class_count(dataset, em.num_classes, args.class_map)  # a missing class folder shifts labels
+    if ds_classes is not None and ds_classes > em.num_classes and getattr(args, "valid_labels", None):
+        raise UsageError(f"the dataset has {ds_classes} classes but --valid-labels {args.valid_labels} keeps "
+                         f"{em.num_classes} of the model's outputs: the dataset's label i must be the i-th listed "
+                         f"class, so list one model class per dataset class")
     if ds_classes is not None and ds_classes > em.num_classes:
         raise UsageError(f"the dataset has {ds_classes} classes but the model predicts {em.num_classes}; pass "
                          f"--num-classes {ds_classes} (with a checkpoint trained for them)")
@@ -289,6 +299,6 @@ def build_eval_attack(args: argparse.Namespace, steps: int, num_classes: int, de
                                criterion=nn.NLLLoss(reduction="sum"), dev_env=dev_env, num_classes=num_classes)
         return make_attack(cfg.name, cfg.eps, cfg.step_size, cfg.steps, cfg.norm, cfg.boundaries,
                            criterion=nn.NLLLoss(reduction="sum"), device=dev_env.device, verbose=args.verbose,
-                           seed=args.seed, batch_size=args.batch_size)
+                           seed=args.seed, batch_size=args.batch_size, num_classes=num_classes)
     except ValueError as e:
         raise UsageError(f"--attack {args.attack}: {e}") from None

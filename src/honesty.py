@@ -11,7 +11,8 @@ import math
 from typing import Any, List, Mapping, Optional, Sequence
 
 __all__ = ["PGD_ATTACKS", "FEW_STEPS", "binomial_se", "robust_above_clean_warnings", "attack_strength_warnings",
-           "normalization_warnings", "gradient_warnings", "weak_attack_warnings", "honesty_warnings"]
+           "normalization_warnings", "gradient_warnings", "weak_attack_warnings", "nonfinite_warnings",
+           "attack_setting_warnings", "example_count_warnings", "honesty_warnings"]
 
 PGD_ATTACKS = ("pgd", "targeted_pgd")
 # Below this many PGD steps robust accuracy is a loose upper bound (the paper reports AutoAttack).
@@ -131,16 +132,79 @@ def weak_attack_warnings(attack: str, steps: Sequence[int]) -> List[str]:
             f"(too few steps); report APGD-CE or AutoAttack (the paper's numbers are AutoAttack)"]
 
 
+def nonfinite_warnings(clean: int, adv: int, num_examples: int) -> List[str]:
+    """Examples whose logits held NaN/inf: counted wrong, and said (their loss is NaN too)."""
+    if not (clean or adv):
+        return []
+    parts = [f"{n} {what}" for n, what in ((clean, "clean"), (adv, "adversarial")) if n]
+    return [f"the model returned NaN/inf logits for {' and '.join(parts)} of the {num_examples} examples: they are "
+            f"counted as wrong (an argmax over NaN would pick an arbitrary class) and the mean losses are NaN; the "
+            f"model overflows or divides by zero on these inputs -- check its numerics (float16?) before trusting "
+            f"any number"]
+
+
+def attack_setting_warnings(attack: str, norm: str = "linf", eps_255: Optional[float] = None,
+                            step_255: Optional[float] = None, num_classes: Optional[int] = None) -> List[str]:
+    """Attack settings that make the reported robust accuracy mean something else than it seems.
+
+    * an L2 eps below 1/255 (``--attack-eps`` is in /255 units for L2 too): less than one gray level
+      on a single pixel, almost surely pixel units given by mistake (RobustBench's L2 eps 0.5 is 127.5);
+    * a PGD step (``--attack-lr``) above the ball's diameter 2 x eps: every step jumps across the
+      ball, so PGD degenerates into repeated FGSM from the ball's boundary;
+    * targeted PGD draws random targets that may equal the true class (as the original did): about
+      1/C of the examples are pulled towards their own label and never attacked.
+    """
+    out = []
+    if not attack:
+        return out
+    if str(norm).lower() == "l2" and eps_255 is not None and 0 < eps_255 < 1:
+        out.append(f"L2 eps {eps_255:g}/255 = {eps_255 / 255:.4g} (in [0, 1] pixel units) is less than one gray level "
+                   f"on a single pixel: --attack-eps is in /255 units for L2 too, so this attack barely perturbs the "
+                   f"image; an L2 eps of 0.5 in pixel units (RobustBench's) is --attack-eps 127.5")
+    if attack in PGD_ATTACKS and step_255 is not None and eps_255 is not None and 0 < 2 * eps_255 < step_255:
+        out.append(f"the PGD step size {step_255:g}/255 (--attack-lr) is more than the eps-ball's diameter "
+                   f"(2 x {eps_255:g}/255): every step jumps across the ball and is projected back onto its "
+                   f"boundary, so PGD degenerates into repeated FGSM and its robust accuracy overstates robustness; "
+                   f"use a step of at most eps (the default is 1.5 x eps / steps)")
+    if attack == "targeted_pgd" and num_classes:
+        out.append(f"targeted_pgd attacks random target classes that may equal the true class (as the original "
+                   f"did): about 1 in {num_classes} examples ({100 / num_classes:.0f}%) is pulled towards its own "
+                   f"label, so its robust accuracy is not an untargeted robustness number; report pgd, APGD-CE or "
+                   f"AutoAttack")
+    return out
+
+
+def example_count_warnings(requested: Optional[int], evaluated: int, per_step: int) -> List[str]:
+    """``--num-examples N`` that did not evaluate N examples (the results have no example-count column).
+
+    ``per_step`` is the batch size times the number of processes: only whole steps are evaluated.
+    """
+    if requested is None or evaluated == requested:
+        return []
+    if evaluated == (requested // per_step) * per_step:
+        why = (f"only whole batches are evaluated: {requested} // {per_step} (batch size x processes) = "
+               f"{requested // per_step} batches")
+    else:
+        why = "the data holds fewer"
+    return [f"evaluated {evaluated} examples, not the {requested} asked for with --num-examples ({why}); the "
+            f"accuracies and their noise are those of {evaluated} examples"]
+
+
 def honesty_warnings(rows: Sequence[Mapping[str, Any]], num_examples: int, *, attack: str = "",
                      steps: Sequence[int] = (), normalization_mode: str = "raw",
                      trained_inputs: Optional[str] = None, attack_flags: Sequence[str] = (),
-                     zero_grad_fraction: Optional[float] = None, notes: Sequence[str] = ()) -> List[str]:
+                     zero_grad_fraction: Optional[float] = None, notes: Sequence[str] = (),
+                     nonfinite: Sequence[int] = (0, 0), settings: Sequence[str] = ()) -> List[str]:
     """Every honesty warning of one evaluation run, de-duplicated, in a stable order.
 
     ``rows`` are result rows of the same examples (several when several ``--attack-steps`` ran);
-    ``attack_flags`` are AutoAttack's own checks (``src.autoattack.attack_flags``).
+    ``attack_flags`` are AutoAttack's own checks (``src.autoattack.attack_flags``); ``nonfinite``
+    the examples with NaN/inf clean and adversarial logits; ``settings`` the warnings of
+    :func:`attack_setting_warnings` and :func:`example_count_warnings`.
     """
     out: List[str] = list(notes)
+    out += list(settings)
+    out += nonfinite_warnings(nonfinite[0], nonfinite[1], num_examples)
     out += normalization_warnings(normalization_mode, attack, trained_inputs)
     for row in rows:
         out += robust_above_clean_warnings(row)

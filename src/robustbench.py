@@ -370,6 +370,12 @@ def setup_evaluation(args: argparse.Namespace) -> EvaluationSetup:
                  settings.record.source if settings.record is not None else "the flags and the model's defaults")
 
     model.eval()
+    from src.sanity import probe_model_outputs
+
+    # outputs that are not [B, classes] logits: an error now, not a traceback inside AutoAttack; notes are logged
+    # (AutoAttack's own randomness / probability checks also land in the report's flags)
+    for note in probe_model_outputs(model, data_config["input_size"], num_classes, torch.device("cpu")):
+        _logger.warning(note)
     preprocessing = {"loader": desc, "in_model": in_model,
                      "data_config": {"input_size": list(data_config["input_size"]), "crop_pct": crop_pct,
                                      "interpolation": interp}}

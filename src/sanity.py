@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -18,7 +18,8 @@ from src.errors import CheckpointError, UsageError
 
 _logger = logging.getLogger("robust_vits")
 
-__all__ = ["check_finite_state_dict", "attack_boundaries", "check_input_batch", "NonFiniteInputError"]
+__all__ = ["check_finite_state_dict", "attack_boundaries", "check_input_batch", "NonFiniteInputError",
+           "ModelOutputError", "check_logits", "probe_model_outputs"]
 
 
 class NonFiniteInputError(UsageError):
@@ -97,3 +98,58 @@ def check_input_batch(x: torch.Tensor, attack: Any = None, where: str = "the fir
                         "cause is a loader that normalizes while the model expects [0, 1] inputs (use "
                         "--normalize-model) or --attack-boundaries that do not match the data", lo, hi, where,
                         lo_seen, hi_seen)
+
+
+class ModelOutputError(UsageError):
+    """The model's output is not one logit vector per example: no accuracy or attack loss is defined."""
+
+
+def check_logits(out: Any, batch: int, num_classes: Optional[int] = None) -> torch.Tensor:
+    """``out`` if it is a floating tensor ``[batch, classes]`` (with ``num_classes`` classes when given).
+
+    A tuple or dict (timm's distilled DeiT in train mode, a model returning features and logits),
+    a 1-D or 4-D tensor, or integer outputs would otherwise end in a traceback from ``.float()`` or
+    ``topk`` -- or, for a ``[B, D]`` feature vector, in an accuracy over the wrong columns.
+    """
+    what = f"a {type(out).__name__}" if not torch.is_tensor(out) else \
+        f"a {str(out.dtype).replace('torch.', '')} tensor of shape {list(out.shape)}"
+    if not torch.is_tensor(out) or not out.is_floating_point() or out.dim() != 2 or out.shape[0] != batch:
+        raise ModelOutputError(f"the model returns {what} for a batch of {batch}; evaluation needs one floating-point "
+                               f"logit vector per example (a [{batch}, classes] tensor): wrap the model so that "
+                               f"forward() returns the class logits")
+    if num_classes is not None and out.shape[1] != num_classes:
+        raise ModelOutputError(f"the model returns {out.shape[1]} logits per example but predicts {num_classes} "
+                               f"classes (its num_classes); check --num-classes and the model")
+    return out
+
+
+def probe_model_outputs(model: torch.nn.Module, input_size: Any, num_classes: Optional[int], device: Any,
+                        autocast: Any = None) -> List[str]:
+    """One probe before any evaluation: what the model returns, and whether it can be attacked honestly.
+
+    Two forwards of the same two random [0, 1] images: outputs that are not ``[2, classes]`` logits are
+    an error (``check_logits``); outputs that differ between the two forwards (a randomized defense,
+    dropout forced on) or that are probabilities (non-negative rows summing to 1: the report's losses
+    are not cross-entropies and softmax saturation weakens gradient attacks) give honesty notes,
+    which are returned. The model is used in the mode it is in (eval).
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, *tuple(input_size), generator=g).to(device)
+    ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
+    with torch.no_grad(), ctx:
+        a = check_logits(model(x), 2, num_classes).float()
+        b = check_logits(model(x), 2, num_classes).float()
+    notes: List[str] = []
+    both_finite = bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
+    if both_finite:
+        scale = float(a.abs().max()) + 1e-6
+        if float((a - b).abs().max()) > 1e-3 * scale:
+            notes.append("the model is randomized: two forward passes on the same inputs gave different logits "
+                         "(a random defense, or dropout/noise active in eval mode). PGD and APGD without "
+                         "expectation over transformation (EOT) overstate the robustness of such a model; its clean "
+                         "and robust accuracy also change from run to run")
+        if a.shape[1] > 1 and bool((a >= 0).all()) and float((a.sum(dim=1) - 1).abs().max()) < 1e-3:
+            notes.append("the model's outputs look like probabilities (non-negative, each row sums to 1), not "
+                         "logits: the reported losses are not cross-entropies, and the softmax the attack applies "
+                         "on top saturates its gradients, so gradient attacks are weakened; return the logits")
+    return notes

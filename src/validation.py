@@ -34,7 +34,8 @@ from src.errors import ExpectedError, UsageError, first_line
 # re-exported: validation is where users and the analysis tools find the evaluation API
 from src.eval_setup import (EvalModel, ValidLabels, build_eval_attack, create_eval_dataset,  # noqa: F401
                             create_eval_loader, create_eval_model, eval_batches)
-from src.honesty import (FEW_STEPS, PGD_ATTACKS, attack_strength_warnings, binomial_se,  # noqa: F401
+from src.honesty import (FEW_STEPS, PGD_ATTACKS, attack_setting_warnings, attack_strength_warnings,  # noqa: F401
+                         binomial_se, example_count_warnings,
                          gradient_warnings, honesty_warnings, normalization_warnings, robust_above_clean_warnings,
                          weak_attack_warnings)
 from src.results import RESULT_KEYS, check_results_target, result_row, results_json, write_results  # noqa: F401
@@ -160,12 +161,18 @@ def validate(args: argparse.Namespace, dev_env: Optional[DeviceEnv] = None,
         n = evals[0].num_examples if evals else 0
         flags = list(dict.fromkeys(f for ev in evals for f in ev.attack_flags))
         zero = max((ev.zero_grad_fraction for ev in evals if ev.zero_grad_fraction is not None), default=None)
+        counted = example_count_warnings(args.num_examples, n, args.batch_size * dev_env.world_size)
         row_warnings = []
-        for group in groups:  # step counts are compared within one eps only
+        for g, (eps, group) in enumerate(zip(eps_list, groups)):  # step counts are compared within one eps only
+            group_evals = evals[g * len(steps_list):(g + 1) * len(steps_list)]
+            nonfinite = (max(ev.nonfinite_clean for ev in group_evals), max(ev.nonfinite_adv for ev in group_evals))
+            settings = counted + attack_setting_warnings(args.attack, args.attack_norm, eps, args.attack_lr,
+                                                         em.num_classes)
             run_level = honesty_warnings(group if multi else [], n, attack=args.attack,
                                          steps=steps_list if args.attack else (), normalization_mode=em.normalization,
                                          trained_inputs=em.trained_inputs, attack_flags=flags,
-                                         zero_grad_fraction=zero, notes=em.notes)
+                                         zero_grad_fraction=zero, notes=em.notes, nonfinite=nonfinite,
+                                         settings=settings)
             row_warnings += [list(dict.fromkeys(robust_above_clean_warnings(r) + run_level)) for r in group]
         return ValidationRun(rows=rows, row_warnings=row_warnings, num_examples=n, evals=evals,
                              model_name=em.model_name or args.model)

@@ -129,7 +129,7 @@ def _add_validate_attack(p: argparse.ArgumentParser, sweep: bool) -> None:
         g.add_argument("--attack-eps", "--eps", default=[4.0], type=nonneg_float(), nargs="+", metavar="EPS",
                        help="epsilon in /255 units; several values give one result row each (with an attack_eps "
                             "column: the robustness curve that `python -m src.plots robustness` draws)")
-    g.add_argument("--attack-lr", default=None, type=nonneg_float(), metavar="LR",
+    g.add_argument("--attack-lr", default=None, type=positive_float(), metavar="LR",
                    help="PGD step size in /255 units for every step count (unset: 1.5 * eps / steps)" if sweep
                    else "PGD step size in /255 units (default: 1.5 * eps / steps)")
     g.add_argument("--attack-steps", default=None if sweep else [10], type=nonneg_int(), nargs="+", metavar="K",
@@ -214,8 +214,9 @@ def check_validate_args(args: argparse.Namespace) -> None:
                    args.attack)
     if args.attack_eps is None or not math.isfinite(args.attack_eps) or args.attack_eps < 0:
         raise must("--attack-eps", "a finite number >= 0 (in /255 units)", args.attack_eps)
-    if args.attack_lr is not None and (not math.isfinite(args.attack_lr) or args.attack_lr < 0):
-        raise must("--attack-lr", "a finite number >= 0 (in /255 units)", args.attack_lr)
+    if args.attack_lr is not None and (not math.isfinite(args.attack_lr) or args.attack_lr <= 0):
+        # step 0: PGD never leaves its random start, a noise baseline reported as a PGD-k number
+        raise must("--attack-lr", "a finite number > 0 (in /255 units)", args.attack_lr)
     if any(k < 0 for k in args.attack_steps):
         raise must("--attack-steps", "integers >= 0", list(args.attack_steps))
     if len(args.attack_steps) > 1 and args.attack not in PGD_ATTACKS:

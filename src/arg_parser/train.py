@@ -299,7 +299,7 @@ def _add_adv_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eps-schedule-period", type=nonneg_int(), default=10, metavar="N",
                    help="epoch at which full eps is reached")
     g.add_argument("--zero-eps-epochs", type=nonneg_int(), default=0, metavar="N", help="initial epochs with eps 0")
-    g.add_argument("--attack-lr", type=nonneg_float(), default=None, metavar="LR",
+    g.add_argument("--attack-lr", type=positive_float(), default=None, metavar="LR",
                    help="attack step size in /255 units (default: 1.5 * eps / steps)")
     g.add_argument("--attack-steps", type=nonneg_int(), default=10, metavar="K",
                    help="PGD steps (training and per-epoch eval)")
