@@ -80,9 +80,12 @@ def attack_strength_warnings(rows: Sequence[Mapping[str, Any]], num_examples: in
                            f"error): more optimization should never help the model -- suspect gradient masking / "
                            f"obfuscated gradients, a step size unsuited to the longer attack (--attack-lr), or a "
                            f"randomized model; confirm with AutoAttack")
-    (k_a, acc_a), (k_b, acc_b) = runs[-2], runs[-1]
+    attacked = [r for r in runs if r[0] > 0]  # 0 steps is the random start only: no attack to converge
+    if len(attacked) < 2:
+        return out
+    (k_a, acc_a), (k_b, acc_b) = attacked[-2], attacked[-1]
     thr = _noise(acc_a, num_examples)
-    if acc_a - acc_b > thr:
+    if k_a != k_b and acc_a - acc_b > thr:
         out.append(f"robust accuracy still falls from {attack}-{k_a} ({acc_a:.2f}%) to {attack}-{k_b} ({acc_b:.2f}%), "
                    f"beyond noise ({acc_a - acc_b:.2f} > {thr:.2f} points): the attack has not converged (too few "
                    f"steps), so {acc_b:.2f}% overstates robustness; try more steps, APGD-CE or AutoAttack")
@@ -128,6 +131,10 @@ def weak_attack_warnings(attack: str, steps: Sequence[int]) -> List[str]:
     """PGD with few steps only gives an upper bound on robust accuracy."""
     if attack not in PGD_ATTACKS or not steps or max(steps) >= FEW_STEPS:
         return []
+    if max(steps) == 0:
+        return [f"{attack} with 0 steps is no attack: the examples are the random start inside the eps-ball, so the "
+                f"robust accuracy is (nearly) the clean accuracy; give --attack-steps 10 or more, APGD-CE or "
+                f"AutoAttack"]
     return [f"{attack} with at most {max(steps)} steps is a weak attack: its robust accuracy is an upper bound "
             f"(too few steps); report APGD-CE or AutoAttack (the paper's numbers are AutoAttack)"]
 

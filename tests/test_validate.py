@@ -470,6 +470,19 @@ def test_unconverged_attack_is_flagged():
     assert V.attack_strength_warnings(rows, 300) == []
 
 
+def test_zero_steps_is_the_random_start_not_an_unconverged_attack():
+    """--attack-steps 0 10: PGD-0 is the random start only; the convergence check compares attacks (k >= 1), and
+    PGD-0 alone is named as no attack (it said 'at most 0 steps is a weak attack')."""
+    rows = [{"attack_steps": 0, "robust_top1": 80.0}, {"attack_steps": 10, "robust_top1": 40.0}]
+    assert V.attack_strength_warnings(rows, 300) == []
+    rows.append({"attack_steps": 20, "robust_top1": 30.0})
+    w = V.attack_strength_warnings(rows, 300)
+    assert len(w) == 1 and "from pgd-10 (40.00%) to pgd-20" in w[0]
+    w = V.weak_attack_warnings("pgd", [0])
+    assert len(w) == 1 and "0 steps is no attack" in w[0]
+    assert "at most 5 steps" in V.weak_attack_warnings("pgd", [0, 5])[0]
+
+
 def test_robust_above_clean_is_flagged():
     row = {"top1": 60.0, "robust_top1": 61.0, "top5": 90.0, "robust_top5": 80.0}
     w = V.robust_above_clean_warnings(row)
