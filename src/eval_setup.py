@@ -60,6 +60,7 @@ class EvalModel:
     trained_inputs: Optional[str] = None  # 'raw' | 'normalized' | None (unknown), from the checkpoint
     notes: List[str] = field(default_factory=list)  # extra honesty warnings found while building
     model_name: str = ""  # the model evaluated (the flag's or the checkpoint's record)
+    weights: str = ""  # which weights of the checkpoint were loaded ('model', 'model_ema', ...; '' for none)
 
 
 def _build_network(args: argparse.Namespace, checkpoint: str):
@@ -201,7 +202,7 @@ def create_eval_model(args: argparse.Namespace, dev_env: DeviceEnv, checkpoint: 
         trained = loaded.trained_inputs
     return EvalModel(model=model, data_config=data_config, normalization=mode, mean=tuple(mean), std=tuple(std),
                      num_classes=num_classes, param_count=param_count, trained_inputs=trained, notes=notes,
-                     model_name=settings.model)
+                     model_name=settings.model, weights=loaded.state_key if loaded is not None else "")
 
 
 def _read_valid_labels(path: str) -> List[int]:

@@ -171,7 +171,8 @@ def validate(args: argparse.Namespace, dev_env: Optional[DeviceEnv] = None,
             run_level = honesty_warnings(group if multi else [], n, attack=args.attack,
                                          steps=steps_list if args.attack else (), normalization_mode=em.normalization,
                                          trained_inputs=em.trained_inputs, attack_flags=flags,
-                                         zero_grad_fraction=zero, notes=em.notes, nonfinite=nonfinite,
+                                         zero_grad_fraction=zero, notes=em.notes + _ema_notes(args, em),
+                                         nonfinite=nonfinite,
                                          settings=settings)
             row_warnings += [list(dict.fromkeys(robust_above_clean_warnings(r) + run_level)) for r in group]
         return ValidationRun(rows=rows, row_warnings=row_warnings, num_examples=n, evals=evals,
@@ -198,6 +199,14 @@ def _evaluate_once(args: argparse.Namespace, steps: int, em: EvalModel, loader: 
                  f" (--num-examples {args.num_examples})" if args.num_examples else "", ev.seconds,
                  row["top1"], row["robust_top1"])
     return row, ev
+
+
+def _ema_notes(args: argparse.Namespace, em: EvalModel) -> List[str]:
+    """--use-ema on a checkpoint without EMA weights evaluates its model weights: the results say so too."""
+    if getattr(args, "use_ema", False) and em.weights and em.weights not in ("model_ema", "state_dict_ema"):
+        return [f"--use-ema: the checkpoint has no EMA weights; these are the numbers of its model weights "
+                f"('{em.weights}')"]
+    return []
 
 
 def _use_real_labels(rows: Sequence["OrderedDict[str, Any]"], accuracy: Tuple[float, float]) -> None:

@@ -238,3 +238,21 @@ def test_timm_checkpoint_arch_names_the_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "evaluating test_vit (10 classes)" in err
+
+
+def test_use_ema_without_ema_weights_is_in_the_results(tmp_path, capsys):
+    """--use-ema on a checkpoint without EMA weights: the log warned, but the results file's warnings were empty,
+    so the numbers did not say which weights they are."""
+    model = timm.create_model("test_vit", num_classes=10, img_size=32)
+    path = tmp_path / "plain.pth.tar"
+    torch.save({"model": model.state_dict()}, path)
+    out = tmp_path / "r.json"
+    base = ["--dataset", "digits", "-j", "0", "--checkpoint", str(path), "-m", "test_vit", "--num-classes", "10",
+            "--input-size", "3", "32", "32", "--num-examples", "20", "-b", "20", "--log-freq", "0"]
+    assert run_cli(validate_cli.main, base + ["--use-ema", "--results-file", str(out)]) == 0
+    capsys.readouterr()
+    warnings = json.loads(out.read_text())
+    text = json.dumps(warnings)
+    assert "--use-ema: the checkpoint has no EMA weights" in text and "('model')" in text
+    assert run_cli(validate_cli.main, base + ["--results-file", str(out)]) == 0
+    assert "--use-ema" not in out.read_text()
