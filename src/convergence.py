@@ -99,6 +99,8 @@ def _per_example_ce(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 def select_points(model: torch.nn.Module, loader: Any, n_points: int, dev_env) -> Tuple[List[int], torch.Tensor,
                                                                                          torch.Tensor]:
     """Dataset ids, images and labels of the first ``n_points`` correctly classified examples."""
+    from src.sanity import predicted_classes
+
     ids: List[int] = []
     xs: List[torch.Tensor] = []
     ys: List[torch.Tensor] = []
@@ -107,7 +109,7 @@ def select_points(model: torch.nn.Module, loader: Any, n_points: int, dev_env) -
         for x, y in loader:
             x, y = dev_env.to_device(x, y)
             with dev_env.autocast():
-                correct = model(x).argmax(dim=-1).eq(y).cpu()
+                correct = predicted_classes(model(x)).eq(y).cpu()  # NaN/inf logits: not correct
             for j in torch.nonzero(correct).flatten().tolist():
                 if len(ids) < n_points:
                     ids.append(seen + j)

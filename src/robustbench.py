@@ -116,9 +116,11 @@ def chunk_seed(seed: int, start: int) -> int:
 
 @torch.no_grad()
 def _clean_predictions(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    from src.sanity import predicted_classes
+
     preds = []
-    for i in range(0, len(x), batch_size):
-        preds.append(model(x[i:i + batch_size].to(device)).argmax(dim=-1).cpu())
+    for i in range(0, len(x), batch_size):  # NaN/inf logits predict no class (-1): never clean, so never robust
+        preds.append(predicted_classes(model(x[i:i + batch_size].to(device))).cpu())
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 

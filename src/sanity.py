@@ -19,7 +19,7 @@ from src.errors import CheckpointError, UsageError
 _logger = logging.getLogger("robust_vits")
 
 __all__ = ["check_finite_state_dict", "attack_boundaries", "check_input_batch", "NonFiniteInputError",
-           "ModelOutputError", "check_logits", "probe_model_outputs"]
+           "ModelOutputError", "check_logits", "probe_model_outputs", "predicted_classes"]
 
 
 class NonFiniteInputError(UsageError):
@@ -153,3 +153,10 @@ def probe_model_outputs(model: torch.nn.Module, input_size: Any, num_classes: Op
                          "logits: the reported losses are not cross-entropies, and the softmax the attack applies "
                          "on top saturates its gradients, so gradient attacks are weakened; return the logits")
     return notes
+
+
+def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
+    """``argmax`` per row, and -1 (no class: never equal to a label) for rows holding a NaN or inf: ``argmax``
+    returns the NaN's index, so a diverging model's examples of that class would count as correct."""
+    pred = logits.argmax(dim=-1)
+    return torch.where(torch.isfinite(logits).all(dim=-1), pred, torch.full_like(pred, -1))

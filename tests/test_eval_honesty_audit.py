@@ -208,3 +208,17 @@ def test_valid_labels_that_do_not_cover_the_dataset_name_the_flag(bare_ckpt, cap
     labels.write_text("3\n7\n")
     rc, _, err = _validate(_tiny(bare_ckpt, "tiny_cnn_test", "--valid-labels", str(labels)), capsys)
     assert rc == 2 and "--valid-labels" in err and "keeps 2 of the model's outputs" in err
+
+
+def test_nan_logits_are_not_correct_in_robustbench_and_convergence_either():
+    """validate_robustbench's clean pass (robust = AutoAttack AND clean) and attack_convergence's choice of
+    correctly classified points have their own loops: argmax of a NaN row is class 0 there too."""
+    from src import robustbench
+    from src.sanity import predicted_classes
+
+    x = torch.rand(8, 3, 4, 4)
+    x[:4, 0, 0, 0], x[4:, 0, 0, 0] = 0.9, 0.1
+    y = torch.zeros(8, dtype=torch.long)
+    logits = _NaNForSome()(x)
+    assert predicted_classes(logits).tolist() == [-1] * 4 + [1] * 4
+    assert robustbench._clean_predictions(_NaNForSome(), x, 3, torch.device("cpu")).eq(y).sum() == 0
