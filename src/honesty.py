@@ -92,6 +92,27 @@ def attack_strength_warnings(rows: Sequence[Mapping[str, Any]], num_examples: in
     return out
 
 
+def unchanged_by_attack_warnings(row: Mapping[str, Any], eps_255: Optional[float], num_examples: int,
+                                 steps: Optional[int] = None) -> List[str]:
+    """An attack with eps > 0 that changed no prediction of at least 20 correctly classified examples.
+
+    Even strongly robust models lose some examples to a working attack; none lost usually means the
+    attack did not run as meant: eps in the wrong units (--attack-eps is in /255), a zero or tiny step,
+    outputs that are not logits, or gradient masking.
+    """
+    clean, robust = row.get("top1"), row.get("robust_top1")
+    if steps == 0:  # PGD-0: the random start only, named by weak_attack_warnings
+        return []
+    if not eps_255 or eps_255 <= 0 or clean is None or robust is None or not math.isfinite(clean):
+        return []
+    if robust != clean or clean * num_examples / 100.0 < 20:
+        return []
+    return [f"the attack (eps {eps_255:g}/255) changed no prediction: robust accuracy equals clean accuracy "
+            f"({clean:.2f}%) on {num_examples} examples. A working attack almost always breaks some; check the eps "
+            f"units (--attack-eps is in /255), the step size (--attack-lr), and gradient masking (confirm with "
+            f"AutoAttack)"]
+
+
 def normalization_warnings(mode: str, attack: str, trained_inputs: Optional[str] = None) -> List[str]:
     """Mismatches between what the evaluated network receives and how it was trained.
 

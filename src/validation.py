@@ -37,7 +37,7 @@ from src.eval_setup import (EvalModel, ValidLabels, build_eval_attack, create_ev
 from src.honesty import (FEW_STEPS, PGD_ATTACKS, attack_setting_warnings, attack_strength_warnings,  # noqa: F401
                          binomial_se, example_count_warnings,
                          gradient_warnings, honesty_warnings, normalization_warnings, robust_above_clean_warnings,
-                         weak_attack_warnings)
+                         unchanged_by_attack_warnings, weak_attack_warnings)
 from src.results import RESULT_KEYS, check_results_target, result_row, results_json, write_results  # noqa: F401
 from src.wandb_link import attack_label, log_to_wandb, wandb_target  # noqa: F401
 
@@ -174,7 +174,10 @@ def validate(args: argparse.Namespace, dev_env: Optional[DeviceEnv] = None,
                                          zero_grad_fraction=zero, notes=em.notes + _ema_notes(args, em),
                                          nonfinite=nonfinite,
                                          settings=settings)
-            row_warnings += [list(dict.fromkeys(robust_above_clean_warnings(r) + run_level)) for r in group]
+            row_warnings += [list(dict.fromkeys(robust_above_clean_warnings(r) + run_level
+                                                + (unchanged_by_attack_warnings(r, eps, n, _row_steps(r, args, steps_list))
+                                                   if args.attack else [])))
+                             for r in group]
         return ValidationRun(rows=rows, row_warnings=row_warnings, num_examples=n, evals=evals,
                              model_name=em.model_name or args.model)
     finally:
@@ -199,6 +202,13 @@ def _evaluate_once(args: argparse.Namespace, steps: int, em: EvalModel, loader: 
                  f" (--num-examples {args.num_examples})" if args.num_examples else "", ev.seconds,
                  row["top1"], row["robust_top1"])
     return row, ev
+
+
+def _row_steps(row: Mapping[str, Any], args: argparse.Namespace, steps_list: Sequence[int]) -> Optional[int]:
+    """The PGD step count of a result row (None for attacks without one)."""
+    if args.attack not in PGD_ATTACKS:
+        return None
+    return int(row.get("attack_steps", steps_list[0]))
 
 
 def _ema_notes(args: argparse.Namespace, em: EvalModel) -> List[str]:

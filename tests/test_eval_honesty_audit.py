@@ -53,10 +53,12 @@ class _Outputs(TinyCNN):
             return z, z
         if self.kind == "dict":
             return {"logits": z}
+        if self.kind == "constant":  # always class 9, whatever the input: no attack can change a prediction
+            return z * 0 + torch.linspace(0, 1, z.shape[1], device=z.device)
         return z
 
 
-for _kind in ("softmax", "noisy", "tuple"):
+for _kind in ("softmax", "noisy", "tuple", "constant"):
     if not is_model(f"tiny_cnn_{_kind}_audit"):
         def _factory(pretrained: bool = False, _k: str = _kind, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k in ("num_classes", "in_chans", "drop_rate")}
@@ -222,3 +224,16 @@ def test_nan_logits_are_not_correct_in_robustbench_and_convergence_either():
     logits = _NaNForSome()(x)
     assert predicted_classes(logits).tolist() == [-1] * 4 + [1] * 4
     assert robustbench._clean_predictions(_NaNForSome(), x, 3, torch.device("cpu")).eq(y).sum() == 0
+
+
+def test_an_attack_that_changed_no_prediction_is_reported(bare_ckpt, tmp_path, capsys):
+    """A model no attack can move (constant logits: also a zero input gradient): robust == clean, and the
+    row's warnings say that the attack changed nothing (eps units, step size, gradient masking)."""
+    out = tmp_path / "r.json"
+    rc, _, err = _validate(_tiny(bare_ckpt, "tiny_cnn_constant_audit", "--attack", "pgd", "--attack-steps", "2",
+                                 "--num-examples", "297", "-b", "99", "--results-file", str(out)), capsys)
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    res = res[0] if isinstance(res, list) else res
+    assert res["robust_top1"] == res["top1"] and res["top1"] * 297 / 100 >= 20, res
+    assert any("changed no prediction" in w for w in res["warnings"])

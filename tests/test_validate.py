@@ -631,3 +631,14 @@ def test_several_eps_give_one_row_each_and_a_robustness_curve(adv_ckpt, tmp_path
     assert any(f.endswith(".png") for f in files)
     rc, _, err = _cli(EVAL + ["--checkpoint", adv_ckpt, "--attack", "pgd", "--attack-eps", "8", "8"], capsys)
     assert rc == 2 and "repeated" in err
+
+
+def test_attack_that_changed_no_prediction_is_flagged():
+    row = {"top1": 60.0, "robust_top1": 60.0}
+    w = V.unchanged_by_attack_warnings(row, 8.0, 300)
+    assert len(w) == 1 and "changed no prediction" in w[0] and "/255" in w[0]
+    assert V.unchanged_by_attack_warnings(row, 0.0, 300) == []  # eps 0: nothing to change
+    assert V.unchanged_by_attack_warnings(row, 8.0, 300, steps=0) == []  # PGD-0: the random start only
+    assert V.unchanged_by_attack_warnings(row, 8.0, 20) == []  # 12 correct examples: plausible
+    assert V.unchanged_by_attack_warnings({"top1": 60.0, "robust_top1": 59.0}, 8.0, 300) == []
+
