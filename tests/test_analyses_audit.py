@@ -285,3 +285,50 @@ def test_unmeasured_epochs_in_a_summary_are_gaps(tmp_path):
     path = _write(tmp_path / "s.csv", "epoch,eval_robust_top1\n0,nan\n1,3.0\n2,4.0\n")
     (line,) = plots.learning_curve_figures([path])["learning-curves"].axes[0].lines
     assert list(line.get_xdata()) == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# util_scripts/readme_numbers.py: the README is never damaged
+# ----------------------------------------------------------------------------------------------
+
+def _readme_numbers():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_numbers", os.path.join(ROOT, "util_scripts",
+                                                                                 "readme_numbers.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+README = "a\n<!-- readme-numbers:demo -->\nold\n<!-- /readme-numbers:demo -->\nb\n" \
+         "<!-- readme-numbers:validate -->\nold\n<!-- /readme-numbers:validate -->\nc\n"
+
+
+@pytest.mark.parametrize("text, needle", [(None, "cannot be read"), ("no markers\n", "needs exactly one")])
+def test_readme_numbers_bad_readme_is_one_error_line_before_measuring(tmp_path, capsys, monkeypatch, text, needle):
+    rn = _readme_numbers()
+    monkeypatch.setattr(rn, "measure", lambda: pytest.fail("measured before checking the README"))
+    path = tmp_path / "README.md"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        rn.main(["--readme", str(path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+
+
+def test_readme_numbers_a_failed_write_leaves_the_readme_whole(tmp_path, monkeypatch):
+    rn = _readme_numbers()
+    path = tmp_path / "README.md"
+    path.write_text(README)
+    path.chmod(0o644)
+    monkeypatch.setattr(rn, "measure", lambda: {"demo": "new \ud800", "validate": "new"})  # cannot be encoded
+    with pytest.raises(UnicodeEncodeError):
+        rn.main(["--readme", str(path)])
+    assert path.read_text() == README and os.listdir(tmp_path) == ["README.md"]
+    monkeypatch.setattr(rn, "measure", lambda: {"demo": "new 1", "validate": "new 2"})
+    rn.main(["--readme", str(path)])
+    assert "new 1" in path.read_text() and "new 2" in path.read_text()
+    assert path.stat().st_mode & 0o777 == 0o644 and os.listdir(tmp_path) == ["README.md"]
