@@ -15,15 +15,23 @@
   two or more CSVs also ``<label1>_<label2>`` (the same point under each model).
 * ``learning-curves`` -- training ``summary.csv`` files (``epoch`` and ``--metric``, default
   ``eval_robust_top1``) or W&B CSV exports (``epoch`` or ``Step``, then one column per run, with
-  optional ``<...>__MIN`` / ``<...>__MAX`` columns drawn as a band); a line per run.
+  optional ``<...>__MIN`` / ``<...>__MAX`` columns drawn as a band; the export's own metric, which
+  ``--metric`` must match when given); a line per run, one metric per figure.
 * ``robustness`` -- validate.py result CSVs with one row per eps: ``eps`` or ``attack_eps``
-  (in /255 units, like ``--attack-eps``) and ``robust_top1`` (%); a line per CSV.
+  (in /255 units, like ``--attack-eps``) and ``robust_top1`` (%); a line per CSV (per attack and
+  step count where a CSV holds several).
 
-Labels default to the CSV's file name without extension. One style everywhere: sized for a
-paper column (3.25 in wide; panel grids 6.75 in), 8 pt text, labelled axes.
+Labels default to the CSV's file name without extension (with its folders where two files share
+a name: ``run1/summary``). Input is read strictly: a value that is not a number, an empty or NaN
+value (except the gaps of a learning curve), a repeated row (same epoch/seed/steps, point/seed/
+steps, eps, epoch), an incomplete effectiveness grid, a ragged row, repeated labels or more lines
+than can be told apart are each one ``error:`` line, never rows dropped or averaged behind the
+user's back. One style everywhere: sized for a paper column (3.25 in wide; panel grids 6.75 in),
+8 pt text, labelled axes.
 """
 from __future__ import annotations
 
+import csv
 import functools
 import io
 import os
@@ -32,6 +40,7 @@ import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import pandas as pd
 
 from src import storage
@@ -78,7 +87,11 @@ def _figure(width: float = COLUMN_WIDTH, height: float = 2.1, nrows: int = 1, nc
 
 
 def _finish(fig, legend_ax=None):
-    if legend_ax is not None and legend_ax.get_legend_handles_labels()[0]:
+    """Legend (beside the axes when it has many entries, so it hides no data) and tight layout."""
+    entries = legend_ax.get_legend_handles_labels()[0] if legend_ax is not None else []
+    if len(entries) > 6:
+        legend_ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=(len(entries) + 19) // 20)
+    elif entries:
         legend_ax.legend()
     fig.tight_layout()
     return fig
@@ -89,41 +102,144 @@ def _finish(fig, legend_ax=None):
 # ----------------------------------------------------------------------------------------------
 
 def read_csv(path: str, required: Sequence[str] = ()) -> pd.DataFrame:
-    """A CSV as a DataFrame; a missing file, an empty file or missing columns are a UsageError."""
+    """A CSV as a DataFrame of strings indexed by file line (``df.index.name == "line"``).
+
+    Read strictly, so nothing is dropped or shifted behind the user's back: a missing, empty,
+    binary or JSON file, a row with more or fewer fields than the header, a column named twice or
+    missing ``required`` columns are each a UsageError. A UTF-8 BOM and Windows line endings are
+    fine. Numbers are checked where they are used (:func:`_numeric`)."""
     if os.path.isdir(path):
         raise UsageError(f"{path} is a folder; give the CSV file in it")
     if not os.path.isfile(path):
         raise UsageError(f"{path} does not exist")
     try:
-        df = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise UsageError(f"{path} is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not a readable CSV ({type(e).__name__})") from None
-    if df.empty:
-        raise UsageError(f"{path} has a header but no rows")
-    missing = [c for c in required if c not in df.columns]
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UsageError(f"{path} cannot be read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not a readable CSV (not UTF-8 text)") from None
+    if "\x00" in text:
+        raise UsageError(f"{path} is not a readable CSV (binary data)")
+    if not text.strip():
+        raise UsageError(f"{path} is empty")
+    if text.lstrip()[:1] in ("{", "["):
+        raise UsageError(f"{path} is JSON, not CSV: give the CSV (validate.py writes one for --results-file X.csv)")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: List[List[str]] = []
+    lines: List[int] = []
+    try:
+        header = [h.strip() for h in next(reader)]
+        for row in reader:
+            if not row or not any(v.strip() for v in row):
+                continue  # a blank line
+            if len(row) != len(header):
+                raise UsageError(f"{path} line {reader.line_num} has {len(row)} field(s), its header {len(header)}; "
+                                 "fix the file (a row of another table, or a value with an unquoted comma?)")
+            rows.append(row)
+            lines.append(reader.line_num)
+    except csv.Error as e:
+        raise UsageError(f"{path} is not a readable CSV (line {reader.line_num}: {e})") from None
+    named = [h for h in header if h]
+    twice = sorted({h for h in named if named.count(h) > 1})
+    if twice or len(named) != len(header):
+        raise UsageError(f"{path}: the header " + (f"names {twice[0]} twice" if twice else "has an unnamed column"))
+    missing = [c for c in required if c not in header]
     if missing:
-        raise UsageError(f"{path} lacks the column(s) {', '.join(missing)} (it has {', '.join(map(str, df.columns[:8]))}"
-                         f"{' ...' if len(df.columns) > 8 else ''})")
+        raise UsageError(f"{path} lacks the column(s) {', '.join(missing)} (it has {', '.join(header[:8])}"
+                         f"{' ...' if len(header) > 8 else ''})")
+    if not rows:
+        raise UsageError(f"{path} has a header but no rows")
+    return pd.DataFrame(rows, columns=header, index=pd.Index(lines, name="line"), dtype=object)
+
+
+def _where(df: pd.DataFrame, index) -> str:
+    """``line N`` of the file for frames from :func:`read_csv`, else ``row N``."""
+    return f"line {index}" if df.index.name == "line" else f"row {index}"
+
+
+def _numeric(df: pd.DataFrame, columns: Sequence[str], path: str, integer: Sequence[str] = (),
+             missing_ok: bool = False) -> pd.DataFrame:
+    """``columns`` of ``df`` as numbers, checked value by value (the first bad one is a UsageError
+    naming its line): text that is not a number always; an empty, NaN or infinite value unless
+    ``missing_ok`` (a gap in a learning curve; it stays NaN); a value of an ``integer`` column that
+    is not a whole number >= 0. Never a row silently dropped for a typo."""
+    df = df.copy()
+    for c in columns:
+        raw = df[c]
+        text = raw.astype(str).str.strip()
+        values = pd.to_numeric(raw, errors="coerce").astype(float)
+        blank = raw.isna() | text.isin(["", "nan", "NaN", "NAN", "None", "null"])
+        bad = values.isna() & ~blank
+        if bad.any():
+            i = bad.idxmax()
+            raise UsageError(f"{path} {_where(df, i)}: {c} is '{raw[i]}', not a number")
+        gaps = blank | ~np.isfinite(values.fillna(0.0))
+        if missing_ok:
+            values[gaps] = np.nan
+        elif gaps.any():
+            i = gaps.idxmax()
+            raise UsageError(f"{path} {_where(df, i)}: {c} is {'empty' if text[i] == '' else repr(raw[i])}; every row "
+                             f"needs a finite {c} (remove the row, or measure it again)")
+        if values.isna().all():
+            raise UsageError(f"{path}: column {c} has no numeric values")
+        if c in integer:
+            whole = values.dropna()
+            wrong = whole[(whole != np.round(whole)) | (whole < 0)]
+            if len(wrong):
+                raise UsageError(f"{path} {_where(df, wrong.index[0])}: {c} is '{raw[wrong.index[0]]}'; it must be a "
+                                 "whole number >= 0")
+        df[c] = values
     return df
+
+
+def _unique(df: pd.DataFrame, keys: Sequence[str], path: str, what: str) -> None:
+    """Refuse two rows for the same ``keys`` (they would be averaged or drawn as one zigzag line)."""
+    dup = df.duplicated(subset=list(keys), keep=False)
+    if dup.any():
+        first = df[dup].iloc[0]
+        where = [_where(df, i) for i in df[dup & (df[list(keys)] == first[list(keys)]).all(axis=1)].index[:2]]
+        key = ", ".join(f"{k} {first[k]:g}" if isinstance(first[k], float) else f"{k} {first[k]}" for k in keys)
+        raise UsageError(f"{path} has several rows for {key} ({' and '.join(where)}); keep one row per {what}")
 
 
 def _labels(paths: Sequence[str], labels: Optional[Sequence[str]]) -> List[str]:
+    """One distinct label per CSV: ``--labels``, else the file name without extension (with as many
+    of its folders as it takes to tell files of the same name apart, e.g. ``run1/summary``)."""
     if labels:
         if len(labels) != len(paths):
             raise UsageError(f"--labels has {len(labels)} value(s) for {len(paths)} CSV file(s)")
-        return list(labels)
-    return [os.path.splitext(os.path.basename(p))[0] for p in paths]
+        labels = [str(label) for label in labels]
+        bad = [label for label in labels if not label.strip() or label.startswith("_")]
+        if bad:
+            raise UsageError(f"--labels: '{bad[0]}' cannot label a line (empty, or starts with '_', which "
+                             "matplotlib leaves out of legends)")
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise UsageError(f"--labels gives '{twice[0]}' to several CSVs; their lines could not be told apart")
+        return labels
+    real = [os.path.realpath(p) for p in paths]
+    twice = sorted({p for p, r in zip(paths, real) if real.count(r) > 1})
+    if twice:
+        raise UsageError(f"{twice[0]} is given twice")
+    parts = [os.path.splitext(os.path.abspath(p))[0].strip(os.sep).split(os.sep) for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        out = ["/".join(p[-depth:]) for p in parts]
+        if len(set(out)) == len(out):
+            return [label.lstrip("_") or label for label in out]
+    return ["/".join(p) for p in parts]
 
 
-def _numeric(df: pd.DataFrame, columns: Sequence[str], path: str) -> pd.DataFrame:
-    for c in columns:
-        values = pd.to_numeric(df[c], errors="coerce")
-        if values.isna().all():
-            raise UsageError(f"{path}: column {c} has no numeric values")
-        df[c] = values
-    return df
+MAX_LINES = 40  # 10 colours x 4 line styles
+
+
+def _line_style(i: int, n: int) -> Dict[str, str]:
+    """Colour and line style of the i-th of n lines: distinct for up to :data:`MAX_LINES`."""
+    if n > MAX_LINES:
+        raise UsageError(f"{n} lines in one figure cannot be told apart (at most {MAX_LINES}); draw fewer CSVs at once")
+    return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,37 +247,54 @@ def _numeric(df: pd.DataFrame, columns: Sequence[str], path: str) -> pd.DataFram
 # ----------------------------------------------------------------------------------------------
 
 def relative_gap(df: pd.DataFrame, source: str = "data") -> Tuple[pd.DataFrame, int]:
-    """Long table ``epoch, seed, steps, gap`` of ``|L_max - L_k| / L_max * 100`` and the reference k_max."""
+    """Long table ``epoch, seed, steps, gap`` of ``|L_max - L_k| / L_max * 100`` and the reference k_max.
+
+    Only ``pgd`` rows count (where there is an ``attack`` column), and checkpoints with an epoch
+    number (``standard``, of ``--validate-standard``, is left out). Every checkpoint and seed must
+    have one row of each step count: a gap is never averaged over fewer seeds, or over repeated rows,
+    without a word."""
     df = df.copy()
     if "attack" in df.columns:
-        df = df[df["attack"].astype(str) == "pgd"]
-    df["epoch"] = pd.to_numeric(df["epoch"], errors="coerce") + 1  # 0-based ids -> epochs; 'standard' dropped
-    df = _numeric(df.dropna(subset=["epoch"]), ["attack_steps", "adv_loss"], source)
-    df = df[df["epoch"] != 1].dropna(subset=["attack_steps", "adv_loss"])
-    steps = sorted(df["attack_steps"].astype(int).unique())
+        df = df[df["attack"].astype(str).str.strip() == "pgd"]
+    df = df[df["epoch"].astype(str).str.strip() != "standard"]
+    if df.empty:
+        raise UsageError(f"{source} has no PGD rows of a numbered checkpoint")
+    key = ["epoch", "seed", "attack_steps"]
+    df = _numeric(df, key + ["adv_loss"], source, integer=key)
+    df[key] = df[key].astype(int)
+    _unique(df, key, source, "checkpoint, seed and step count")
+    df["epoch"] = df["epoch"] + 1  # 0-based ids -> epochs
+    df = df[df["epoch"] != 1]
+    steps = sorted(df["attack_steps"].unique())
     if len(steps) < 2:
-        raise UsageError(f"{source}: needs PGD rows of at least two step counts after epoch 1 (has {steps})")
-    table = df.pivot_table(index=["epoch", "seed"], columns="attack_steps", values="adv_loss", aggfunc="mean")
-    ref = steps[-1]
+        raise UsageError(f"{source}: needs PGD rows of at least two step counts after epoch 1 (has "
+                         f"{[int(s) for s in steps]})")
+    table = df.pivot(index=["epoch", "seed"], columns="attack_steps", values="adv_loss")
+    holes = table.isna().stack()
+    if holes.any():
+        (epoch, seed, k) = holes[holes].index[0]
+        raise UsageError(f"{source}: checkpoint {epoch - 1} (epoch {epoch}) seed {seed} has no PGD-{k} row; every "
+                         f"checkpoint and seed needs every step count ({', '.join(map(str, steps))})")
+    ref = int(steps[-1])
+    if (table[ref] <= 0).any():
+        epoch, seed = table.index[(table[ref] <= 0).to_numpy()][0]
+        raise UsageError(f"{source}: the PGD-{ref} loss of checkpoint {epoch - 1} seed {seed} is "
+                         f"{table[ref][(epoch, seed)]:g}; the relative gap needs a positive reference loss")
     parts = []
     for k in steps[:-1]:
         gap = ((table[ref] - table[k]).abs() / table[ref] * 100).rename("gap").reset_index()
-        parts.append(gap.assign(steps=k))
-    out = pd.concat(parts, ignore_index=True).dropna(subset=["gap"])
+        parts.append(gap.assign(steps=int(k)))
+    out = pd.concat(parts, ignore_index=True)
     out["epoch"] = out["epoch"].astype(int)
-    return out, int(ref)
+    return out, ref
 
 
 def _mean_std(df: pd.DataFrame, by: str) -> pd.DataFrame:
     return df.groupby(by)["gap"].agg(["mean", "std"]).fillna(0.0).reset_index()
 
 
-def _errorbar(ax, frame: pd.DataFrame, x: str, label: str, color: str) -> None:
-    ax.errorbar(frame[x], frame["mean"], yerr=frame["std"], label=label, color=color, marker="o", capsize=2)
-
-
-def _colors(n: int) -> List[str]:
-    return [f"C{i % 10}" for i in range(n)]
+def _errorbar(ax, frame: pd.DataFrame, x: str, label: str, style: Dict[str, str]) -> None:
+    ax.errorbar(frame[x], frame["mean"], yerr=frame["std"], label=label, marker="o", capsize=2, **style)
 
 
 def _grid(n: int, ncols: int = 4):
@@ -182,18 +315,22 @@ def effectiveness_figures(paths: Sequence[str], labels: Optional[Sequence[str]] 
         data.append((label, gap, ref))
     refs = sorted({r for _, _, r in data})
     ylabel = GAP_LABEL.format(ref="/".join(map(str, refs)))
-    colors = _colors(len(data))
+    styles = [_line_style(i, len(data)) for i in range(len(data))]
     k_min = min(int(g["steps"].min()) for _, g, _ in data)
+    lacking = [label for label, g, _ in data if not (g["steps"] == k_min).any()]
+    if lacking:
+        raise UsageError(f"{lacking[0]} has no PGD-{k_min} rows after epoch 1, which the other CSVs' "
+                         f"epoch_vs_pgd-{k_min} figure needs: give CSVs of the same step counts")
     figs: Dict[str, object] = {}
 
     fig, axes = _figure()
-    for (label, gap, _), c in zip(data, colors):
+    for (label, gap, _), c in zip(data, styles):
         _errorbar(axes[0, 0], _mean_std(gap[gap["steps"] == k_min], "epoch"), "epoch", label, c)
     axes[0, 0].set(xlabel="Epoch", ylabel=ylabel.replace("Rel.", f"PGD-{k_min} rel."))
     figs[f"epoch_vs_pgd-{k_min}"] = _finish(fig, axes[0, 0])
 
     fig, axes = _figure()
-    for (label, gap, _), c in zip(data, colors):
+    for (label, gap, _), c in zip(data, styles):
         _errorbar(axes[0, 0], _mean_std(gap, "steps"), "steps", label, c)
     axes[0, 0].set(xlabel="Attack steps", ylabel=ylabel, xscale="log")
     figs["steps"] = _finish(fig, axes[0, 0])
@@ -203,7 +340,7 @@ def effectiveness_figures(paths: Sequence[str], labels: Optional[Sequence[str]] 
         keys = sorted(set().union(*[set(g[facet].unique()) for _, g, _ in data]))
         fig, axes = _grid(len(keys))
         for ax, key in zip(axes, keys):
-            for (label, gap, _), c in zip(data, colors):
+            for (label, gap, _), c in zip(data, styles):
                 part = gap[gap[facet] == key]
                 if len(part):
                     _errorbar(ax, _mean_std(part, x), x, label, c)
@@ -220,15 +357,29 @@ def effectiveness_figures(paths: Sequence[str], labels: Optional[Sequence[str]] 
 # Attack convergence (§6.2)
 # ----------------------------------------------------------------------------------------------
 
+MODEL_LINESTYLES = ("-", "--", ":", "-.")
+
+
 def _convergence_frame(path: str) -> pd.DataFrame:
-    df = _numeric(read_csv(path, ("point", "seed", "steps", "loss")), ["point", "seed", "steps", "loss"], path)
-    return df.dropna(subset=["point", "seed", "steps", "loss"]).sort_values(["point", "seed", "steps"])
+    key = ["point", "seed", "steps"]
+    df = _numeric(read_csv(path, key + ["loss"]), key + ["loss"], path, integer=key)
+    df[key] = df[key].astype(int)
+    _unique(df, key, path, "point, seed and step count")
+    if df["steps"].nunique() < 2:
+        raise UsageError(f"{path}: needs losses after at least two step counts to draw against steps (has "
+                         f"{sorted(df['steps'].unique().tolist())})")
+    return df.sort_values(key)
 
 
 def _loss_lines(ax, frame: pd.DataFrame, linestyle: str = "-", label_prefix: str = "", legend: bool = True) -> None:
-    for i, (seed, part) in enumerate(frame.groupby("seed")):
+    """A line per restart, coloured along a colour map so that no two restarts share a colour."""
+    cmap = _pyplot().get_cmap("viridis")
+    seeds = sorted(frame["seed"].unique())
+    for i, seed in enumerate(seeds):
+        part = frame[frame["seed"] == seed]
         label = f"{label_prefix}seed {int(seed)}" if legend and i < 5 else None
-        ax.plot(part["steps"], part["loss"], linestyle=linestyle, color=f"C{i % 10}", alpha=0.8, label=label)
+        ax.plot(part["steps"], part["loss"], linestyle=linestyle, color=cmap(i / max(len(seeds) - 1, 1) * 0.9),
+                alpha=0.8, label=label)
     ax.set_xscale("symlog", linthresh=1)
     ax.set(xlabel="Attack steps", ylabel="Loss")
 
@@ -239,6 +390,9 @@ def convergence_figures(paths: Sequence[str], labels: Optional[Sequence[str]] = 
     """Per CSV: one point (``point``, else one drawn with ``random.seed(seed)`` among the points
     common to all CSVs) and every point; with several CSVs also that point under each model."""
     names = _labels(paths, labels)
+    if len(paths) > len(MODEL_LINESTYLES):
+        raise UsageError(f"convergence tells models apart by line style: at most {len(MODEL_LINESTYLES)} CSVs at once "
+                         f"(got {len(paths)})")
     frames = [_convergence_frame(p) for p in paths]
     common = sorted(set.intersection(*[set(f["point"].astype(int)) for f in frames]))
     if point is None:
@@ -262,9 +416,8 @@ def convergence_figures(paths: Sequence[str], labels: Optional[Sequence[str]] = 
     if len(frames) > 1:
         fig, axes = _figure()
         for i, (label, frame) in enumerate(zip(names, frames)):
-            _loss_lines(axes[0, 0], frame[frame["point"] == point], linestyle=["-", "--", ":", "-."][i % 4],
-                        legend=False)
-            axes[0, 0].plot([], [], color="0.3", linestyle=["-", "--", ":", "-."][i % 4], label=label)
+            _loss_lines(axes[0, 0], frame[frame["point"] == point], linestyle=MODEL_LINESTYLES[i], legend=False)
+            axes[0, 0].plot([], [], color="0.3", linestyle=MODEL_LINESTYLES[i], label=label)
         axes[0, 0].set_title(f"point {point}, a line per restart")
         figs["_".join(names)] = _finish(fig, axes[0, 0])
     return figs
@@ -285,79 +438,135 @@ def _metric_label(metric: str) -> str:
     return prefix + _METRIC_LABELS.get(base, base).lower() if prefix else _METRIC_LABELS.get(base, base)
 
 
+DEFAULT_METRIC = "eval_robust_top1"
+
+
+def _is_wandb_export(df: pd.DataFrame) -> bool:
+    """W&B CSV exports have a ``Step`` column or ``<run> - <metric>`` columns; summary.csv has neither."""
+    return "Step" in df.columns or any(" - " in str(c) for c in df.columns)
+
+
 def _wandb_runs(df: pd.DataFrame, x: str, path: str) -> Tuple[str, List[Tuple[str, pd.DataFrame]]]:
     """Runs of a W&B export: plain columns are runs; ``<run> - <metric>__MIN/MAX`` their band."""
     bands: Dict[str, Dict[str, str]] = {}
-    metric = ""
+    metrics = set()
     for col in map(str, df.columns):
         m = _WANDB_BAND.match(col)
         if m and not m.group("metric").startswith("_"):
             bands.setdefault(m.group("run"), {})["lo" if m.group("agg") == "MIN" else "hi"] = col
-            metric = m.group("metric")
+            metrics.add(m.group("metric"))
+    if len(metrics) > 1:
+        raise UsageError(f"{path} is a W&B export of several metrics ({', '.join(sorted(metrics))}); export one")
     runs = []
     for col in map(str, df.columns):
         if col == x or " - " in col or col.endswith(("__MIN", "__MAX")):
             continue
         band = bands.get(col, {})
         keep = {x: "x", col: "y", **({band["lo"]: "lo", band["hi"]: "hi"} if len(band) == 2 else {})}
-        frame = _numeric(df[list(keep)].copy(), list(keep), path).rename(columns=keep)
-        runs.append((col, frame.dropna(subset=["x", "y"])))
-    return metric, runs
+        frame = _numeric(df[list(keep)], list(keep), path, missing_ok=True).rename(columns=keep)
+        runs.append((col, frame.dropna(subset=["x", "y"])))  # a run shorter than the export: its empty cells
+    return (metrics.pop() if metrics else ""), runs
 
 
-def _curves(df: pd.DataFrame, path: str, label: str, metric: str) -> Tuple[str, List[Tuple[str, pd.DataFrame]]]:
-    """``(metric, [(run label, frame with x, y[, lo, hi])])`` from a summary.csv or a W&B export."""
+def _curves(df: pd.DataFrame, path: str, label: str,
+            metric: Optional[str]) -> Tuple[str, List[Tuple[str, pd.DataFrame]]]:
+    """``(metric, [(run label, frame with x, y[, lo, hi])])`` from a summary.csv or a W&B export.
+
+    ``metric`` None: summary.csv's ``eval_robust_top1``, or whatever a W&B export holds; a metric
+    asked for that the file does not hold is an error, never another column drawn instead."""
     x = "epoch" if "epoch" in df.columns else "Step" if "Step" in df.columns else None
     if x is None:
         raise UsageError(f"{path} lacks an epoch column ('epoch' in summary.csv, 'epoch' or 'Step' in W&B exports)")
-    if metric in df.columns:  # a training summary.csv
-        frame = _numeric(df[[x, metric]].copy(), [x, metric], path).rename(columns={x: "x", metric: "y"})
-        return metric, [(label, frame.dropna())]
-    found, runs = _wandb_runs(df, x, path)
-    if not runs:
-        raise UsageError(f"{path} has no column {metric} (summary.csv) and no run columns (W&B export)")
-    return found or metric, runs
+    if _is_wandb_export(df):
+        found, runs = _wandb_runs(df, x, path)
+        if not runs:
+            raise UsageError(f"{path} is a W&B export without run columns")
+        if metric and found and metric != found:
+            raise UsageError(f"{path} is a W&B export of {found}, not of --metric {metric}")
+        shown = found or metric or DEFAULT_METRIC
+    else:
+        shown = metric or DEFAULT_METRIC
+        if shown not in df.columns:
+            numeric = [str(c) for c in df.columns if c != x]
+            raise UsageError(f"{path} has no column {shown} (--metric); it has {', '.join(numeric[:10])}"
+                             f"{' ...' if len(numeric) > 10 else ''}")
+        frame = _numeric(df[[x, shown]], [x, shown], path, missing_ok=True).rename(columns={x: "x", shown: "y"})
+        runs = [(label, frame.dropna(subset=["x", "y"]))]  # epochs where the metric was not measured ('nan')
+    for run, frame in runs:
+        if frame["x"].isna().all():
+            raise UsageError(f"{path}: the {x} column is empty")
+        repeated = frame["x"][frame["x"].duplicated()]
+        if len(repeated):
+            raise UsageError(f"{path} has several rows for {x} {repeated.iloc[0]:g}" +
+                             (f" (run {run})" if run != label else "") + "; keep one row per epoch")
+    return shown, runs
 
 
 @_styled
 def learning_curve_figures(paths: Sequence[str], labels: Optional[Sequence[str]] = None,
-                           metric: str = "eval_robust_top1", run_labels: Optional[Dict[str, str]] = None,
+                           metric: Optional[str] = None, run_labels: Optional[Dict[str, str]] = None,
                            name: str = "learning-curves") -> Dict[str, object]:
-    """One figure: ``metric`` against epoch, a line per summary.csv or per run of a W&B export."""
+    """One figure: ``metric`` (default ``eval_robust_top1``; a W&B export's own metric) against
+    epoch, a line per summary.csv or per run of a W&B export. Every file must show the same metric."""
+    series = []
+    shown = set()
+    for path, label in zip(paths, _labels(paths, labels)):
+        found, runs = _curves(read_csv(path), path, label, metric)
+        shown.add(found)
+        series += [(label, (run_labels or {}).get(run, run), frame) for run, frame in runs]
+    if len(shown) > 1:
+        raise UsageError(f"the CSVs hold different metrics ({', '.join(sorted(shown))}); draw one metric per figure "
+                         "(--metric)")
+    names = [run for _, run, _ in series]
+    if len(set(names)) < len(names):  # the same run name in two files: say which file
+        names = [run if names.count(run) == 1 else f"{label}: {run}" for label, run, _ in series]
+        if len(set(names)) < len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise UsageError(f"two lines would be labelled '{twice[0]}'; give distinct --labels")
     fig, axes = _figure()
     ax = axes[0, 0]
-    shown = metric
-    i = 0
-    for path, label in zip(paths, _labels(paths, labels)):
-        shown, runs = _curves(read_csv(path), path, label, metric)
-        for run, frame in runs:
-            run = (run_labels or {}).get(run, run)
-            ax.plot(frame["x"], frame["y"], color=f"C{i % 10}", label=run)
-            if "lo" in frame.columns:
-                ax.fill_between(frame["x"], frame["lo"], frame["hi"], color=f"C{i % 10}", alpha=0.2, linewidth=0)
-            i += 1
-    ax.set(xlabel="Epoch", ylabel=_metric_label(shown))
+    for i, (run, (_, _, frame)) in enumerate(zip(names, series)):
+        style = _line_style(i, len(series))
+        ax.plot(frame["x"], frame["y"], label=run, marker="o" if len(frame) == 1 else None, **style)
+        if "lo" in frame.columns:
+            band = frame.dropna(subset=["lo", "hi"])
+            ax.fill_between(band["x"], band["lo"], band["hi"], color=style["color"], alpha=0.2, linewidth=0)
+    ax.set(xlabel="Epoch", ylabel=_metric_label(shown.pop()))
     return {name: _finish(fig, ax)}
 
 
 @_styled
 def robustness_figures(paths: Sequence[str], labels: Optional[Sequence[str]] = None,
                        name: str = "robust_accuracy_vs_eps") -> Dict[str, object]:
-    """Robust top-1 against eps (/255), a line per validate.py results CSV with one row per eps."""
+    """Robust top-1 against eps (/255), a line per validate.py results CSV with one row per eps (a
+    line per attack and step count where the CSV holds several, e.g. ``--attack-steps 2 20``)."""
+    lines = []
+    for path, label in zip(paths, _labels(paths, labels)):
+        df = read_csv(path, ("robust_top1",))
+        found = [c for c in ("eps", "attack_eps") if c in df.columns]
+        if len(found) != 1:
+            raise UsageError(f"{path} " + ("has both eps and attack_eps columns; keep one" if found else
+                                           "lacks an eps column ('eps' or 'attack_eps', in /255 units)"))
+        eps = found[0]
+        df = _numeric(df, [eps, "robust_top1"], path)
+        if (df[eps] < 0).any():
+            raise UsageError(f"{path} {_where(df, df.index[(df[eps] < 0).to_numpy()][0])}: {eps} must be >= 0")
+        if 0 < df[eps].max() < 1:  # every eps below 1/255: [0, 1] units, which would be drawn 255x too small
+            raise UsageError(f"{path}: every {eps} is below 1 (largest {df[eps].max():g}): these look like [0, 1] "
+                             "units; give eps in /255 units like --attack-eps (multiply by 255)")
+        keys = [c for c in ("attack", "attack_steps") if c in df.columns and df[c].astype(str).nunique() > 1]
+        groups = df.groupby([df[c].astype(str).str.strip() for c in keys], sort=False) if keys else [((), df)]
+        for key, part in groups:
+            key = key if isinstance(key, tuple) else (key,)
+            _unique(part, [eps], path, "eps" + (" and " + " and ".join(keys) if keys else ""))
+            suffix = ", ".join(f"{v} steps" if c == "attack_steps" else v for c, v in zip(keys, key))
+            lines.append((f"{label} ({suffix})" if suffix else label, part.sort_values(eps), eps))
     fig, axes = _figure()
     ax = axes[0, 0]
-    for i, (path, label) in enumerate(zip(paths, _labels(paths, labels))):
-        df = read_csv(path, ("robust_top1",))
-        eps = "eps" if "eps" in df.columns else "attack_eps" if "attack_eps" in df.columns else None
-        if eps is None:
-            raise UsageError(f"{path} lacks an eps column ('eps' or 'attack_eps', in /255 units)")
-        df = _numeric(df, [eps, "robust_top1"], path).dropna(subset=[eps, "robust_top1"]).sort_values(eps)
-        repeated = df[eps][df[eps].duplicated()].unique()
-        if len(repeated):
-            raise UsageError(f"{path} has several rows for eps {repeated[0]:g}; keep one row per eps")
-        ax.plot(df[eps], df["robust_top1"], marker="o", color=f"C{i % 10}", label=label)
+    for i, (label, df, eps) in enumerate(lines):
+        ax.plot(df[eps], df["robust_top1"], marker="o", label=label, **_line_style(i, len(lines)))
     ax.set(xlabel=r"$\epsilon$ (/255)", ylabel="Robust top-1 (%)")
-    return {name: _finish(fig, ax if len(paths) > 1 else None)}
+    return {name: _finish(fig, ax if len(lines) > 1 else None)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,7 +580,7 @@ def figures(kind: str, paths: Sequence[str], labels: Optional[Sequence[str]] = N
     if kind == "convergence":
         return convergence_figures(paths, labels, point=options.get("point"))
     if kind == "learning-curves":
-        return learning_curve_figures(paths, labels, metric=options.get("metric") or "eval_robust_top1")
+        return learning_curve_figures(paths, labels, metric=options.get("metric"))
     if kind == "robustness":
         return robustness_figures(paths, labels)
     raise UsageError(f"unknown plot kind '{kind}': choose one of {', '.join(KINDS)}")
@@ -456,6 +665,12 @@ def draw(kind: str, paths: Sequence[str], out_dir: str, labels: Optional[Sequenc
     a folder or by one of the input CSVs): an error line, and no figure set half written."""
     figs = figures(kind, paths, labels, **options)
     try:
+        files: Dict[str, str] = {}
+        for name in figs:
+            other = files.setdefault(_figure_paths(out_dir, name)[0], name)
+            if other != name:
+                raise UsageError(f"the figures '{other}' and '{name}' would be written to the same file; give --labels "
+                                 "that differ in letters or digits")
         storage.check_output_folder(out_dir, "--out")
         for name in figs:
             for target in _figure_paths(out_dir, name):

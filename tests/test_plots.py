@@ -9,7 +9,7 @@ import pytest
 
 from src import plots
 from src.bits.summary import SUMMARY_COLUMNS
-from src.errors import run_cli
+from src.errors import UsageError, run_cli
 
 
 def write_csv(path, header, rows):
@@ -89,10 +89,13 @@ def test_relative_gap_is_the_papers_formula(tmp_path):
 
 
 def test_learning_curves_read_summary_metric_and_wandb_runs(inputs):
-    fig = plots.learning_curve_figures(inputs["learning-curves"], metric="eval_top1")["learning-curves"]
+    fig = plots.learning_curve_figures(inputs["learning-curves"], metric="eval_robust_top1")["learning-curves"]
     ax = fig.axes[0]
     assert [line.get_label() for line in ax.lines] == ["summary", "a", "b"]
-    assert list(ax.lines[0].get_ydata()) == [12, 13, 14, 15]
+    assert list(ax.lines[0].get_ydata()) == [6, 7, 8, 9]
+    # the W&B export holds eval_robust_top1: another --metric is refused, not drawn under its name
+    with pytest.raises(UsageError, match="W&B export of eval_robust_top1, not of --metric eval_top1"):
+        plots.learning_curve_figures(inputs["learning-curves"], metric="eval_top1")
     assert len(ax.collections) == 1  # the min-max band of run a
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CMD = ["train.py", "-c", "configs/quickstart.yaml"]
@@ -115,18 +115,49 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
     args = parser.parse_args(argv)
-    with open(args.readme) as f:
-        text = f.read()
-    for name in ("demo", "validate"):  # fail before minutes of training when a marker is missing
-        replace_block(text, name, "")
+    text = _read_readme(args.readme)  # fail before minutes of training when the README or a marker is wrong
     blocks = measure()
-    with open(args.readme) as f:  # re-read: the README may have been edited during the measurement
-        text = f.read()
+    text = _read_readme(args.readme)  # re-read: the README may have been edited during the measurement
     for name, body in blocks.items():
         text = replace_block(text, name, body)
-    with open(args.readme, "w") as f:
-        f.write(text)
+    _write_atomically(args.readme, text)
     print(f"updated {args.readme}")
+
+
+def _read_readme(path: str) -> str:
+    """The README's text, with both marker pairs checked; a problem is one ``error:`` line (SystemExit)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        _usage_error(f"--readme {path} cannot be read ({getattr(e, 'strerror', None) or e})")
+    for name in ("demo", "validate"):
+        try:
+            replace_block(text, name, "")
+        except ValueError as e:
+            _usage_error(f"--readme {path}: {e}")
+    return text
+
+
+def _usage_error(message: str) -> NoReturn:
+    """Bad input: one ``error:`` line and exit code 2, as every tool of the project."""
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(2)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Replace ``path`` in one rename: a kill mid-write leaves the old README whole, never half of it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".readme-numbers-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777)  # mkstemp's 0600 would make the README private
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 if __name__ == "__main__":

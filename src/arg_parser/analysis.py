@@ -114,7 +114,8 @@ def build_plots_parser(kinds: Sequence[str]) -> CliParser:
     p.add_argument("--out", required=True, type=OUTPUT_PATH, metavar="DIR", help="output folder")
     p.add_argument("--labels", nargs="+", default=None, metavar="L", help="one label per CSV (default: file names)")
     p.add_argument("--metric", default=None, metavar="COLUMN",
-                   help="learning-curves: summary.csv column (default eval_robust_top1)")
+                   help="learning-curves: summary.csv column (default eval_robust_top1; a W&B export draws its "
+                        "own metric, which must match when given)")
     p.add_argument("--point", type=nonneg_int(), default=None, metavar="ID",
                    help="convergence: point id to draw (default: random, seed 42)")
     return p
@@ -125,6 +126,9 @@ def parse_plots_args(kinds: Sequence[str], argv: Optional[Sequence[str]] = None)
     args = build_plots_parser(kinds).parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.kind not in kinds:
         raise UsageError(f"unknown plot kind '{args.kind}': choose one of {', '.join(kinds)}")
+    for flag, value, kind in (("--metric", args.metric, "learning-curves"), ("--point", args.point, "convergence")):
+        if value is not None and args.kind != kind:  # never an option silently ignored
+            raise UsageError(f"{flag} applies to {kind} only, not to {args.kind}")
     return args
 
 
