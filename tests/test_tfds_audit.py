@@ -180,3 +180,48 @@ def test_damaged_imagenet_archives_are_one_line(tmp_path, capsys, builder, how, 
     lines = _error_lines(err)
     assert code == 2 and len(lines) == 1 and message.format(archive=archive) in lines[0], err[-2000:]
     assert not (data / builder / "5.1.0").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# --overwrite: TFDS deleted the existing build before generating the new one
+
+
+def _read_labels(data):
+    builder = tfds.builder("cifar_ddpm", data_dir=str(data))
+    return sorted(int(ex["label"]) for ex in tfds.as_numpy(builder.as_dataset(split="train", shuffle_files=False)))
+
+
+def test_failed_overwrite_keeps_the_previous_build(tmp_path, capsys):
+    data = tmp_path / "data"
+    good = _ddpm_manual(tmp_path / "good", labels=np.array([1, 2, 3]))
+    assert _build([os.path.join(DATASETS, "cifar_ddpm"), "--manual_dir", good, "--data_dir", str(data)],
+                  capsys)[0] == 0
+    version = data / "cifar_ddpm" / "1.0.0"
+    before = {p.name: p.read_bytes() for p in version.iterdir()}
+    bad = _ddpm_manual(tmp_path / "bad", labels=np.array([1, 12]))
+    code, err = _build([os.path.join(DATASETS, "cifar_ddpm"), "--manual_dir", bad, "--data_dir", str(data),
+                        "--overwrite"], capsys)
+    assert code == 2 and "outside 0-9" in _error_lines(err)[0]
+    assert "the previous build is back in place" in err
+    assert {p.name: p.read_bytes() for p in version.iterdir()} == before  # the first build, untouched
+    assert sorted(os.listdir(data / "cifar_ddpm")) == ["1.0.0"] and _read_labels(data) == [1, 2, 3]
+    # a completed --overwrite build replaces it, and leaves nothing else behind
+    other = _ddpm_manual(tmp_path / "other", labels=np.array([7, 8]))
+    assert _build([os.path.join(DATASETS, "cifar_ddpm"), "--manual_dir", other, "--data_dir", str(data),
+                   "--overwrite"], capsys)[0] == 0
+    assert sorted(os.listdir(data / "cifar_ddpm")) == ["1.0.0"] and _read_labels(data) == [7, 8]
+
+
+def test_overwrite_refuses_to_clobber_a_build_left_aside_by_an_interrupted_one(tmp_path, capsys):
+    data = tmp_path / "data"
+    good = _ddpm_manual(tmp_path / "good", labels=np.array([4, 5]))
+    assert _build([os.path.join(DATASETS, "cifar_ddpm"), "--manual_dir", good, "--data_dir", str(data)],
+                  capsys)[0] == 0
+    aside = data / "cifar_ddpm" / "1.0.0.replaced-by-overwrite"
+    aside.mkdir()
+    (aside / "dataset_info.json").write_text("{}")
+    code, err = _build([os.path.join(DATASETS, "cifar_ddpm"), "--manual_dir", good, "--data_dir", str(data),
+                        "--overwrite"], capsys)
+    lines = _error_lines(err)
+    assert code == 2 and len(lines) == 1 and f"{aside} holds the build an interrupted --overwrite" in lines[0]
+    assert (aside / "dataset_info.json").read_text() == "{}" and _read_labels(data) == [4, 5]
