@@ -225,3 +225,31 @@ def test_overwrite_refuses_to_clobber_a_build_left_aside_by_an_interrupted_one(t
     lines = _error_lines(err)
     assert code == 2 and len(lines) == 1 and f"{aside} holds the build an interrupted --overwrite" in lines[0]
     assert (aside / "dataset_info.json").read_text() == "{}" and _read_labels(data) == [4, 5]
+
+
+# ----------------------------------------------------------------------------------------------
+# --combine-dataset: its class count was never checked against the model's outputs
+
+
+def test_combine_dataset_with_more_classes_than_the_model_is_one_line(ddpm, tmp_path):
+    """A 2-class image folder trained with tfds/cifar_ddpm (10 classes) mixed in and --num-classes 2: the
+    second dataset's labels 2-9 reached the loss (IndexError at the first batch, a device assert on CUDA)."""
+    from PIL import Image
+
+    from src import data as D
+    from src.arg_parser import parse_args
+
+    for split in ("train", "validation"):
+        for label in ("a", "b"):
+            folder = tmp_path / "folder" / split / label
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(str(folder / f"{i}.png"))
+    args, _ = parse_args([str(tmp_path / "folder"), "--combine-dataset", "tfds/cifar_ddpm", "--combine-data-dir",
+                          ddpm["data"], "--combined-dataset-ratio", "0.5", "-b", "4", "--no-aug", "--workers", "0"])
+    cfg = {"input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bilinear"}
+    with pytest.raises(UsageError, match=r"^--combine-dataset tfds/cifar_ddpm has 10 classes but the model has 2 "
+                                         r"outputs; pass --num-classes 10$"):
+        D.create_train_loaders(args, cfg, world_size=1, rank=0, num_classes=2)
+    train_loader, _ = D.create_train_loaders(args, cfg, world_size=1, rank=0, num_classes=10)
+    assert len(train_loader) == 4
