@@ -62,6 +62,43 @@ def check_inputs(args: build.Args) -> None:
                 raise UsageError(f"--manual_dir {manual} is empty; {cls.name} reads its source files from there")
 
 
+REPLACED_SUFFIX = ".replaced-by-overwrite"
+_tfds_make_builder = build._make_builder
+_replaced = []  # (build folder, its previous contents moved aside) for every build --overwrite replaces
+
+
+def _make_builder_keeping_the_old_build(builder_cls, overwrite: bool, fail_if_exists: bool, **builder_kwargs):
+    """TFDS's ``_make_builder``, except that ``--overwrite`` moves an existing build aside instead of deleting it
+    before the new one is generated: ``restore_replaced`` puts it back when the new build fails or is stopped."""
+    builder = builder_cls(**builder_kwargs)
+    if overwrite and not fail_if_exists and builder.is_prepared():
+        path = builder.data_path
+        backup = path.parent / (path.name + REPLACED_SUFFIX)
+        if backup.exists():
+            raise UsageError(f"{backup} holds the build an interrupted --overwrite build replaced; move it back "
+                             f"to {path} or delete it, then build again")
+        path.rename(backup)
+        _replaced.append((path, backup))
+    return _tfds_make_builder(builder_cls, overwrite=overwrite, fail_if_exists=fail_if_exists, **builder_kwargs)
+
+
+def restore_replaced() -> None:
+    """After a run: a new build that completed (its dataset_info.json is there) replaces the old one for good;
+    otherwise the old build goes back where it was."""
+    while _replaced:
+        path, backup = _replaced.pop()
+        if (path / "dataset_info.json").exists():
+            backup.rmtree()
+        else:
+            if path.exists():
+                path.rmtree()
+            backup.rename(path)
+            print(f"{path}: the new build did not complete; the previous build is back in place", file=sys.stderr)
+
+
+build._make_builder = _make_builder_keeping_the_old_build
+
+
 def main(args: build.Args) -> None:
     import tensorflow_datasets as tfds
 
@@ -73,6 +110,8 @@ def main(args: build.Args) -> None:
     except (ExpectedError, FileNotFoundError) as e:  # the builders name a missing source file this way
         print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(2)
+    finally:  # --overwrite: the build it replaced comes back unless the new one completed
+        restore_replaced()
 
 
 if __name__ == "__main__":

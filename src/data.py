@@ -189,10 +189,14 @@ def create_dataset(name: str, root: Optional[str], split: str, is_training: bool
             raise UsageError(f"cannot load dataset '{name}' split '{split}': {msg}") from None
         raise UsageError(f"cannot load dataset '{name or 'image folder'}' split '{split}' from {root}: {msg}") \
             from None
-    if is_training and name.lower().startswith("tfds/"):
-        from src.tfds_data import check_trainable
+    if name.lower().startswith("tfds/"):
+        from src.tfds_data import check_split, check_trainable
 
-        check_trainable(ds, name)
+        builder = getattr(getattr(ds, "reader", None), "builder", None)
+        if builder is not None:  # an empty slice opens and fails with a traceback at the first batch
+            check_split(builder, name, split, root)
+        if is_training:
+            check_trainable(ds, name)
     return ds
 
 
@@ -607,6 +611,16 @@ def check_three_channels(dataset, expected_channels: int = 3) -> None:
 # The training run's loaders
 # ----------------------------------------------------------------------------------------------
 
+def check_class_count(dataset, what: str, num_classes: Optional[int]) -> None:
+    """A training dataset (the main one or ``--combine-dataset``'s) with more classes than the model has
+    outputs: one line, not an out-of-range label in the loss at the first batch."""
+    ds_classes = dataset_num_classes(getattr(dataset, "dataset", None) if isinstance(
+        dataset, (AugSplitsDataset, IterableAugSplitsDataset)) else dataset)
+    if ds_classes is not None and num_classes is not None and ds_classes > num_classes:
+        raise UsageError(f"{what} has {ds_classes} classes but the model has {num_classes} outputs; "
+                         f"pass --num-classes {ds_classes}")
+
+
 def create_train_loaders(args, data_config: Dict[str, Any], world_size: int, rank: int,
                          num_classes: Optional[int]) -> Tuple[Any, DataLoader]:
     """train.py's training loader (plain or ``--combine-dataset`` mixed) and evaluation loader.
@@ -639,15 +653,13 @@ def create_train_loaders(args, data_config: Dict[str, Any], world_size: int, ran
 
         check_train_eval_folders(train_ds, eval_ds, args.train_split, args.val_split)
     check_three_channels(eval_ds, data_config["input_size"][0])
-    ds_classes = dataset_num_classes(train_ds.dataset if args.aug_splits else train_ds)
-    if ds_classes is not None and num_classes is not None and ds_classes > num_classes:
-        raise UsageError(f"dataset has {ds_classes} classes but the model has {num_classes} outputs; "
-                         f"pass --num-classes {ds_classes}")
+    check_class_count(train_ds, "dataset", num_classes)
     common = dict(world_size=world_size, rank=rank, pin_memory=args.pin_mem, seed=args.seed,
                   persistent_workers=args.use_multi_epochs_loader)
     train_loader = create_loader(train_ds, main_bs, True, workers=args.workers, **common)
     if args.combine_dataset:
         comb_ds = make_train_ds(args.combine_dataset, args.combine_data_dir or args.data_dir, comb_bs)
+        check_class_count(comb_ds, f"--combine-dataset {args.combine_dataset}", num_classes)
         comb_loader = create_loader(comb_ds, comb_bs, True, workers=args.workers, **{**common, "seed": args.seed + 1})
         train_loader = CombinedLoaders(train_loader, comb_loader, seed=args.seed)
     # the original capped the eval loader's workers at 2 for tfds/wds data

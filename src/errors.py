@@ -25,6 +25,11 @@ class UsageError(ExpectedError):
     """Bad flags, config values, paths or data."""
 
 
+class SourceDataError(ExpectedError, ValueError):
+    """A dataset builder's source files (``--manual_dir``) are damaged or hold the wrong data: one line naming
+    the file, before anything is written (``datasets/build.py``)."""
+
+
 class CheckpointError(ExpectedError, RuntimeError):
     """A checkpoint cannot be read or does not fit the model; the message is one clear line."""
 

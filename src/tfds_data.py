@@ -108,13 +108,18 @@ def open_builder(spec: str, data_dir: Optional[str]):
 
 
 def check_split(builder, spec: str, split: str, data_dir: Optional[str]) -> None:
-    """A one-line ``UsageError`` when ``split`` (TFDS slicing included) does not select examples of ``builder``."""
+    """A one-line ``UsageError`` when ``split`` (TFDS slicing included) does not select examples of ``builder``:
+    an unknown split, a slice TFDS cannot parse or that runs past the split, and an empty one (``train[5:5]``,
+    ``train[64:]`` of 64 examples), which TFDS accepts here and refuses with a traceback when it is read."""
+    available = ", ".join(f"{k} ({v.num_examples} examples)" for k, v in builder.info.splits.items())
     try:
-        builder.info.splits[split]
+        selected = builder.info.splits[split].num_examples
     except (ValueError, KeyError, AssertionError) as e:
-        available = ", ".join(f"{k} ({v.num_examples} examples)" for k, v in builder.info.splits.items())
         raise UsageError(f"{first_line(e)} ({spec} in {describe_data_dir(data_dir)} has the splits: {available})") \
             from None
+    if not selected:
+        raise UsageError(f"split '{split}' selects no examples of {spec} in {describe_data_dir(data_dir)} (its "
+                         f"splits: {available})")
 
 
 def check_trainable(dataset, spec: str) -> None:

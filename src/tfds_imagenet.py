@@ -10,10 +10,16 @@ Data files are read relative to the repository, never the working directory.
 from __future__ import annotations
 
 import io
+import lzma
 import os
 import re
 import tarfile
+import zlib
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+
+from src.errors import SourceDataError, first_line
+
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROBUSTBENCH_IDS = os.path.join(ROOT, "data", "robustbench_imagenet_5000_ids.txt")
@@ -43,7 +49,7 @@ def validation_labels() -> List[str]:
 def validation_wnid(file_name: str, labels: List[str]) -> str:
     m = _VAL_NAME.search(file_name)
     if m is None or not 1 <= int(m.group(1)) <= len(labels):
-        raise ValueError(f"{file_name} is not an ImageNet validation file name (ILSVRC2012_val_XXXXXXXX.JPEG)")
+        raise SourceDataError(f"{file_name} is not an ImageNet validation file name (ILSVRC2012_val_XXXXXXXX.JPEG)")
     return labels[int(m.group(1)) - 1]
 
 
@@ -78,30 +84,69 @@ def manual_archives(manual_dir: str) -> Dict[str, str]:
     return found
 
 
+def read_members(archive: Iterable[Tuple[str, io.IOBase]], source: str,
+                 wanted: Callable[[str], bool] = lambda name: True) -> Iterator[Tuple[str, bytes]]:
+    """(name, bytes) of every file of ``archive`` whose name is ``wanted`` (the others are not read); a damaged,
+    truncated or empty archive is a one-line ``SourceDataError`` naming ``source`` (TFDS's reader raised
+    tarfile's errors with a traceback mid-build)."""
+    members = iter(archive)
+    while True:
+        try:
+            entry = next(members, None)
+            if entry is None:
+                return
+            if not wanted(entry[0]):
+                continue
+            name, payload = entry[0], entry[1].read()
+        except ARCHIVE_ERRORS as e:
+            raise SourceDataError(f"cannot read {source}: {first_line(e)} (a damaged or truncated tar archive?)") \
+                from None
+        yield name, payload
+
+
+def check_image(payload: bytes, where: str) -> None:
+    """A one-line ``SourceDataError`` when ``payload`` is not an image PIL recognizes (its header only: cheap),
+    instead of storing it and failing when the dataset is read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(payload)):
+            pass
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise SourceDataError(f"{where} is not an image PIL can read") from None
+
+
 def iter_train_archive(archive: Iterable[Tuple[str, io.IOBase]], keep: Optional[Set[str]] = None,
-                       fix_image: Callable = lambda name, img: img) -> Iterator[Example]:
+                       fix_image: Callable = lambda name, img: img, source: str = TRAIN_ARCHIVE) -> Iterator[Example]:
     """(key, example) of every training image whose class is in ``keep`` (all when None).
 
-    Class archives outside ``keep`` are skipped without being read.
+    Class archives outside ``keep`` are skipped without being read. Damaged archives and files that are not
+    images are ``SourceDataError`` naming them.
     """
-    for fname, fobj in archive:
-        wnid = os.path.basename(fname)[:-len(".tar")]
-        if keep is not None and wnid not in keep:
-            continue
-        with tarfile.open(fileobj=io.BytesIO(fobj.read()), mode="r:") as inner:
-            for member in inner:
-                if not member.isfile():
-                    continue
-                image_name = os.path.basename(member.name)
-                image = fix_image(image_name, io.BytesIO(inner.extractfile(member).read()))
-                yield image_name, {"file_name": image_name, "image": image, "label": wnid}
+    def wnid_of(fname: str) -> str:
+        return os.path.basename(fname)[:-len(".tar")]
+
+    for fname, payload in read_members(archive, source, lambda f: keep is None or wnid_of(f) in keep):
+        wnid = wnid_of(fname)
+        inner_source = f"{os.path.basename(fname)} in {source}"
+        try:
+            inner = tarfile.open(fileobj=io.BytesIO(payload), mode="r:")
+        except ARCHIVE_ERRORS as e:
+            raise SourceDataError(f"cannot read {inner_source}: {first_line(e)} (a damaged tar archive?)") from None
+        with inner:
+            for image_name, image in read_members(((m.name, inner.extractfile(m)) for m in inner if m.isfile()),
+                                                  inner_source):
+                image_name = os.path.basename(image_name)
+                check_image(image, f"{image_name} in {inner_source}")
+                yield image_name, {"file_name": image_name, "image": fix_image(image_name, io.BytesIO(image)),
+                                   "label": wnid}
 
 
-def iter_val_archive(archive: Iterable[Tuple[str, io.IOBase]],
-                     wnid_of: Callable[[str], Optional[str]]) -> Iterator[Example]:
-    """(key, example) of every validation image for which ``wnid_of(file_name)`` is not None."""
-    for fname, fobj in archive:
+def iter_val_archive(archive: Iterable[Tuple[str, io.IOBase]], wnid_of: Callable[[str], Optional[str]],
+                     source: str = VAL_ARCHIVE) -> Iterator[Example]:
+    """(key, example) of every validation image for which ``wnid_of(file_name)`` is not None; damaged archives
+    and kept files that are not images are ``SourceDataError`` naming them."""
+    for fname, payload in read_members(archive, source, lambda f: wnid_of(os.path.basename(f)) is not None):
         image_name = os.path.basename(fname)
-        wnid = wnid_of(image_name)
-        if wnid is not None:
-            yield image_name, {"file_name": image_name, "image": fobj, "label": wnid}
+        check_image(payload, f"{image_name} in {source}")
+        yield image_name, {"file_name": image_name, "image": io.BytesIO(payload), "label": wnid_of(image_name)}

@@ -6,9 +6,16 @@ Build: ``python datasets/build.py datasets/cifar_ddpm --manual_dir DIR --data_di
 from __future__ import annotations
 
 import os
+import sys
 
-import numpy as np
-import tensorflow_datasets as tfds
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+from src.errors import SourceDataError, first_line  # noqa: E402
 
 IMAGE_SHAPE = (32, 32, 3)
 IMAGE_BYTES = 32 * 32 * 3
@@ -51,15 +58,36 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         for path in (images_path, labels_path):
             if not tf.io.gfile.exists(path):
                 raise FileNotFoundError(f"cifar_ddpm: missing manual file {path}\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-        with tf.io.gfile.GFile(labels_path, "rb") as f:
-            labels = np.load(f).astype(np.int64).reshape(-1)
+        labels = read_labels(labels_path)
         size = tf.io.gfile.stat(images_path).length
         if size != len(labels) * IMAGE_BYTES:
-            raise ValueError(f"cifar_ddpm: {images_path} has {size} bytes but {LABELS_FILE} lists {len(labels)} "
-                             f"images of {IMAGE_BYTES} bytes each")
+            raise SourceDataError(f"cifar_ddpm: {images_path} has {size} bytes but {LABELS_FILE} lists "
+                                  f"{len(labels)} images of {IMAGE_BYTES} bytes each")
         with tf.io.gfile.GFile(images_path, "rb") as f:
             for start in range(0, len(labels), READ_CHUNK):
                 n = min(READ_CHUNK, len(labels) - start)
                 chunk = np.frombuffer(f.read(n * IMAGE_BYTES), dtype=np.uint8).reshape((n,) + IMAGE_SHAPE)
                 for j in range(n):
                     yield start + j, {"image": chunk[j], "label": int(labels[start + j])}
+
+
+def read_labels(path: str) -> np.ndarray:
+    """The labels file as int64, refused in one line (``SourceDataError``) when it is not a .npy array of
+    integers in [0, 10): a damaged file, float labels (truncated before) or a label out of range (stored
+    before, -1 included, and failing only in training)."""
+    import tensorflow as tf
+
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            labels = np.load(f, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise SourceDataError(f"cifar_ddpm: cannot read {path} as a .npy array ({first_line(e)})") from None
+    labels = np.asarray(labels).reshape(-1)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise SourceDataError(f"cifar_ddpm: {path} holds {labels.dtype} values; the labels must be integers "
+                              f"(0-{len(CIFAR10_CLASSES) - 1})")
+    bad = np.flatnonzero((labels < 0) | (labels >= len(CIFAR10_CLASSES)))
+    if len(bad):
+        raise SourceDataError(f"cifar_ddpm: {path} has {len(bad)} label(s) outside 0-{len(CIFAR10_CLASSES) - 1} "
+                              f"(first: {labels[bad[0]]} at index {bad[0]})")
+    return labels.astype(np.int64)

@@ -42,7 +42,7 @@ class Builder(imagenet2012_dataset_builder.Builder):
         splits = {}
         if "train" in archives:
             splits["train"] = common.iter_train_archive(dl_manager.iter_archive(archives["train"]), keep,
-                                                        self._fix_image)
+                                                        self._fix_image, source=archives["train"])
         if "validation" in archives:
             labels = common.validation_labels()
 
@@ -50,5 +50,6 @@ class Builder(imagenet2012_dataset_builder.Builder):
                 wnid = common.validation_wnid(file_name, labels)
                 return wnid if wnid in keep else None
 
-            splits["validation"] = common.iter_val_archive(dl_manager.iter_archive(archives["validation"]), wnid_of)
+            splits["validation"] = common.iter_val_archive(dl_manager.iter_archive(archives["validation"]), wnid_of,
+                                                      source=archives["validation"])
         return splits
