@@ -129,8 +129,10 @@ def validate(args: argparse.Namespace, dev_env: Optional[DeviceEnv] = None,
                                     channels_last=args.channels_last, local_rank=args.local_rank)
     try:
         seed_everything(args.seed)
+        # the data first: a wrong dataset argument fails before a model is built (pretrained weights downloaded)
+        dataset = create_eval_dataset(args)
         em = model_override or create_eval_model(args, dev_env)
-        loader = create_eval_loader(args, em, dev_env)
+        loader = create_eval_loader(args, em, dev_env, dataset)
         max_batches = eval_batches(args, loader, dev_env)
         if em.normalization == "loader" and args.attack:
             _logger.warning("=" * 100)

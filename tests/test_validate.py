@@ -642,3 +642,17 @@ def test_attack_that_changed_no_prediction_is_flagged():
     assert V.unchanged_by_attack_warnings(row, 8.0, 20) == []  # 12 correct examples: plausible
     assert V.unchanged_by_attack_warnings({"top1": 60.0, "robust_top1": 59.0}, 8.0, 300) == []
 
+
+
+def test_a_bad_dataset_fails_before_the_model_is_built(tmp_path, monkeypatch, capsys):
+    """Without --checkpoint the model comes with pretrained weights: a wrong data argument used to be reported
+    only after the weights' download (about 45 s of retries without a network)."""
+    import src.validation as validation
+
+    def built(*_a, **_k):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(validation, "create_eval_model", built)
+    rc = run_cli(validate_cli.main, [str(tmp_path / "no_such_dir"), "-m", "test_vit", "--num-classes", "10", "-j", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no_such_dir" in err and "does not exist" in err and "Traceback" not in err
