@@ -13,6 +13,7 @@ builds the same datasets.
 """
 import os
 import sys
+import signal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -25,7 +26,7 @@ from absl import app  # noqa: E402
 from tensorflow_datasets.scripts.cli import build, cli_utils  # noqa: E402
 
 
-from src.errors import ExpectedError, UsageError, first_line  # noqa: E402
+from src.errors import ExpectedError, Interrupted, UsageError, first_line, sigterm_as_interrupt  # noqa: E402
 
 
 def check_inputs(args: build.Args) -> None:
@@ -105,11 +106,16 @@ def main(args: build.Args) -> None:
     tfds.core.visibility.set_availables([tfds.core.visibility.DatasetType.TFDS_PUBLIC,
                                          tfds.core.visibility.DatasetType.COMMUNITY_PUBLIC])
     try:
-        check_inputs(args)
-        args.execute()
+        with sigterm_as_interrupt():
+            check_inputs(args)
+            args.execute()
     except (ExpectedError, FileNotFoundError) as e:  # the builders name a missing source file this way
         print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except (KeyboardInterrupt, Interrupted) as e:  # Ctrl-C / SIGTERM: one line, 130 / 143, like the other CLIs
+        what = first_line(e) if isinstance(e, Interrupted) else "stopped by Ctrl-C (SIGINT)"
+        print(f"interrupted: {what}", file=sys.stderr)
+        sys.exit(e.exit_code if isinstance(e, Interrupted) else 128 + signal.SIGINT)
     finally:  # --overwrite: the build it replaced comes back unless the new one completed
         restore_replaced()
 

@@ -253,3 +253,24 @@ def test_combine_dataset_with_more_classes_than_the_model_is_one_line(ddpm, tmp_
         D.create_train_loaders(args, cfg, world_size=1, rank=0, num_classes=2)
     train_loader, _ = D.create_train_loaders(args, cfg, world_size=1, rank=0, num_classes=10)
     assert len(train_loader) == 4
+
+
+def test_ctrl_c_during_a_build_is_one_line_and_keeps_the_previous_build(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in datasets/build.py ended in absl's KeyboardInterrupt traceback; now 'interrupted: ...', exit 130,
+    and an --overwrite build that was stopped puts the previous build back."""
+    from tensorflow_datasets.scripts.cli import build
+
+    data = tmp_path / "data"
+    good = _ddpm_manual(tmp_path / "good", labels=np.array([1, 2, 3]))
+    assert _build([os.path.join(DATASETS, "cifar_ddpm"), "--manual_dir", good, "--data_dir", str(data)],
+                  capsys)[0] == 0
+
+    def stopped(*_a, **_k):  # after the builder was made (and the old build moved aside), during the build
+        raise KeyboardInterrupt
+    monkeypatch.setattr(build, "_download_and_prepare", stopped)
+    code, err = _build([os.path.join(DATASETS, "cifar_ddpm"), "--manual_dir", good, "--data_dir", str(data),
+                        "--overwrite"], capsys)
+    assert code == 130 and "Traceback" not in err
+    assert "interrupted: stopped by Ctrl-C (SIGINT)" in err.splitlines()
+    assert "the previous build is back in place" in err
+    assert sorted(os.listdir(data / "cifar_ddpm")) == ["1.0.0"] and _read_labels(data) == [1, 2, 3]
