@@ -291,14 +291,7 @@ def test_unmeasured_epochs_in_a_summary_are_gaps(tmp_path):
 # util_scripts/readme_numbers.py: the README is never damaged
 # ----------------------------------------------------------------------------------------------
 
-def _readme_numbers():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("readme_numbers", os.path.join(ROOT, "util_scripts",
-                                                                                 "readme_numbers.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.test_usability import _readme_numbers  # noqa: E402 - the one loader of util_scripts/readme_numbers.py
 
 
 README = "a\n<!-- readme-numbers:demo -->\nold\n<!-- /readme-numbers:demo -->\nb\n" \
