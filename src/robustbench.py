@@ -347,6 +347,8 @@ def setup_evaluation(args: argparse.Namespace) -> EvaluationSetup:
 
     from src.model_factory import patch_size_of, three
 
+    # the examples first: a missing or bad data file is one error line before a (possibly large) model is built
+    examples = _read_protocol_examples(args)
     net, loaded, weights_source, settings = _build_model(args)
     num_classes = settings.num_classes
     patch_size = patch_size_of(net)
@@ -362,7 +364,7 @@ def setup_evaluation(args: argparse.Namespace) -> EvaluationSetup:
         model = nn.Sequential(InModelResize(size, crop_pct, interp), model)
         in_model.insert(0, f"Resize({math.floor(size / crop_pct)}, {interp}, antialias) + CenterCrop({size})")
 
-    examples, desc = _load_protocol_examples(args, data_config, (mean_default, std_default), in_model)
+    desc = _set_protocol_transform(examples, args, data_config, (mean_default, std_default), in_model)
     if max(examples.labels(), default=0) >= num_classes:
         raise UsageError(f"the {args.dataset} labels go up to {max(examples.labels())} but the model has "
                          f"{num_classes} classes; pass --num-classes")
@@ -395,11 +397,26 @@ def setup_evaluation(args: argparse.Namespace) -> EvaluationSetup:
                            model_summary=model_summary)
 
 
-def _load_protocol_examples(args: argparse.Namespace, data_config: Dict[str, Any], defaults: Any,
-                            in_model: List[str]) -> Tuple[ExampleSet, str]:
-    """The examples and the loader's preprocessing description (ImageNet: resize + crop [+ Normalize])."""
+class _TransformNotSet:
+    """The ImageNet examples' transform until the model's data config is known (never called)."""
+
+    def __call__(self, img):
+        raise RuntimeError("the examples' transform was not set")
+
+
+def _read_protocol_examples(args: argparse.Namespace) -> ExampleSet:
+    """The protocol's examples (ids, labels, file checks), read before the model is built; ImageNet's
+    resize + crop comes from the model and is set by ``_set_protocol_transform``."""
     if protocol_dataset(args.dataset) != "imagenet":
-        return load_examples(args.dataset, args.data_dir, args.n_examples, None), "ToTensor"
+        return load_examples(args.dataset, args.data_dir, args.n_examples, None)
+    return load_examples(args.dataset, args.data_dir, args.n_examples, _TransformNotSet(), split=args.split)
+
+
+def _set_protocol_transform(examples: ExampleSet, args: argparse.Namespace, data_config: Dict[str, Any],
+                            defaults: Any, in_model: List[str]) -> str:
+    """The loader's preprocessing (ImageNet: resize + crop [+ Normalize]) set on ``examples``; its description."""
+    if protocol_dataset(args.dataset) != "imagenet":
+        return "ToTensor"
     transform, desc = imagenet_transform(data_config, defaults if args.normalize else None)
     if args.normalize:
         _logger.warning("--normalize: the loader normalizes with mean %s / std %s, so AutoAttack perturbs "
@@ -407,7 +424,8 @@ def _load_protocol_examples(args: argparse.Namespace, data_config: Dict[str, Any
                         "not comparable with RobustBench's", list(defaults[0]), list(defaults[1]))
         if in_model and "ImageNormalizer" in in_model[-1]:
             _logger.warning("the inputs are normalized twice (--normalize and a normalization layer)")
-    return load_examples(args.dataset, args.data_dir, args.n_examples, transform, split=args.split), desc
+    examples.transform = transform
+    return desc
 
 
 def _fingerprint(args: argparse.Namespace, examples: ExampleSet, model_summary: Dict[str, Any],

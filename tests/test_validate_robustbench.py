@@ -472,6 +472,17 @@ def test_bad_input_is_one_line_and_exit_2(cifar, tmp_path, capsys, extra, messag
     assert "Traceback" not in err and not out.exists()
 
 
+@pytest.mark.parametrize("dataset", ["cifar10", "imagenet"])
+def test_missing_data_is_reported_before_the_model_is_built(cifar, imagenet, tmp_path, capsys, monkeypatch, dataset):
+    # the examples are read first: a wrong --data-dir costs no model construction (a large model, a download)
+    built = []
+    monkeypatch.setattr(robustbench, "_build_model", lambda args: built.append(args) or pytest.fail("model built"))
+    args = _cifar_args(cifar, tmp_path / "r.json", "--dataset", dataset, "--data-dir", str(tmp_path / "none"))
+    assert validate_robustbench.main(args) == 2
+    err = capsys.readouterr().err
+    assert "not found: looked for " + str(tmp_path / "none") in err and not built
+
+
 @pytest.mark.parametrize("data_dir", [[], ["--data-dir", "/nonexistent/tfds"]])
 def test_tfds_dataset_without_tensorflow_datasets_is_one_line(imagenet, tmp_path, capsys, monkeypatch, data_dir):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # what `import` sees when it is not installed
