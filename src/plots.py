@@ -11,7 +11,8 @@
   (fewest steps), ``steps``, ``steps_unaggregated`` (a panel per epoch) and
   ``steps_vs_relative_difference`` (a panel per step count). One line per CSV.
 * ``convergence`` -- attack_convergence.py CSVs (``point, seed, steps, loss``), §6.2: per CSV
-  ``<label>-point`` (one point, a line per restart) and ``<label>-all`` (a panel per point); with
+  ``<label>-point`` (one point, a line per restart) and ``<label>-all`` (a panel per point; with more than
+  32 points, pages of 32: ``<label>-all-1``, ``<label>-all-2``, ...); with
   two or more CSVs also ``<label1>_<label2>`` (the same point under each model).
 * ``learning-curves`` -- training ``summary.csv`` files (``epoch`` and ``--metric``, default
   ``eval_robust_top1``) or W&B CSV exports (``epoch`` or ``Step``, then one column per run, with
@@ -195,6 +196,23 @@ def _numeric(df: pd.DataFrame, columns: Sequence[str], path: str, integer: Seque
     return df
 
 
+def _is_accuracy(metric: str) -> bool:
+    return bool(re.search(r"top[15]$", metric))
+
+
+def _check_percent(values: pd.Series, path: str, what: str, where: Optional[pd.DataFrame] = None) -> None:
+    """Accuracies are percentages: outside [0, 100] is an error; every value in (0, 1] is warned about
+    (fractions drawn as percentages would hug the axis, 100x too small)."""
+    finite = values.dropna()
+    wrong = finite[(finite < 0) | (finite > 100)]
+    if len(wrong):
+        at = f" {_where(where, wrong.index[0])}" if where is not None else ""
+        raise UsageError(f"{path}{at}: {what} is {wrong.iloc[0]:g}; accuracies are percentages in [0, 100]")
+    if len(finite) and 0 < finite.max() <= 1:
+        print(f"warning: {path}: every {what} is at most 1 (largest {finite.max():g}): if these are fractions, "
+              "multiply them by 100 (the axis is in %)", file=sys.stderr)
+
+
 def _unique(df: pd.DataFrame, keys: Sequence[str], path: str, what: str) -> None:
     """Refuse two rows for the same ``keys`` (they would be averaged or drawn as one zigzag line)."""
     dup = df.duplicated(subset=list(keys), keep=False)
@@ -360,6 +378,11 @@ def effectiveness_figures(paths: Sequence[str], labels: Optional[Sequence[str]] 
 MODEL_LINESTYLES = ("-", "--", ":", "-.")
 
 
+# panels per "-all" figure (8 rows of 4, 12.4 in tall): more points go on further pages, not one page too tall to
+# read (or, past ~170 rows, to render at 300 dpi)
+POINTS_PER_PAGE = 32
+
+
 def _convergence_frame(path: str) -> pd.DataFrame:
     key = ["point", "seed", "steps"]
     df = _numeric(read_csv(path, key + ["loss"]), key + ["loss"], path, integer=key)
@@ -408,11 +431,13 @@ def convergence_figures(paths: Sequence[str], labels: Optional[Sequence[str]] = 
         axes[0, 0].set_title(f"{label}, point {point}")
         figs[f"{label}-point"] = _finish(fig)
         pts = sorted(frame["point"].astype(int).unique())
-        fig, axes = _grid(len(pts))
-        for ax, p in zip(axes, pts):
-            _loss_lines(ax, frame[frame["point"] == p], legend=False)
-            ax.set_title(f"point {p}")
-        figs[f"{label}-all"] = _finish(fig)
+        pages = [pts[i:i + POINTS_PER_PAGE] for i in range(0, len(pts), POINTS_PER_PAGE)]
+        for n, page in enumerate(pages, 1):
+            fig, axes = _grid(len(page))
+            for ax, p in zip(axes, page):
+                _loss_lines(ax, frame[frame["point"] == p], legend=False)
+                ax.set_title(f"point {p}")
+            figs[f"{label}-all" if len(pages) == 1 else f"{label}-all-{n}"] = _finish(fig)
     if len(frames) > 1:
         fig, axes = _figure()
         for i, (label, frame) in enumerate(zip(names, frames)):
@@ -493,6 +518,8 @@ def _curves(df: pd.DataFrame, path: str, label: str,
         frame = _numeric(df[[x, shown]], [x, shown], path, missing_ok=True).rename(columns={x: "x", shown: "y"})
         runs = [(label, frame.dropna(subset=["x", "y"]))]  # epochs where the metric was not measured ('nan')
     for run, frame in runs:
+        if _is_accuracy(shown):
+            _check_percent(frame["y"], path, shown + (f" (run {run})" if run != label else ""), frame)
         if frame["x"].isna().all():
             raise UsageError(f"{path}: the {x} column is empty")
         repeated = frame["x"][frame["x"].duplicated()]
@@ -549,6 +576,7 @@ def robustness_figures(paths: Sequence[str], labels: Optional[Sequence[str]] = N
                                            "lacks an eps column ('eps' or 'attack_eps', in /255 units)"))
         eps = found[0]
         df = _numeric(df, [eps, "robust_top1"], path)
+        _check_percent(df["robust_top1"], path, "robust_top1", df)
         if (df[eps] < 0).any():
             raise UsageError(f"{path} {_where(df, df.index[(df[eps] < 0).to_numpy()][0])}: {eps} must be >= 0")
         if 0 < df[eps].max() < 1:  # every eps below 1/255: [0, 1] units, which would be drawn 255x too small

@@ -203,6 +203,8 @@ BAD = [
     ("robustness", {"r.csv": "attack_eps,robust_top1,robust_top1\n0,70,70\n"}, [], "names robust_top1 twice"),
     ("robustness", {"r.json": '[{"attack_eps": 0, "robust_top1": 70}]'}, [], "is JSON, not CSV"),
     ("robustness", {"r.csv": "attack_eps,robust_top1\n0,70\n"}, ["--point", "3"], "--point applies to convergence"),
+    ("robustness", {"r.csv": "attack_eps,robust_top1\n0,70\n4,140\n"}, [], "line 3: robust_top1 is 140; accuracies"),
+    ("learning-curves", {"s.csv": SUMMARY + "2,-3,5.0\n"}, [], "eval_robust_top1 is -3; accuracies are percentages"),
     # learning curves
     ("learning-curves", {"s.csv": SUMMARY}, ["--metric", "nope"], "has no column nope (--metric)"),
     ("learning-curves", {"s.csv": SUMMARY + "2,abc,5.0\n"}, [], "eval_robust_top1 is 'abc', not a number"),
@@ -238,6 +240,26 @@ def test_bom_and_windows_line_endings_draw_the_same_figure(tmp_path):
     a = _errorbars(plots.effectiveness_figures([plain])["steps"].axes[0])["plain"]
     b = _errorbars(plots.effectiveness_figures([odd])["steps"].axes[0])["odd"]
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("kind, text", [("robustness", "attack_eps,robust_top1\n0,0.7\n4,0.4\n8,0.1\n"),
+                                         ("learning-curves", "epoch,eval_robust_top1\n0,0.25\n1,0.31\n")])
+def test_accuracies_given_as_fractions_are_warned_about(tmp_path, capsys, kind, text):
+    path = _write(tmp_path / "r.csv", text)
+    assert run_cli(plots.main, [kind, path, "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "if these are fractions, multiply them by 100" in err
+
+
+def test_convergence_of_many_points_is_drawn_on_pages(tmp_path):
+    # 70 points (attack_convergence.py's default is 100): pages of 32 panels, every point drawn once
+    text = "point,seed,steps,loss\n" + "".join(f"{p},0,{k},{0.1 * p + k}\n" for p in range(70) for k in (0, 1))
+    figs = plots.convergence_figures([_write(tmp_path / "c.csv", text)], point=3)
+    pages = [figs[f"c-all-{n}"] for n in (1, 2, 3)]
+    assert "c-all" not in figs and "c-all-4" not in figs
+    titles = [a.get_title() for fig in pages for a in fig.axes if a.get_visible()]
+    assert titles == [f"point {p}" for p in range(70)]
+    assert max(fig.get_size_inches()[1] for fig in pages) < 13
 
 
 def test_robustness_draws_a_line_per_step_count(tmp_path):
