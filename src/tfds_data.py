@@ -7,6 +7,7 @@ torchvision and timm (the other order segfaults once torch loads triton).
 """
 from __future__ import annotations
 
+import re
 from typing import List, Optional, Tuple
 
 from src.errors import UsageError
@@ -66,7 +67,9 @@ def built_versions(name: str, data_dir: Optional[str]) -> Optional[List[str]]:
             found += [path[len(root) + 1:-len("/dataset_info.json")] for path in tf.io.gfile.glob(pattern)]
     except (tf.errors.OpError, OSError, ValueError):
         return None
-    return sorted(found)
+    # only folders TFDS reads as versions (x.y.z): not datasets/build.py's '<version>.replaced-by-overwrite' or
+    # TFDS's own temporary '<version>.incomplete*' folders
+    return sorted(b for b in found if re.fullmatch(r"\d+\.\d+\.\d+", b.split("/")[-1]))
 
 
 def _matches(build: str, config: Optional[str], version: Optional[str]) -> bool:

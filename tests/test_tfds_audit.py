@@ -225,6 +225,11 @@ def test_overwrite_refuses_to_clobber_a_build_left_aside_by_an_interrupted_one(t
     lines = _error_lines(err)
     assert code == 2 and len(lines) == 1 and f"{aside} holds the build an interrupted --overwrite" in lines[0]
     assert (aside / "dataset_info.json").read_text() == "{}" and _read_labels(data) == [4, 5]
+    # the folder left aside is not a build: "built there" lists 1.0.0 only
+    from src import tfds_data
+
+    assert tfds_data.built_versions("cifar_ddpm", str(data)) == ["1.0.0"]
+    assert tfds_data.missing_build_message("tfds/cifar_ddpm:2.0.0", str(data)).endswith("(built there: 1.0.0)")
 
 
 # ----------------------------------------------------------------------------------------------

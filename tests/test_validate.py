@@ -374,6 +374,8 @@ def test_valid_labels_restrict_logits_for_clean_and_attack():
     (["--attack", "apgd-ce", "--attack-steps", "10", "20"], "several --attack-steps"),
     (["--real-labels", "/nonexistent/real.json"], "--real-labels file /nonexistent/real.json does not exist"),
     (["--attack-lr", "-2", "--attack", "pgd"], "--attack-lr: must be"),
+    (["--input-size", "3", "200000", "200000"], "--input-size 3 200000 200000: one batch of"),
+    (["-j", "1000"], "--workers: must be an integer in [0, 128], got '1000'"),
 ])
 def test_bad_input_one_line_exit_2(extra, needle, capsys):
     rc, out, err = _cli(EVAL + extra, capsys)

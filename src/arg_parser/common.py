@@ -133,6 +133,40 @@ def check_mean_std(mean: Optional[Sequence[float]], std: Optional[Sequence[float
         raise must("--std", "values > 0", list(std))
 
 
+def available_memory_bytes() -> Optional[int]:
+    """MemAvailable of /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_input_size(args: argparse.Namespace) -> None:
+    """``--img-size`` agrees with ``--input-size``; one float32 batch of that size fits in the memory this
+    machine has available (an image side of 100000 px would otherwise be an out-of-memory kill, exit 137,
+    after the model was built)."""
+    if args.img_size is not None and args.input_size is not None and \
+            tuple(args.input_size[1:]) != (args.img_size, args.img_size):
+        raise must("--img-size", f"equal to H and W of --input-size {' '.join(map(str, args.input_size))} "
+                   "(or give only one of them)", args.img_size)
+    size = tuple(args.input_size) if args.input_size is not None else \
+        (3, args.img_size, args.img_size) if args.img_size is not None else None
+    batch = getattr(args, "batch_size", None)
+    available = available_memory_bytes()
+    if size is None or not batch or available is None:
+        return
+    need = int(batch) * size[0] * size[1] * size[2] * 4
+    if need > available:
+        flag = "--input-size" if args.input_size is not None else "--img-size"
+        raise UsageError(f"{flag} {' '.join(map(str, size if args.input_size is not None else size[1:2]))}: one "
+                         f"batch of {batch} such images takes {need / 2 ** 30:.1f} GiB as float32, more than the "
+                         f"{available / 2 ** 30:.1f} GiB of memory available here; use a smaller size or -b")
+
+
 def flag_name(action: argparse.Action) -> str:
     """How argparse names an argument in its messages: ``-b/--batch-size``, or the metavar of a positional."""
     return "/".join(action.option_strings) or str(action.metavar or action.dest)

@@ -14,8 +14,8 @@ import sys
 from collections import OrderedDict
 from typing import Any, List, Mapping, Optional, Sequence
 
-from src.arg_parser.common import FOLD_BN_HELP, CliParser, bool_flag, check_mean_std, norm_name
-from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, INPUT_PATH, MEAN, OUTPUT_PATH, SEED, STD, Choice, finite_float, must,
+from src.arg_parser.common import FOLD_BN_HELP, CliParser, bool_flag, check_input_size, check_mean_std, norm_name
+from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, INPUT_PATH, MEAN, OUTPUT_PATH, SEED, STD, MAX_WORKERS, WORKERS, Choice, finite_float, must,
                                    nonneg_float, nonneg_int, positive_float, positive_int)
 from src.errors import UsageError
 from src.honesty import PGD_ATTACKS
@@ -60,7 +60,7 @@ def _add_validate_data(p: argparse.ArgumentParser, sweep: bool) -> None:
                    help="allow downloading torch/ datasets")
     g.add_argument("--class-map", default="", type=INPUT_PATH, metavar="FILE",
                    help="file mapping class folder names to indices")
-    g.add_argument("-j", "--workers", default=4, type=nonneg_int(), metavar="N", help="data loading workers per process")
+    g.add_argument("-j", "--workers", default=4, type=WORKERS, metavar="N", help=f"data loading workers per process (at most {MAX_WORKERS})")
     g.add_argument("-b", "--batch-size", default=256, type=positive_int(), metavar="N", help="batch size per process")
     g.add_argument("--img-size", default=None, type=positive_int(), metavar="N", help="input image size")
     g.add_argument("--input-size", default=None, nargs=3, type=positive_int(), metavar="N", help="input dimensions C H W")
@@ -237,10 +237,7 @@ def check_validate_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--real-labels file {args.real_labels} does not exist")
     if args.tf_preprocessing:
         raise UsageError("--tf-preprocessing is not supported: use the default (PIL) eval transform")
-    if args.img_size is not None and args.input_size is not None and \
-            tuple(args.input_size[1:]) != (args.img_size, args.img_size):
-        raise must("--img-size", f"equal to H and W of --input-size {' '.join(map(str, args.input_size))} "
-                   "(or give only one of them)", args.img_size)
+    check_input_size(args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +388,7 @@ def _add_robustbench_additions(p: argparse.ArgumentParser) -> None:
                    help="torchrun: how often rank 0 checks whether the other ranks have finished")
     g.add_argument("--force-cpu", action="store_true", help="run on the CPU even when a GPU is present")
     g.add_argument("--fold-bn", action="store_true", default=False, help=FOLD_BN_HELP)
-    g.add_argument("--workers", type=nonneg_int(), default=4, metavar="N", help="data loading processes (ImageNet)")
+    g.add_argument("--workers", type=WORKERS, default=4, metavar="N", help=f"data loading processes (ImageNet; at most {MAX_WORKERS})")
 
 
 def parse_robustbench_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -19,8 +19,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from src.arg_parser.common import ARGS_YAML_HEADER, CliParser, bool_flag, check_mean_std, load_yaml_config, norm_name
-from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, INPUT_PATH, MEAN, OUTPUT_PATH, SEED, STD, Choice, Num, Text, finite_float,
+from src.arg_parser.common import (ARGS_YAML_HEADER, CliParser, bool_flag, check_input_size, check_mean_std,
+                                   load_yaml_config, norm_name)
+from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, INPUT_PATH, MEAN, OUTPUT_PATH, SEED, STD, MAX_WORKERS, WORKERS, Choice, Num, Text, finite_float,
                                    fraction, must, nonneg_float, nonneg_int, positive_float, positive_int, rate)
 from src.errors import UsageError
 
@@ -114,8 +115,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    metavar="FRAC", help="fraction of each batch drawn from the combined dataset")
     g.add_argument("--epoch-repeats", type=nonneg_float(), default=0.0, metavar="N",
                    help="epoch repeat multiplier for iterable datasets")
-    g.add_argument("--workers", "-j", type=nonneg_int(), default=4, metavar="N",
-                   help="data loading workers per process")
+    g.add_argument("--workers", "-j", type=WORKERS, default=4, metavar="N",
+                   help=f"data loading workers per process (at most {MAX_WORKERS})")
     bool_flag(g, "--pin-mem", help="pin CPU memory in the data loader")
     bool_flag(g, "--use-multi-epochs-loader", help="keep loader workers alive between epochs")
     bool_flag(g, "--use-mp-loader", help="on XLA, wrap loaders in torch_xla's MpDeviceLoader")
@@ -440,10 +441,7 @@ def total_epochs(args: argparse.Namespace) -> int:
 def _check_sizes(args: argparse.Namespace) -> None:
     if args.input_size is not None and args.input_size[0] != 3:
         raise must("--input-size", "3 H W (this tool trains on 3-channel RGB images)", list(args.input_size))
-    if args.img_size is not None and args.input_size is not None and \
-            tuple(args.input_size[1:]) != (args.img_size, args.img_size):
-        raise must("--img-size", f"equal to H and W of --input-size {' '.join(map(str, args.input_size))} "
-                   "(or give only one of them)", args.img_size)
+    check_input_size(args)
 
 
 def check_args(args: argparse.Namespace) -> None:

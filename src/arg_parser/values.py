@@ -325,5 +325,9 @@ MEAN = finite_float(counts=(1, 3))
 STD = positive_float(counts=(1, 3))
 # a random seed: NumPy's range, so seed + rank / + example index / + epoch terms still fit torch's and TF's seeds
 SEED = nonneg_int(hi=2 ** 32 - 1)
+# data loader processes per process: each holds its own copy of the dataset object and prefetches batches, so a
+# typo like --workers 4000 would fork thousands of processes and exhaust memory before any error
+MAX_WORKERS = 128
+WORKERS = nonneg_int(hi=MAX_WORKERS)
 OUTPUT_PATH = ExpandedPath()  # where a CLI writes
 INPUT_PATH = ExpandedPath()  # what a CLI reads (data dirs, checkpoints, label and class files)
