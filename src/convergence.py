@@ -82,8 +82,8 @@ def build_model_and_data(args: argparse.Namespace, dev_env) -> Tuple[Any, Any]:
     """
     from src.data import create_loader
 
+    dataset = create_eval_dataset(args)  # first: a wrong data dir is one error line before any model is built
     em = create_eval_model(args, dev_env)
-    dataset = create_eval_dataset(args)
     loader = create_eval_loader(args, em, dev_env, dataset)
     if dev_env.world_size > 1:
         loader = create_loader(dataset, args.batch_size, is_training=False, workers=args.workers,

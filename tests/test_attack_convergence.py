@@ -169,3 +169,17 @@ def test_parser_reuses_validate_flags():
     assert list(args.steps_to_try) == list(C.DEFAULT_STEPS)
     sizes = C.step_sizes(argparse.Namespace(**{**vars(args), "steps_to_try": [1, 500]}))
     assert sizes[1] == sizes[500] == pytest.approx(1.5 * 4 / 255 / 5)
+
+
+def test_a_bad_data_dir_fails_before_the_model_is_built(tmp_path, monkeypatch, capsys):
+    """Without --checkpoint the model comes with pretrained weights: a wrong data dir was reported only after
+    the weights' download had been retried (about 45 s without a network)."""
+    def built(*_a, **_k):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(C, "create_eval_model", built)
+    rc = run_cli(ac_cli.main, [str(tmp_path / "no_such_dir"), "--dataset", "", "-m", "resnet18", "-j", "0",
+                               "--output-file", str(tmp_path / "c.csv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no_such_dir" in err and "does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "c.csv").exists()
