@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -621,44 +622,72 @@ def check_class_count(dataset, what: str, num_classes: Optional[int]) -> None:
                          f"pass --num-classes {ds_classes}")
 
 
-def create_train_loaders(args, data_config: Dict[str, Any], world_size: int, rank: int,
-                         num_classes: Optional[int]) -> Tuple[Any, DataLoader]:
-    """train.py's training loader (plain or ``--combine-dataset`` mixed) and evaluation loader.
+@dataclass
+class TrainDatasets:
+    """train.py's datasets before any transform: read (folders, files, splits checked) before the model is built."""
 
-    With ``--combine-dataset`` each batch takes ``int(batch * ratio)`` images from the second
-    dataset and the rest from the first (original-behaviour.md §4.4); each dataset gets its own
-    loader batch as the tfds readers' batch hint, so their epochs round to whole batches.
-    """
-    transform = build_train_transform(args, data_config, separate=bool(args.aug_splits))
+    train: Any
+    eval: Any
+    combine: Any = None
+    main_bs: int = 0
+    comb_bs: int = 0
 
-    def make_train_ds(name: str, root: Optional[str], batch_size: int):
-        ds = create_dataset(name, root, args.train_split, is_training=True, batch_size=batch_size,
-                            repeats=args.epoch_repeats, seed=args.seed)
-        if args.aug_splits:
-            return aug_splits_dataset(ds, transform, args.aug_splits)
-        set_transform(ds, transform)
-        return ds
 
+def create_train_datasets(args) -> TrainDatasets:
+    """The training, evaluation and (``--combine-dataset``) combined datasets, without transforms: what needs no
+    model, so that a wrong data dir, split or class map is one error line before a model is built."""
     comb_bs = int(args.batch_size * args.combined_dataset_ratio) if args.combine_dataset else 0
     main_bs = args.batch_size - comb_bs
     if args.combine_dataset and (comb_bs < 1 or main_bs < 1):
         raise UsageError(f"--combined-dataset-ratio {args.combined_dataset_ratio} with --batch-size "
                          f"{args.batch_size} leaves a loader with no images per batch")
-    train_ds = make_train_ds(args.dataset, args.data_dir, main_bs)
+
+    def train_ds(name: str, root: Optional[str], batch_size: int):
+        return create_dataset(name, root, args.train_split, is_training=True, batch_size=batch_size,
+                              repeats=args.epoch_repeats, seed=args.seed)
+
+    train = train_ds(args.dataset, args.data_dir, main_bs)
     eval_bs = args.validation_batch_size or args.batch_size
     eval_ds = create_dataset(args.dataset, args.data_dir, args.val_split, is_training=False, batch_size=eval_bs)
-    set_transform(eval_ds, build_eval_transform(data_config))
     if not args.dataset:  # image folders: not the training images, the same class indices
         from src.image_folder import check_train_eval_folders
 
-        check_train_eval_folders(train_ds, eval_ds, args.train_split, args.val_split)
+        check_train_eval_folders(train, eval_ds, args.train_split, args.val_split)
+    combine = train_ds(args.combine_dataset, args.combine_data_dir or args.data_dir, comb_bs) \
+        if args.combine_dataset else None
+    return TrainDatasets(train=train, eval=eval_ds, combine=combine, main_bs=main_bs, comb_bs=comb_bs)
+
+
+def create_train_loaders(args, data_config: Dict[str, Any], world_size: int, rank: int,
+                         num_classes: Optional[int], datasets: Optional[TrainDatasets] = None) -> Tuple[Any, DataLoader]:
+    """train.py's training loader (plain or ``--combine-dataset`` mixed) and evaluation loader, over
+    ``datasets`` (``create_train_datasets(args)`` when not given) with the transforms of ``data_config``.
+
+    With ``--combine-dataset`` each batch takes ``int(batch * ratio)`` images from the second
+    dataset and the rest from the first (original-behaviour.md §4.4); each dataset gets its own
+    loader batch as the tfds readers' batch hint, so their epochs round to whole batches.
+    """
+    datasets = datasets if datasets is not None else create_train_datasets(args)
+    transform = build_train_transform(args, data_config, separate=bool(args.aug_splits))
+
+    def with_train_transform(ds):
+        if args.aug_splits:
+            return aug_splits_dataset(ds, transform, args.aug_splits)
+        set_transform(ds, transform)
+        return ds
+
+    main_bs, comb_bs = datasets.main_bs, datasets.comb_bs
+    train_ds = with_train_transform(datasets.train)
+    eval_bs = args.validation_batch_size or args.batch_size
+    eval_ds = datasets.eval
+    set_transform(eval_ds, build_eval_transform(data_config))
     check_three_channels(eval_ds, data_config["input_size"][0])
     check_class_count(train_ds, "dataset", num_classes)
     common = dict(world_size=world_size, rank=rank, pin_memory=args.pin_mem, seed=args.seed,
                   persistent_workers=args.use_multi_epochs_loader)
     train_loader = create_loader(train_ds, main_bs, True, workers=args.workers, **common)
     if args.combine_dataset:
-        comb_ds = make_train_ds(args.combine_dataset, args.combine_data_dir or args.data_dir, comb_bs)
+        comb_ds = with_train_transform(datasets.combine)
         check_class_count(comb_ds, f"--combine-dataset {args.combine_dataset}", num_classes)
         comb_loader = create_loader(comb_ds, comb_bs, True, workers=args.workers, **{**common, "seed": args.seed + 1})
         train_loader = CombinedLoaders(train_loader, comb_loader, seed=args.seed)

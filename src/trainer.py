@@ -170,7 +170,11 @@ def check_inputs(args: argparse.Namespace) -> None:
 def build_task(args: argparse.Namespace, dev_env: DeviceEnv) -> TrainTask:
     """Model (normalized, on the device), optimizer, EMA, loaders, schedule, losses, attacks."""
     from src import setup_task
+    from src.data import create_train_datasets
 
+    # the data first: a wrong data dir, split or class map is one error line before any model is built (a
+    # pretrained model's weights would otherwise be downloaded, or retried for a minute offline, first)
+    datasets = create_train_datasets(args)
     model = setup_task.create_model(args)
     num_classes = args.num_classes if args.num_classes is not None else getattr(model, "num_classes", None)
     data_config = setup_task.resolve_data_config(args, model, verbose=False)
@@ -197,7 +201,7 @@ def build_task(args: argparse.Namespace, dev_env: DeviceEnv) -> TrainTask:
         from timm.utils import ModelEmaV3
 
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay)
-    train_loader, eval_loader = build_loaders(args, data_config, dev_env, num_classes)
+    train_loader, eval_loader = build_loaders(args, data_config, dev_env, num_classes, datasets)
     lr_scheduler, num_epochs = setup_task.create_scheduler(args, optimizer, updates_per_epoch=len(train_loader))
     parts = TrainParts(model=model, optimizer=optimizer, loss_fn=None, lr_scheduler=lr_scheduler,
                        model_ema=model_ema, grad_scaler=dev_env.create_grad_scaler())
@@ -231,12 +235,13 @@ def _build_objectives(task: TrainTask) -> None:
                                                          num_splits=args.aug_splits if args.resplit else 0)
 
 
-def build_loaders(args, data_config, dev_env: DeviceEnv, num_classes: Optional[int]):
+def build_loaders(args, data_config, dev_env: DeviceEnv, num_classes: Optional[int], datasets=None):
     """The training loader (optionally combined with a second dataset) and the evaluation loader."""
     from src.data import create_train_loaders
     from src.smoke import apply_sample_caps
 
-    loaders = create_train_loaders(args, data_config, dev_env.world_size, dev_env.global_rank, num_classes)
+    loaders = create_train_loaders(args, data_config, dev_env.world_size, dev_env.global_rank, num_classes,
+                                   datasets)
     return apply_sample_caps(args, *loaders)  # the smoke-test caps, when given
 
 

@@ -162,3 +162,26 @@ def test_summary_png_is_drawn_every_epoch(three_epoch_run):
     img = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
     assert img.shape[0] > 200 and img.shape[1] > 400
     assert img.std() > 10  # not blank: curves, axes and labels were drawn
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["{tmp}/no_such_dir", "--dataset", ""], "data dir {tmp}/no_such_dir does not exist"),
+    (["{tmp}", "--dataset", ""], "holds no image"),
+    (["--combine-dataset", "torch/cifar10", "--combine-data-dir", "{tmp}/nothing_here"],
+     "data dir {tmp}/nothing_here does not exist"),
+])
+def test_bad_data_is_reported_before_the_model_is_built(tmp_path, monkeypatch, capsys, extra, needle):
+    """With --pretrained the model's weights come first from the network: a wrong data dir was reported only
+    after a minute of download retries offline (or a download of hundreds of MB)."""
+    import train
+    from src import setup_task
+    from src.errors import run_cli
+
+    def built(*_a, **_k):
+        raise AssertionError("the model was built before the data was read")
+
+    monkeypatch.setattr(setup_task, "create_model", built)
+    argv = [a.format(tmp=tmp_path) for a in TINY_TRAIN + ["--epochs", "1", "--output", str(tmp_path / "out")] + extra]
+    assert run_cli(train.main, argv) == 2
+    err = capsys.readouterr().err
+    assert needle.format(tmp=tmp_path) in err and "Traceback" not in err
