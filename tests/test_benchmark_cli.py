@@ -44,11 +44,17 @@ def test_precision_channels_last_compile_and_json(tmp_path, capsys):
     (["-m", "no_such_model_xyz"], "unknown model"),
     (["--bench", "profile"], "--bench: must be one of inference"),
     (["-b", "0"], "--batch-size"),
+    (TINY + ["--device", "tpu"], "--device: must be a torch device such as cpu, cuda or cuda:1, got 'tpu'"),
+    (TINY + ["--device", "xla"], "--device: must be cpu, cuda[:N], mps or xpu"),
+    (["-m", "test_vit", "-b", "2", "--input-size", "3", "100000", "100000"], "one batch of 2 such images takes 223"),
+    (TINY + ["--gp", "nopool"], "model 'test_vit' cannot be built with --gp 'nopool'"),
+    (TINY + ["--fold-bn"], "--fold-bn: must be used with --bench inference only"),
 ])
 def test_bad_input_exit_2(argv, needle, capsys):
     assert run_cli(bench_cli.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == err[-1] and needle in errors[0] and "Traceback" not in "".join(err)
 
 
 def test_results_file_that_is_not_a_benchmark_result_is_refused_before_timing(tmp_path, capsys):
@@ -75,3 +81,14 @@ def test_results_file_that_is_not_a_benchmark_result_is_refused_before_timing(tm
         for _ in range(2):
             assert run_cli(bench_cli.main, TINY + ["--bench", "inference", "--results-file", str(out)]) == 0
         assert "test_vit" in out.read_text()
+
+
+def test_fold_bn_folds_the_inference_model(tmp_path, capsys):
+    # --fold-bn was accepted and silently ignored: the row now says how many BatchNorm layers were folded
+    argv = ["-m", "resnet18", "--img-size", "32", "-b", "2", "--num-warm-iter", "0", "--num-bench-iter", "1",
+            "--bench", "inference", "--fold-bn"]
+    assert run_cli(bench_cli.main, argv) == 0
+    result = json.loads(capsys.readouterr().out.split("--result", 1)[1])
+    assert result["folded_batchnorms"] == 20 and result["inference_samples_per_sec"] > 0
+    assert run_cli(bench_cli.main, argv[:-1]) == 0
+    assert "folded_batchnorms" not in json.loads(capsys.readouterr().out.split("--result", 1)[1])

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from src.arg_parser.common import FOLD_BN_HELP, CliParser
+from src.arg_parser.common import FOLD_BN_HELP, CliParser, check_input_size
 from src.arg_parser.evaluate import build_validate_parser, check_validate_args
 from src.arg_parser.values import INPUT_PATH, OUTPUT_PATH, Choice, must, nonneg_float, nonneg_int, positive_int, rate
 from src.errors import UsageError
@@ -159,7 +159,7 @@ def build_benchmark_parser() -> CliParser:
     p.add_argument("--num-classes", type=positive_int(), default=None, metavar="N", help="number of classes")
     p.add_argument("--gp", default=None, metavar="POOL", help="global pool type")
     p.add_argument("--channels-last", action="store_true", default=False, help="channels-last memory layout")
-    p.add_argument("--fold-bn", action="store_true", default=False, help=FOLD_BN_HELP)
+    p.add_argument("--fold-bn", action="store_true", default=False, help=FOLD_BN_HELP + "; --bench inference only")
     p.add_argument("--amp", action="store_true", default=False, help="same as --precision amp")
     p.add_argument("--amp-dtype", default="bfloat16", type=Choice(names=("bfloat16", "float16")), metavar="DTYPE",
                    help="autocast dtype for amp: bfloat16 or float16")
@@ -182,6 +182,22 @@ def build_benchmark_parser() -> CliParser:
     return p
 
 
+def check_device(device: str) -> None:
+    """``--device``: a device string torch parses, of a kind this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise must("--device", "a torch device such as cpu, cuda or cuda:1", device) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise must("--device", "a device this machine has (no CUDA GPU is available here)", device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise must("--device", f"a GPU index below {torch.cuda.device_count()}", device)
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise must("--device", "cpu, cuda[:N], mps or xpu (benchmark.py times eager PyTorch devices)", device)
+
+
 def parse_benchmark_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the benchmark CLI (``argv`` instead of ``sys.argv[1:]`` when given)."""
     parser = build_benchmark_parser()
@@ -190,6 +206,12 @@ def parse_benchmark_args(argv: Optional[Sequence[str]] = None) -> argparse.Names
     def check(a: argparse.Namespace) -> None:
         if a.torchscript and a.torch_compile:
             raise UsageError("--torchscript and --torch-compile exclude each other")
+        if a.fold_bn and a.bench != "inference":
+            raise must("--fold-bn", "used with --bench inference only (training steps normalize with batch "
+                       "statistics, which cannot be folded)", a.bench)
+        if a.device is not None:
+            check_device(a.device)
+        check_input_size(a)
 
     parser.check(check, args)
     if args.amp:
