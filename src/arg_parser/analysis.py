@@ -3,7 +3,7 @@
 
 attack_convergence.py takes every data, model and normalization flag of validate.py; it changes
 some of their defaults and help texts through the parser's ``overrides`` (no argparse internals)
-and refuses the two that do not apply here (``--results-file``, ``--log-wandb``).
+and refuses those that do not apply here (``--results-file``, ``--log-wandb``, ``--real-labels``).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 from src.arg_parser.common import FOLD_BN_HELP, CliParser, check_input_size
-from src.arg_parser.evaluate import build_validate_parser, check_validate_args
+from src.arg_parser.evaluate import build_validate_parser, check_validate_args, given
 from src.arg_parser.values import INPUT_PATH, OUTPUT_PATH, Choice, must, nonneg_float, nonneg_int, positive_int, rate
 from src.errors import UsageError
 
@@ -27,7 +27,9 @@ CONVERGENCE_DEFAULT_STEPS = (0, 1, 2, 5, 10, 50, 100, 200, 500)
 CONVERGENCE_DEFAULT_RUNS = 20
 CONVERGENCE_DEFAULT_POINTS = 100
 # validate.py flags that do not apply here: dest -> (flag, what to use instead)
-_CONVERGENCE_REFUSED = {"results_file": ("--results-file", "--output-file"), "log_wandb": ("--log-wandb", None)}
+_CONVERGENCE_REFUSED = {"results_file": ("--results-file", "--output-file"), "log_wandb": ("--log-wandb", None),
+                        # points are chosen and attacked against the dataset's own labels
+                        "real_labels": ("--real-labels", None)}
 _CONVERGENCE_OVERRIDES = {
     **{dest: {"default": None, "help": argparse.SUPPRESS} for dest in _CONVERGENCE_REFUSED},
     "attack": {"default": "pgd", "help": "attack of the study: only pgd"},
@@ -89,9 +91,10 @@ def check_convergence_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--n-points and --runs must be >= 1, got {args.n_points} and {args.runs}")
     if any(k < 0 for k in args.steps_to_try) or len(set(args.steps_to_try)) != len(args.steps_to_try):
         raise must("--steps-to-try", "distinct integers >= 0", list(args.steps_to_try))
-    if args.tie_step_size and (args.attack_lr is not None or args.one_instance):
+    if args.tie_step_size and (args.attack_lr is not None or args.one_instance or given(args, "attack_steps", [10])):
         raise UsageError("--tie-step-size gives each step count its own step size; it cannot be combined with "
-                         "--attack-lr (one step size) or --one-instance (one trajectory)")
+                         "--attack-lr (one step size), --attack-steps (the K of the shared step 1.5 * eps / K) or "
+                         "--one-instance (one trajectory)")
     if args.one_instance:
         args.steps_to_try = list(range(max(args.steps_to_try) + 1))
         args.batch_size = 1

@@ -23,7 +23,7 @@ from src.honesty import PGD_ATTACKS
 __all__ = ["ATTACKS", "PGD_ATTACKS", "SWEEP_SETS", "DEFAULT_STEPS", "DEFAULT_EPOCHS", "DEFAULT_SEEDS",
            "DEFAULT_OUTPUT_NAME", "build_validate_parser", "parse_validate_args", "check_validate_args",
            "build_effectiveness_parser", "parse_effectiveness_args", "check_effectiveness_args",
-           "build_robustbench_parser", "parse_robustbench_args", "check_robustbench_args"]
+           "build_robustbench_parser", "parse_robustbench_args", "check_robustbench_args", "given"]
 
 ATTACKS = ("", "pgd", "targeted_pgd", "apgd-ce", "autoattack")
 DEFAULT_OUTPUT_NAME = "attack-effectiveness.csv"
@@ -31,13 +31,15 @@ DEFAULT_STEPS = (1, 2, 5, 10, 200)
 DEFAULT_EPOCHS = tuple(range(9, 100, 10))  # 0-based: the 10th, 20th, ... 100th epoch
 DEFAULT_SEEDS = (0, 1, 2)
 TRUST_WHY = "it lets a checkpoint run code while it is loaded"
-# validate.py flags attack_effectiveness.py sets itself for every row: dest -> (flag, what to use instead)
+# validate.py flags attack_effectiveness.py sets itself for every row, or does not support: dest -> (flag, what to
+# use instead; None: not supported)
 SWEEP_SETS = OrderedDict([
     ("checkpoint", ("--checkpoint", "--checkpoints-dir (a folder of checkpoint-<epoch>.pth.tar files)")),
     ("attack_steps", ("--attack-steps", "--steps-to-try")),
     ("seed", ("--seed", "--seeds")),
     ("results_file", ("--results-file", "--output-file")),
     ("log_wandb", ("--log-wandb", None)),
+    ("real_labels", ("--real-labels", None)),  # its rows' clean top1/top5 are against the dataset's labels
 ])
 
 
@@ -74,9 +76,10 @@ def _add_validate_data(p: argparse.ArgumentParser, sweep: bool) -> None:
                    help="on XLA, wrap the loader in torch_xla's MpDeviceLoader (ignored elsewhere)")
     g.add_argument("--tf-preprocessing", action="store_true", default=False,
                    help="not supported (rejected): TensorFlow preprocessing")
-    g.add_argument("--real-labels", default="", type=INPUT_PATH, metavar="FILE",
-                   help="ImageNet-ReaL labels (real.json): clean top1/top5 are ReaL accuracy (timm's "
-                        "RealLabelsImagenet); robust accuracy is always against the dataset's labels")
+    g.add_argument("--real-labels", default=None if sweep else "", type=INPUT_PATH, metavar="FILE",
+                   help=argparse.SUPPRESS if sweep else
+                   "ImageNet-ReaL labels (real.json): clean top1/top5 are ReaL accuracy (timm's "
+                   "RealLabelsImagenet); robust accuracy is always against the dataset's labels")
     g.add_argument("--valid-labels", default="", type=INPUT_PATH, metavar="FILE",
                    help="file of valid class indices (one per line): the model's logits are restricted to "
                         "them for the clean forward AND the attack")
@@ -131,10 +134,10 @@ def _add_validate_attack(p: argparse.ArgumentParser, sweep: bool) -> None:
                             "column: the robustness curve that `python -m src.plots robustness` draws)")
     g.add_argument("--attack-lr", default=None, type=positive_float(), metavar="LR",
                    help="PGD step size in /255 units for every step count (unset: 1.5 * eps / steps)" if sweep
-                   else "PGD step size in /255 units (default: 1.5 * eps / steps)")
+                   else "PGD step size in /255 units (default: 1.5 * eps / steps); pgd and targeted_pgd only")
     g.add_argument("--attack-steps", default=None if sweep else [10], type=nonneg_int(), nargs="+", metavar="K",
-                   help=argparse.SUPPRESS if sweep else "PGD steps; several values evaluate each (one result row "
-                                                         "per value)")
+                   help=argparse.SUPPRESS if sweep else "PGD steps (pgd and targeted_pgd only); several values "
+                                                         "evaluate each (one result row per value)")
     g.add_argument("--attack-norm", "--threat-model", default="linf", type=Choice(names=("linf", "l2"), normalize=norm_name),
                    metavar="NORM", help="threat model: linf or l2 (any case)")
     g.add_argument("--attack-boundaries", default=(0, 1), type=finite_float(order="<"), nargs=2, metavar="L",
@@ -222,6 +225,21 @@ def check_validate_args(args: argparse.Namespace) -> None:
     if len(args.attack_steps) > 1 and args.attack not in PGD_ATTACKS:
         raise UsageError("several --attack-steps values need --attack pgd or targeted_pgd "
                          f"(got --attack '{args.attack}', whose result does not depend on the step count)")
+    # a PGD budget flag given for an attack that has no such knob would be silently ignored
+    if args.attack not in PGD_ATTACKS:
+        unused = [flag for dest, flag, default in (("attack_steps", "--attack-steps", [10]),
+                                                   ("attack_lr", "--attack-lr", None))
+                  if given(args, dest, default)]
+        if unused:
+            what = (f"--attack {args.attack} runs its own step schedule (APGD: 100 iterations, adaptive step size)"
+                    if args.attack else "no --attack: only clean accuracy is measured")
+            flags = " and ".join(unused)
+            verb = "sets" if len(unused) == 1 else "set"
+            raise UsageError(f"{flags} {verb} PGD's budget, but {what}; drop {flags} or use --attack pgd")
+    eps_values = getattr(args, "attack_eps_values", None) or [args.attack_eps]
+    if len(eps_values) > 1 and not args.attack:
+        raise UsageError(f"several --attack-eps values ({' '.join(f'{e:g}' for e in eps_values)}) need an --attack: "
+                         "without one only clean accuracy is measured, once")
     if len(set(args.attack_steps)) != len(args.attack_steps):
         raise must("--attack-steps", "values that are not repeated", list(args.attack_steps))
     lo, hi = args.attack_boundaries
@@ -238,6 +256,15 @@ def check_validate_args(args: argparse.Namespace) -> None:
     if args.tf_preprocessing:
         raise UsageError("--tf-preprocessing is not supported: use the default (PIL) eval transform")
     check_input_size(args)
+
+
+def given(args: argparse.Namespace, dest: str, default: Any) -> bool:
+    """Was ``dest`` given on the command line? Exact when the parser recorded ``explicit_flags``
+    (every evaluation CLI); for a namespace built in code, a value other than the flag's default."""
+    explicit = getattr(args, "explicit_flags", None)
+    if explicit is not None:
+        return dest in explicit
+    return getattr(args, dest, default) != default
 
 
 # ----------------------------------------------------------------------------------------------
