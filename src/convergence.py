@@ -49,7 +49,7 @@ from src.arg_parser.analysis import parse_convergence_args as parse_args  # noqa
 from src.cli import seed_everything
 from src.errors import UsageError
 from src.eval_config import flag_given
-from src.eval_setup import create_eval_dataset, create_eval_loader, create_eval_model
+from src.eval_setup import create_eval_dataset, create_eval_loader, create_eval_model, eval_settings
 from src.eval_state import EvalState
 from src.honesty import normalization_warnings
 
@@ -63,11 +63,9 @@ COLUMNS = ("point", "seed", "steps", "loss")
 STATE_SUFFIX = ".state"
 
 # settings that change the numbers (the fingerprint of the state folder)
-_SETTING_KEYS = ("model", "checkpoint", "use_ema", "dataset", "split", "class_map", "valid_labels", "img_size",
-                 "input_size", "crop_pct", "mean", "std", "interpolation", "gp", "test_pool", "patch_size",
-                 "num_classes", "no_normalize", "normalize_model", "attack_eps", "attack_lr", "attack_steps",
-                 "attack_norm", "attack_boundaries", "amp", "amp_dtype", "tie_step_size", "one_instance",
-                 "batch_size", "seed", "runs", "n_points", "steps_to_try")
+# (validate's, src.eval_setup.eval_settings, plus the study's own)
+_SETTING_KEYS = ("checkpoint", "attack_steps", "tie_step_size", "one_instance", "batch_size", "seed", "runs",
+                 "n_points", "steps_to_try")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +199,7 @@ def output_path(args: argparse.Namespace) -> str:
 
 def fingerprint_of(args: argparse.Namespace) -> Dict[str, Any]:
     """Everything the losses depend on (not the process count: see the module docstring)."""
-    settings = {k: getattr(args, k, None) for k in _SETTING_KEYS}
+    settings = {**eval_settings(args), **{k: getattr(args, k, None) for k in _SETTING_KEYS}}
     if not flag_given(args, "model"):  # the flag's default is not what ran: the checkpoint's record is
         settings["model"] = None
     return {"format": "robust-vits-attack-convergence", **settings}

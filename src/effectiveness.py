@@ -52,7 +52,8 @@ from src.arg_parser.evaluate import parse_effectiveness_args as parse_args  # no
 from src.cli import seed_everything
 from src.errors import UsageError
 from src.eval_config import flag_given
-from src.eval_setup import build_eval_attack, create_eval_dataset, create_eval_loader, create_eval_model, eval_batches
+from src.eval_setup import (build_eval_attack, create_eval_dataset, create_eval_loader, create_eval_model,
+                             eval_batches, eval_settings)
 from src.honesty import (attack_setting_warnings, attack_strength_warnings, gradient_warnings, nonfinite_warnings, normalization_warnings,
                          robust_above_clean_warnings)
 from src.results import RESULT_KEYS, result_row
@@ -90,10 +91,8 @@ KILL_AFTER_ROWS_ENV = "ROBUST_VITS_TEST_KILL_AFTER_ROWS"
 
 
 # Settings that change the numbers of a row besides its (epoch, seed, attack, attack_steps) key.
-_SETTING_KEYS = ("model", "dataset", "split", "class_map", "valid_labels", "num_examples", "batch_size", "img_size",
-                 "input_size", "crop_pct", "mean", "std", "interpolation", "gp", "test_pool", "patch_size",
-                 "num_classes", "no_normalize", "normalize_model", "use_ema", "attack_eps", "attack_lr",
-                 "attack_norm", "attack_boundaries", "amp", "amp_dtype", "checkpoints_dir")
+# (validate's, src.eval_setup.eval_settings, plus the sweep's own)
+_SETTING_KEYS = ("num_examples", "batch_size", "checkpoints_dir")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +154,7 @@ def output_path(args: argparse.Namespace) -> str:
 
 def settings_of(args: argparse.Namespace, world_size: int = 1) -> Dict[str, Any]:
     """The settings every row depends on besides its key (JSON-able, canonical)."""
-    settings = {k: getattr(args, k, None) for k in _SETTING_KEYS}
+    settings = {**eval_settings(args), **{k: getattr(args, k, None) for k in _SETTING_KEYS}}
     if not flag_given(args, "model"):  # the flag's default is not what ran: each checkpoint's record is
         settings["model"] = None
     settings["checkpoints_dir"] = _norm_dir(args.checkpoints_dir)
@@ -410,16 +409,16 @@ def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
         return run_
 
     folder = storage.dirname(path)
-    if dev_env.primary:
-        if folder:
-            storage.check_output_folder(folder, "--output-file")
-        for written_file in (path, results.settings_path):  # what a killed earlier write left behind
-            storage.remove_stale_temp_of(written_file)
-        results.write_settings(settings)
+    if dev_env.primary and folder:
+        storage.check_output_folder(folder, "--output-file")
     # a validate-style namespace for the shared evaluation core
     base = argparse.Namespace(**{**vars(args), "checkpoint": "", "attack_steps": list(args.steps_to_try),
                                  "seed": args.seeds[0], "results_file": "", "log_wandb": False})
-    dataset = create_eval_dataset(base)
+    dataset = create_eval_dataset(base)  # a wrong data argument is an error before anything is written
+    if dev_env.primary:
+        for written_file in (path, results.settings_path):  # what a killed earlier write left behind
+            storage.remove_stale_temp_of(written_file)
+        results.write_settings(settings)
     warnings: List[str] = []
     written = 0
     for label in labels:

@@ -28,7 +28,33 @@ from src.honesty import PGD_ATTACKS
 _logger = logging.getLogger("robust_vits")
 
 __all__ = ["ValidLabels", "EvalModel", "create_eval_model", "create_eval_dataset", "create_eval_loader",
-           "eval_batches", "build_eval_attack"]
+           "eval_batches", "build_eval_attack", "EVAL_SETTING_KEYS", "eval_settings"]
+
+# validate.py's data, model, normalization and attack-budget flags that change the numbers: what the resumable
+# studies (attack_effectiveness.py, attack_convergence.py) record, so a restart with other settings is refused
+EVAL_SETTING_KEYS = ("model", "dataset", "split", "class_map", "valid_labels", "img_size", "input_size", "crop_pct",
+                     "mean", "std", "interpolation", "gp", "test_pool", "patch_size", "num_classes", "no_normalize",
+                     "normalize_model", "use_ema", "attack_eps", "attack_lr", "attack_norm", "attack_boundaries",
+                     "amp", "amp_dtype")
+# ... and those recorded only when set (files written before they were recorded lack them: a run at their
+# default still matches those files)
+_SET_ONLY_KEYS = ("data", "use_test_size")
+
+
+def eval_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The values of :data:`EVAL_SETTING_KEYS` (None when absent), plus the data dir (absolute when local)
+    and ``--use-test-size`` when they are set."""
+    out = {k: getattr(args, k, None) for k in EVAL_SETTING_KEYS}
+    for key in _SET_ONLY_KEYS:
+        value = getattr(args, key, None)
+        if value:
+            out[key] = value
+    if out.get("data"):
+        import os
+
+        data = str(out["data"])
+        out["data"] = os.path.abspath(os.path.expanduser(data)) if storage.is_local(data) else data.rstrip("/")
+    return out
 
 
 class ValidLabels(nn.Module):
@@ -214,6 +240,10 @@ def _read_valid_labels(path: str) -> List[int]:
         raise UsageError(f"--valid-labels file {path} must hold one integer class index per line") from None
     if not labels:
         raise UsageError(f"--valid-labels file {path} is empty")
+    repeated = sorted({i for i in labels if labels.count(i) > 1})
+    if repeated:  # the dataset's label i is the i-th listed class: a repeat shifts every label after it
+        raise UsageError(f"--valid-labels file {path} lists class {repeated[0]} more than once; list each model "
+                         f"class once (the dataset's label i is the i-th listed class)")
     return labels
 
 
@@ -233,6 +263,11 @@ def create_eval_dataset(args: argparse.Namespace):
     """The evaluation split through ``src.data.create_dataset`` (``--class-map``, downloads, image-folder checks)."""
     from src import data
 
+    if args.data and str(args.dataset).lower() == "digits":
+        # the embedded set reads no folder: a DIR here is a typo or a value meant for the flag before it
+        # (``--attack-eps 2 4`` on a one-value flag leaves '4' as DIR)
+        raise UsageError(f"--dataset {args.dataset} is embedded and takes no data dir, got DIR '{args.data}' (is it a "
+                         f"value meant for the flag before it? that flag takes one value)")
     return data.create_dataset(args.dataset, args.data, args.split, is_training=False, batch_size=args.batch_size,
                                class_map=args.class_map or None, download=args.dataset_download)
 
