@@ -75,14 +75,18 @@ def results_json(rows: Sequence[Mapping[str, Any]], warnings: Sequence[Sequence[
 
 def check_results_target(path: str, tool: str = "validate.py",
                          is_ours: Optional[Callable[[str, bool], bool]] = None, flag: str = "--results-file",
-                         inputs: Sequence[str] = (), kind: Optional[str] = None) -> None:
+                         inputs: Sequence[str] = (), kind: Optional[str] = None,
+                         columns: Optional[Sequence[str]] = None, as_list: bool = False) -> None:
     """Refuse, before any work, a results file (``flag``) that would replace something other than an
     earlier results file of the same kind (a training ``summary.csv``, a checkpoint, a folder, a
     JSON or CSV of another tool) or one of the run's ``inputs``; also make sure its folder can be
     written.
 
     ``is_ours(text, is_json)`` recognizes ``tool``'s own files (default: validate.py's rows);
-    ``kind`` names them in the message (default: JSON for ``.json``, else CSV)."""
+    ``kind`` names them in the message (default: JSON for ``.json``, else CSV). ``columns`` (and
+    ``as_list``: a JSON list rather than one dict) are what this run will write: an earlier
+    results file with other columns (a bulk table, an eps or step sweep) is another kind of table
+    and is not replaced either."""
     what = f"{flag} {path}"
     storage.check_reachable(path, flag)
     if storage.isdir(path):
@@ -99,6 +103,37 @@ def check_results_target(path: str, tool: str = "validate.py",
             kind = kind or ("JSON" if json_file else "CSV")
             raise UsageError(f"{what} exists and is not a {tool} results {kind}; "
                              "it is not replaced: choose another file name")
+        if columns is not None:
+            theirs = _results_layout(text, json_file)
+            ours = _kind_columns(columns), bool(as_list) and json_file
+            if theirs is not None and theirs != ours:
+                raise UsageError(f"{what} holds another kind of {tool} results table (it has "
+                                 f"{_layout_text(theirs)}; this run writes {_layout_text(ours)}): it is not replaced: "
+                                 f"choose another file name, or delete it first")
+
+
+def _kind_columns(columns: Sequence[str]) -> List[str]:
+    """What makes a table of another kind: the columns besides the result keys (``model`` and
+    ``checkpoint`` of a bulk table, ``attack_eps`` / ``attack_steps`` of a sweep)."""
+    return [c for c in columns if c not in RESULT_KEYS and c != "warnings"]
+
+
+def _results_layout(text: str, json_file: bool) -> Optional[tuple]:
+    """``(extra columns, is a JSON list)`` of a validate.py results file's text (None: unreadable)."""
+    if not json_file:
+        return _kind_columns(next(csv.reader(io.StringIO(text)), [])), False
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    rows = data if isinstance(data, list) else [data]
+    return _kind_columns(list(rows[0])), isinstance(data, list)
+
+
+def _layout_text(layout: tuple) -> str:
+    extra, is_list = layout
+    what = f"columns {', '.join(extra)} besides the result keys" if extra else "no columns besides the result keys"
+    return what + (" (a JSON list of rows)" if is_list else "")
 
 
 def _is_results_csv(text: str) -> bool:

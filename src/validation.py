@@ -72,6 +72,7 @@ __all__ = [
     "bulk_model_names",
     "validate_bulk",
     "bulk_results_path",
+    "result_columns",
     "retry_smaller_batch",
     "write_results",
     "wandb_target",
@@ -140,10 +141,8 @@ def validate(args: argparse.Namespace, dev_env: Optional[DeviceEnv] = None,
                             "robust numbers are not in pixel units.")
             _logger.warning("Use --normalize-model (or --no-normalize for models trained on raw [0, 1] inputs).")
             _logger.warning("=" * 100)
-        steps_list = list(args.attack_steps) if args.attack else [args.attack_steps[0]]
-        eps_list = list(getattr(args, "attack_eps_values", None) or [args.attack_eps]) if args.attack else \
-            [args.attack_eps]
-        multi, multi_eps = len(args.attack_steps) > 1, len(eps_list) > 1
+        steps_list, eps_list = _sweep(args)
+        multi, multi_eps = len(steps_list) > 1, len(eps_list) > 1
         rows, evals, groups = [], [], []
         for eps in eps_list:
             eps_args = argparse.Namespace(**{**vars(args), "attack_eps": eps})
@@ -185,6 +184,25 @@ def validate(args: argparse.Namespace, dev_env: Optional[DeviceEnv] = None,
     finally:
         if own_env:
             shutdown(dev_env)
+
+
+def _sweep(args: argparse.Namespace) -> Tuple[List[int], List[float]]:
+    """The step counts and eps values one model is evaluated at (one each without an attack)."""
+    if not args.attack:
+        return [args.attack_steps[0]], [args.attack_eps]
+    return list(args.attack_steps), list(getattr(args, "attack_eps_values", None) or [args.attack_eps])
+
+
+def result_columns(args: argparse.Namespace, bulk: bool = False) -> Tuple[List[str], bool]:
+    """The columns of the rows ``run`` writes and whether the JSON is a list: the result keys, then
+    ``attack_eps`` / ``attack_steps`` for several values; bulk rows have ``model`` first and
+    ``checkpoint`` last (always a list)."""
+    steps_list, eps_list = _sweep(args)
+    columns = list(RESULT_KEYS) + (["attack_eps"] if len(eps_list) > 1 else []) + \
+        (["attack_steps"] if len(steps_list) > 1 else [])
+    if bulk:
+        return ["model"] + columns + ["checkpoint"], True
+    return columns, len(steps_list) * len(eps_list) > 1
 
 
 def _evaluate_once(args: argparse.Namespace, steps: int, em: EvalModel, loader: Any, dev_env: DeviceEnv,
@@ -426,7 +444,8 @@ def run(args: argparse.Namespace) -> int:
                                  "mode")
             results_path = bulk_results_path(args)
             if dev_env.primary:
-                check_results_target(results_path)  # an earlier bulk table is replaced, nothing else
+                columns, as_list = result_columns(args, bulk=True)  # an earlier bulk table like it is replaced,
+                check_results_target(results_path, columns=columns, as_list=as_list)  # nothing else
                 _logger.info("bulk mode: %d evaluations; the table goes to %s (--results-file to change)",
                              len(jobs), results_path)
             rows, warns, failures = validate_bulk(args, jobs, dev_env)
@@ -445,6 +464,9 @@ def run(args: argparse.Namespace) -> int:
             if not args.checkpoint:
                 raise UsageError("--log-wandb needs --checkpoint (it logs into the checkpoint's training run)")
             wandb_target(args.checkpoint)  # fail before the (long) evaluation
+        if args.results_file and dev_env.primary:  # an earlier file of the same columns is replaced, nothing else
+            columns, as_list = result_columns(args)
+            check_results_target(args.results_file, columns=columns, as_list=as_list)
         result = validate(args, dev_env)
         if dev_env.primary:
             multi = len(result.rows) > 1
