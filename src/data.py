@@ -543,6 +543,7 @@ class CombinedLoaders:
         self.loader_a, self.loader_b = loader_a, loader_b
         self.seed = seed
         self.epoch = 0
+        self.start = 0  # batches of the epoch a mid-epoch resume already did
 
     @property
     def sampler(self):
@@ -550,10 +551,12 @@ class CombinedLoaders:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.start = 0
         for ld in (self.loader_a, self.loader_b):
             set_loader_epoch(ld, epoch)
 
     def set_start(self, start_batches_a: int) -> None:
+        self.start = start_batches_a
         for ld in (self.loader_a, self.loader_b):
             if hasattr(ld.sampler, "set_start"):
                 ld.sampler.set_start(start_batches_a * ld.batch_size)
@@ -564,6 +567,11 @@ class CombinedLoaders:
     def __iter__(self):
         g = torch.Generator()
         g.manual_seed(self.seed + 7919 * self.epoch)
+        # a mid-epoch resume skips the batches already done: their within-batch shuffles are drawn (and
+        # dropped) too, so batch i gets the same order as in an uninterrupted epoch
+        size = self.loader_a.batch_size + self.loader_b.batch_size
+        for _ in range(self.start):
+            torch.randperm(size, generator=g)
         for (xa, ya), (xb, yb) in zip(self.loader_a, self.loader_b):
             x = torch.cat([xa, xb])
             y = torch.cat([ya, yb])
