@@ -50,6 +50,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """The state of the random number generators ``seed_everything`` seeds (Python, NumPy, torch's CPU
+    generator and, once initialized, the current CUDA device's), as a checkpoint can hold it (tensors,
+    lists and numbers only: ``torch.load(weights_only=True)`` reads it back)."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Put back what ``rng_state`` returned (a CUDA state only where CUDA is in use)."""
+    py_version, py_internal, py_gauss = state["python"]
+    random.setstate((int(py_version), tuple(int(v) for v in py_internal), py_gauss))
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((str(name), np.asarray(key, dtype=np.int64).astype(np.uint32), int(pos), int(has_gauss),
+                         float(cached)))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def set_deterministic(enabled: bool) -> Callable[[], None]:
     """Turn on deterministic algorithms; returns a function restoring the previous settings.
 

@@ -511,10 +511,17 @@ def create_loader(dataset, batch_size: int, is_training: bool, world_size: int =
     if not iterable:
         sampler = ShardSampler(len(dataset), world_size, rank, shuffle=is_training, seed=seed,
                                drop_last=is_training, batch_size=batch_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, drop_last=is_training, collate_fn=_collate,
-                      worker_init_fn=_worker_init if workers > 0 else None,
-                      persistent_workers=persistent_workers and workers > 0)
+    # A training loader draws its workers' base seed from its own generator (re-seeded every epoch by
+    # set_loader_epoch), not from the global one: starting to iterate then draws no number that the
+    # training steps would otherwise draw, so a mid-epoch resume can put the global generators back
+    # to where the recovery checkpoint left them (src.cli.rng_state).
+    generator = torch.Generator().manual_seed(seed + rank) if is_training else None
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=pin_memory, drop_last=is_training, collate_fn=_collate,
+                        worker_init_fn=_worker_init if workers > 0 else None,
+                        persistent_workers=persistent_workers and workers > 0, generator=generator)
+    loader.epoch_seed_base = seed + rank
+    return loader
 
 
 def shard_tfds_in_main_process(dataset, world_size: int, rank: int) -> None:
@@ -593,6 +600,9 @@ def set_loader_epoch(loader, epoch: int, start_batches: int = 0) -> None:
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
+    generator, base = getattr(loader, "generator", None), getattr(loader, "epoch_seed_base", None)
+    if generator is not None and base is not None:
+        generator.manual_seed(base + 10007 * (epoch + 1))  # the workers' seeds of this epoch
     if hasattr(sampler, "set_start"):
         sampler.set_start(start_batches * loader.batch_size)
     dataset = getattr(loader, "dataset", None)

@@ -76,6 +76,7 @@ class Progress:
     start_epoch: int = 0
     num_updates: int = 0
     epoch_state: Optional[EpochState] = None
+    rng_state: Optional[list] = None  # a mid-epoch recovery point's random generator states, by rank
 
 
 @dataclass
@@ -386,11 +387,12 @@ def restore(task: TrainTask, plan: OutputPlan) -> Progress:
         else:
             progress.start_epoch = int(ckpt["epoch"])
             progress.epoch_state = EpochState.from_dict(ckpt.get("epoch_state"))
+            progress.rng_state = ckpt.get("rng_state")
         _logger.info("resumed from %s: epoch %d%s, global step %d", plan.resume_path, progress.start_epoch,
                      f" (batch {progress.epoch_state.batches_done})" if progress.epoch_state else "",
                      progress.num_updates)
     if args.start_epoch is not None:
-        progress.start_epoch, progress.epoch_state = args.start_epoch, None
+        progress.start_epoch, progress.epoch_state, progress.rng_state = args.start_epoch, None, None
     if progress.start_epoch > 0:
         parts.lr_scheduler.step(progress.start_epoch)
     parts.model = task.dev_env.wrap_distributed(parts.model)
@@ -508,10 +510,13 @@ def _epoch_hooks(task: TrainTask, outputs: RunOutputs, first_epoch: bool) -> Epo
     args, dev_env, parts = task.args, task.dev_env, task.parts
 
     def save_recovery(epoch: int, step: int, st: EpochState) -> None:
+        from src.cli import rng_state
+
         _check_finite_weights(parts.model, epoch, f"global step {step}")  # every rank: all stop together
+        rngs = dev_env.all_gather_object(rng_state())  # every rank's generators, by rank
         if dev_env.primary:
             outputs.manager.save_recovery(parts.model, parts.optimizer, epoch, st.batches_done, step, st.to_dict(),
-                                          model_ema=parts.model_ema, grad_scaler=parts.grad_scaler,
+                                          rng_state=rngs, model_ema=parts.model_ema, grad_scaler=parts.grad_scaler,
                                           lr_scheduler=parts.lr_scheduler)
 
     def save_first_batch(x: torch.Tensor) -> None:
@@ -527,6 +532,23 @@ def _epoch_hooks(task: TrainTask, outputs: RunOutputs, first_epoch: bool) -> Epo
                       save_recovery=save_recovery,
                       on_first_batch=save_first_batch if (first_epoch and args.save_images and dev_env.primary)
                       else None)
+
+
+def _restore_rng(states: Optional[list], dev_env: DeviceEnv) -> None:
+    """A mid-epoch resume continues the random numbers where the recovery point left them (the epoch's
+    seed alone would replay the epoch's first steps' attack starts, mixup and dropout draws)."""
+    from src.cli import set_rng_state
+
+    if not states:  # a recovery file of an older version: the epoch's seed, as before
+        _logger.warning("the recovery checkpoint holds no random generator state: the rest of the epoch draws "
+                        "other random numbers than the interrupted run would have")
+        return
+    if len(states) != dev_env.world_size:
+        _logger.warning("the recovery checkpoint holds the random generator states of %d processes, this run has "
+                        "%d: the rest of the epoch draws other random numbers than the interrupted run would have",
+                        len(states), dev_env.world_size)
+        return
+    set_rng_state(states[dev_env.global_rank])
 
 
 def _position_loader(loader, epoch: int, epoch_state: Optional[EpochState]) -> None:
@@ -593,6 +615,8 @@ def run_epochs(task: TrainTask, plan: OutputPlan, progress: Progress, outputs: R
         for epoch in range(progress.start_epoch, task.num_epochs):
             seed_everything(epoch_seed(args.seed, epoch, dev_env.global_rank))
             _position_loader(task.train_loader, epoch, epoch_state)
+            if epoch_state is not None:
+                _restore_rng(progress.rng_state, dev_env)
             eps_now = float(task.eps_schedule(epoch)) if task.eps_schedule is not None else float("nan")
             hooks = _epoch_hooks(task, outputs, epoch == progress.start_epoch)
             hooks.should_stop = _stop_check(task, stop)

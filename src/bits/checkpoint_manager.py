@@ -16,7 +16,7 @@ metric_decreasing. Additions (ignored by the original's loaders): ``eval_config`
 the checkpoint needs: model, classes, patch size, input size, crop, interpolation, normalization
 mode and mean/std; ``src.eval_config``), ``normalization`` (mean/std of a ``--normalize-model``
 run), ``checkpoint_history`` (the top-N table, so resume keeps it), ``lr_scheduler``,
-``epoch_state`` / ``epoch_done`` (mid-epoch recovery).
+``epoch_state`` / ``epoch_done`` / ``rng_state`` (mid-epoch recovery).
 """
 from __future__ import annotations
 
@@ -176,10 +176,14 @@ class CheckpointManager:
         return self.best
 
     def save_recovery(self, model, optimizer, epoch: int, step_count: int, step_count_global: int,
-                      epoch_state: Dict[str, Any], **kw) -> str:
-        """Mid-epoch recovery point: resuming from it continues the same epoch."""
-        st = self._state(model, optimizer, epoch, step_count, step_count_global,
-                         extra={"epoch_state": epoch_state, "epoch_done": False}, **kw)
+                      epoch_state: Dict[str, Any], rng_state: Optional[List[Dict[str, Any]]] = None, **kw) -> str:
+        """Mid-epoch recovery point: resuming from it continues the same epoch. ``rng_state`` (one
+        ``src.cli.rng_state()`` per process, by rank) lets the rest of the epoch draw the same random
+        numbers (attack starts, mixup, dropout) as an uninterrupted run."""
+        extra = {"epoch_state": epoch_state, "epoch_done": False}
+        if rng_state is not None:
+            extra["rng_state"] = rng_state
+        st = self._state(model, optimizer, epoch, step_count, step_count_global, extra=extra, **kw)
         p = self.path(f"recovery-{step_count_global}.pth.tar")
         storage.torch_save(st, p)
         self.clean_recovery(keep=2)
