@@ -161,6 +161,42 @@ def create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
         raise UsageError(f"cannot create scheduler '{args.sched}': {e}") from None
 
 
+# What a metric-driven schedule (--sched plateau) learned from the epochs so far; every other schedule is a
+# function of the epoch and the arguments, rebuilt from them on resume (so --epochs or --lr may change).
+_PLATEAU_COUNTERS = ("best", "num_bad_epochs", "cooldown_counter", "last_epoch")
+
+
+def _plateau(lr_scheduler) -> Optional[torch.optim.lr_scheduler.ReduceLROnPlateau]:
+    inner = getattr(lr_scheduler, "lr_scheduler", None)
+    return inner if isinstance(inner, torch.optim.lr_scheduler.ReduceLROnPlateau) else None
+
+
+def scheduler_state(lr_scheduler) -> Dict[str, Any]:
+    """The scheduler's entry of a checkpoint: timm's ``state_dict()`` plus, for ``plateau``, the counters
+    timm leaves out (epochs without improvement, cooldown) and the LR before its noise."""
+    state = dict(lr_scheduler.state_dict())
+    plateau = _plateau(lr_scheduler)
+    if plateau is not None:
+        state["plateau"] = {k: getattr(plateau, k) for k in _PLATEAU_COUNTERS}
+        state["restore_lr"] = getattr(lr_scheduler, "restore_lr", None)
+    return state
+
+
+def restore_scheduler_state(lr_scheduler, state: Optional[Dict[str, Any]]) -> None:
+    """Resume: put back what a metric-driven schedule learned (``scheduler_state``). A plateau schedule
+    rebuilt from the arguments alone forgets its best metric and patience, so a resumed run would cut the LR
+    epochs later than the uninterrupted one. Other schedules keep the state the arguments give."""
+    plateau = _plateau(lr_scheduler)
+    if plateau is None or not isinstance(state, dict):
+        return
+    counters = state.get("plateau") or {k: state[k] for k in ("best", "last_epoch") if k in state}  # older files
+    for k, v in counters.items():
+        if k in _PLATEAU_COUNTERS:
+            setattr(plateau, k, v)
+    if state.get("restore_lr") is not None:
+        lr_scheduler.restore_lr = list(state["restore_lr"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------

@@ -381,6 +381,9 @@ def restore(task: TrainTask, plan: OutputPlan) -> Progress:
                                  "fresh") from None
         if parts.grad_scaler is not None and ckpt.get("grad_scaler") is not None:
             parts.grad_scaler.load_state_dict(ckpt["grad_scaler"])
+        from src.setup_task import restore_scheduler_state
+
+        restore_scheduler_state(parts.lr_scheduler, ckpt.get("lr_scheduler"))  # what --sched plateau learned
         progress.num_updates = int(ckpt.get("step_count_global", 0))
         if ckpt.get("epoch_done", True):
             progress.start_epoch = int(ckpt["epoch"]) + 1

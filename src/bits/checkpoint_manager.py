@@ -116,7 +116,9 @@ class CheckpointManager:
         if grad_scaler is not None:
             st["grad_scaler"] = grad_scaler.state_dict()
         if lr_scheduler is not None:
-            st["lr_scheduler"] = lr_scheduler.state_dict()
+            from src.setup_task import scheduler_state
+
+            st["lr_scheduler"] = scheduler_state(lr_scheduler)
         norm = normalization_entry(model)
         if norm is not None:
             st["normalization"] = norm
