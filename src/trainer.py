@@ -314,6 +314,7 @@ def plan_output(task: TrainTask) -> OutputPlan:
             _logger.info("--resume auto: nothing to resume in %s, starting from scratch", output_dir)
     if plan.resume_path:
         plan.resume_ckpt = _load_resume(plan.resume_path, args)
+        _check_epoch_layout(plan.resume_path, plan.resume_ckpt, args, dev_env.world_size)
         ckpt = plan.resume_ckpt
         start = int(ckpt["epoch"]) + (1 if ckpt.get("epoch_done", True) else 0)
         start = start if args.start_epoch is None else args.start_epoch
@@ -323,6 +324,31 @@ def plan_output(task: TrainTask) -> OutputPlan:
             raise UsageError(f"--resume {plan.resume_path}: that run already trained {start} epochs and this "
                              f"schedule has {task.num_epochs}: nothing to train; raise --epochs to train longer")
     return plan
+
+
+# The settings that decide which images the first N batches of an epoch are: a mid-epoch resume skips N batches.
+EPOCH_LAYOUT_KEYS = ("dataset", "train_split", "batch_size", "combine_dataset", "combined_dataset_ratio",
+                     "epoch_repeats", "train_num_samples", "seed")
+
+
+def _check_epoch_layout(path: str, ckpt: Dict[str, Any], args: argparse.Namespace, world_size: int) -> None:
+    """A mid-epoch recovery point skips the batches its epoch already did. With another batch size, process
+    count or training data those batches are other images: the rest of the epoch would see some images twice
+    and others never. Refused before anything is written; the epoch boundary (last.pth.tar) has no such limit."""
+    state = ckpt.get("epoch_state") or {}
+    if ckpt.get("epoch_done", True) or not state.get("batches_done") or args.start_epoch is not None:
+        return
+    old = dict(ckpt.get("hparams") or {})
+    if state.get("world_size") is not None:
+        old["processes"] = state["world_size"]
+    new = {**vars(args), "processes": world_size}
+    changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in EPOCH_LAYOUT_KEYS + ("processes",)
+               if k in old and k in new and old[k] != new[k]]
+    if changed:
+        raise UsageError(f"--resume {path} is a recovery point {state['batches_done']} batches into epoch "
+                         f"{ckpt['epoch']}; this run changes what those batches are ({', '.join(changed)}): resume "
+                         "it with the settings it was trained with, or resume an epoch boundary (the run's "
+                         "last.pth.tar) with the new ones")
 
 
 def _load_resume(path: str, args: argparse.Namespace) -> Dict[str, Any]:
@@ -518,7 +544,8 @@ def _epoch_hooks(task: TrainTask, outputs: RunOutputs, first_epoch: bool) -> Epo
         _check_finite_weights(parts.model, epoch, f"global step {step}")  # every rank: all stop together
         rngs = dev_env.all_gather_object(rng_state())  # every rank's generators, by rank
         if dev_env.primary:
-            outputs.manager.save_recovery(parts.model, parts.optimizer, epoch, st.batches_done, step, st.to_dict(),
+            outputs.manager.save_recovery(parts.model, parts.optimizer, epoch, st.batches_done, step,
+                                          {**st.to_dict(), "world_size": dev_env.world_size},
                                           rng_state=rngs, model_ema=parts.model_ema, grad_scaler=parts.grad_scaler,
                                           lr_scheduler=parts.lr_scheduler)
 

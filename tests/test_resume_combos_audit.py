@@ -144,3 +144,66 @@ def test_plateau_state_survives_a_checkpoint(tmp_path):
     assert (t.lr_scheduler.best, t.lr_scheduler.num_bad_epochs) == (1.0, 2)
     s.step(4, 4.0), t.step(4, 4.0)  # the third bad epoch cuts the LR in both
     assert [g["lr"] for g in s.optimizer.param_groups] == [g["lr"] for g in t.optimizer.param_groups] == [0.05]
+
+
+@pytest.fixture(scope="module")
+def stopped_mid_epoch(tmp_path_factory):
+    """A 2-epoch run stopped 2 batches into epoch 1 (recovery-6), with its last.pth.tar of epoch 0."""
+    out = tmp_path_factory.mktemp("stopped")
+    argv = BASE + ["--epochs", "2", "--output", str(out), "--experiment", "run", "--recovery-interval", "1"]
+    mp = pytest.MonkeyPatch()
+    try:
+        _stopped_after(argv, 6, mp)
+    finally:
+        mp.undo()
+    return argv, str(out / "run")
+
+
+def _hashes(folder):
+    import hashlib
+
+    return {n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest() for n in os.listdir(folder)}
+
+
+def _cli(argv, capsys):
+    import train
+    from src.errors import run_cli
+
+    rc = run_cli(train.main, list(argv))
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change,needle", [
+    (["-b", "40"], "batch_size 50 -> 40"),
+    (["--seed", "2"], "seed 1 -> 2"),
+    (["--train-num-samples", "150"], "train_num_samples 200 -> 150"),
+    (["--model", "test_vit"], "does not match model"),          # weights of another network
+    (["--opt", "sgd"], "holds the state of optimizer 'adamw'"),  # optimizer state of another optimizer
+])
+def test_mid_epoch_resume_with_another_epoch_layout_is_refused(stopped_mid_epoch, change, needle, capsys):
+    """-b, --seed or the training data decide which images the skipped batches were: a mid-epoch resume
+    with other values saw some images twice and others never (the batch count was skipped at the new size)."""
+    argv, folder = stopped_mid_epoch
+    before = _hashes(folder)
+    rc, err = _cli(argv + change + ["--resume", "auto"], capsys)
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and needle in errors[0], err[-2000:]
+    assert _hashes(folder) == before  # nothing written, nothing removed
+
+
+def test_changeable_settings_are_accepted_at_an_epoch_boundary(stopped_mid_epoch, tmp_path, capsys):
+    """The epoch boundary has no skipped batches: another batch size (and the LR, logging, checkpoint
+    history) are accepted there, with the one warning line that lists them."""
+    import shutil
+
+    argv, folder = stopped_mid_epoch
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    argv = argv[:argv.index("--output")] + argv[argv.index("--output") + 4:]  # --resume PATH names the folder
+    rc, err = _cli(argv + ["-b", "40", "--lr", "5e-4", "--log-interval", "7", "--checkpoint-hist", "1",
+                           "--resume", str(copy / "last.pth.tar")], capsys)
+    assert rc == 0, err[-2000:]
+    warned = [ln for ln in err.splitlines() if "changed setting" in ln]
+    assert len(warned) == 1 and "batch_size 50 -> 40, lr 0.001 -> 0.0005" in warned[0], warned
+    assert [r["epoch"] for r in _rows(str(copy))] == ["0", "1"]
+    assert len([n for n in os.listdir(copy) if n.startswith("checkpoint-")]) == 1
