@@ -186,9 +186,7 @@ def build_task(args: argparse.Namespace, dev_env: DeviceEnv) -> TrainTask:
         model = normalize_model(model, mean, std)
         _logger.info("normalizing inside the model with mean %s std %s", mean, std)
     if args.split_bn:
-        from timm.models import convert_splitbn_model
-
-        model = convert_splitbn_model(model, max(args.aug_splits, 2))
+        model = _split_batchnorm(model, args)
     model = dev_env.to_model_device(model)
     if args.sync_bn and dev_env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -210,6 +208,18 @@ def build_task(args: argparse.Namespace, dev_env: DeviceEnv) -> TrainTask:
                      lr=lr, train_loader=train_loader, eval_loader=eval_loader, num_epochs=num_epochs)
     _build_objectives(task)
     return task
+
+
+def _split_batchnorm(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """``--split-bn``: one BatchNorm per augmentation split (timm's ``convert_splitbn_model``, which lives in
+    ``timm.layers``); a model without BatchNorm2d layers would train exactly as without the flag."""
+    from timm.layers import SplitBatchNorm2d, convert_splitbn_model
+
+    model = convert_splitbn_model(model, args.aug_splits)
+    if not any(isinstance(m, SplitBatchNorm2d) for m in model.modules()):
+        raise UsageError(f"--split-bn: model '{args.model}' has no BatchNorm2d layers to split, so the flag would "
+                         "change nothing; drop --split-bn or pick a model with BatchNorm")
+    return model
 
 
 def _build_objectives(task: TrainTask) -> None:
