@@ -111,6 +111,8 @@ def run_training(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
                 lock.acquire()  # before the first write: one run per experiment folder
             try:
                 progress = restore(task, plan)
+                if progress.start_epoch >= task.num_epochs:
+                    return _nothing_to_train(task, plan, progress)
                 outputs = prepare_output(task, plan, progress, args_text)
                 with StopSignals() as stop:
                     return run_epochs(task, plan, progress, outputs, stop)
@@ -119,6 +121,17 @@ def run_training(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
                     lock.release()
         finally:
             restore_determinism()
+
+
+def _nothing_to_train(task: TrainTask, plan: OutputPlan, progress: Progress) -> Dict[str, Any]:
+    """``--resume auto`` of a finished run (a job script run again): a no-op that writes nothing. Preparing the
+    folder would rewrite its args.yaml with this command's arguments (another --epochs, --model-ema, ...) and add a
+    resume_history entry for a resume that trained nothing, so the record would no longer describe the run."""
+    if task.dev_env.primary:
+        _logger.info("--resume auto: %s already trained %d epochs and this schedule has %d: nothing to train; its "
+                     "files are left as they are", plan.output_dir, progress.start_epoch, task.num_epochs)
+    return {"output_dir": plan.output_dir, "eval": {}, "train": {}, "best": None, "num_epochs": task.num_epochs,
+            "seconds": 0.0, "primary": task.dev_env.primary}
 
 
 class StopSignals:
