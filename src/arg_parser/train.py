@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import yaml
 
 from src.arg_parser.common import (ARGS_YAML_HEADER, CliParser, bool_flag, check_input_size, check_mean_std,
                                    load_yaml_config, norm_name)
 from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, INPUT_PATH, MEAN, OUTPUT_PATH, SEED, STD, MAX_WORKERS, WORKERS, Choice, Num, Text, finite_float,
-                                   fraction, must, nonneg_float, nonneg_int, positive_float, positive_int, rate)
+                                   fraction, must, nonneg_float, nonneg_int, positive_float, positive_int, rate, show)
 from src.errors import UsageError
 
 
@@ -419,7 +420,8 @@ def parse_args(additional_args: Optional[Sequence[str]] = None) -> Tuple[argpars
     args = parser.parse_args(remaining)
     args.config = known.config
     _normalize_values(args)
-    parser.check(check_args, args)
+    given = command_line_dests(remaining)
+    parser.check(lambda a: check_args(a, given), args)
     args_text = ARGS_YAML_HEADER + yaml.safe_dump(namespace_to_dict(args), default_flow_style=False, sort_keys=True)
     return args, args_text
 
@@ -444,8 +446,87 @@ def _check_sizes(args: argparse.Namespace) -> None:
     check_input_size(args)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """What one flag's rule cannot see: flags that must agree with each other, and refused values."""
+def _mixup_active(a: argparse.Namespace) -> bool:
+    return a.mixup > 0 or a.cutmix > 0 or a.cutmix_minmax is not None
+
+
+_ADV = ("adv_training",)
+_CLEAN_TRAINING = "--adv-training (clean training runs no attack)"
+
+
+@dataclass(frozen=True)
+class Needs:
+    """A flag that acts only together with others: a value of ``dest`` other than ``off`` (its default) when
+    ``active(args)`` is false would be silently ignored. ``partners``: the dests ``active`` reads; ``what``: what
+    they must be, for the message."""
+
+    dest: str
+    off: Any
+    partners: Tuple[str, ...]
+    active: Callable[[argparse.Namespace], bool]
+    what: str
+
+
+# Not listed: keys the original's configs set without their partner (attack_eps, eps_schedule, attack_lr,
+# finetuning_patch_size, model_ema_decay, cooldown_epochs under step, ...): those files must keep loading.
+REQUIRES: Tuple[Needs, ...] = (
+    Needs("attack", "pgd", _ADV, lambda a: bool(a.adv_training), _CLEAN_TRAINING),
+    Needs("eval_attack_eps", None, _ADV, lambda a: bool(a.adv_training), _CLEAN_TRAINING),
+    Needs("eval_attack_steps", None, _ADV, lambda a: bool(a.adv_training), _CLEAN_TRAINING),
+    Needs("attack_mode", "eval", _ADV, lambda a: bool(a.adv_training), _CLEAN_TRAINING),
+    Needs("adv_clean_logits", "train", _ADV, lambda a: a.adv_training == "pgd",
+          "--adv-training pgd (TRADES and custom losses compute their own clean logits)"),
+    Needs("zero_eps_epochs", 0, ("eps_schedule",), lambda a: a.eps_schedule != "constant",
+          "--eps-schedule linear or sine (the constant schedule uses the full eps from epoch 0)"),
+    Needs("bce_target_thresh", None, ("bce_loss",), lambda a: a.bce_loss, "--bce-loss"),
+    Needs("amp_dtype", "auto", ("amp",), lambda a: a.amp, "--amp (training runs in float32)"),
+    Needs("clip_mode", "norm", ("clip_grad",), lambda a: a.clip_grad is not None,
+          "--clip-grad (nothing is clipped)"),
+    Needs("reinit_patch_embedding", False, ("finetune",), lambda a: bool(a.finetune), "--finetune"),
+    Needs("no_resume_opt", False, ("resume",), lambda a: bool(a.resume), "--resume"),
+    Needs("mixup_off_epoch", 0, ("mixup", "cutmix", "cutmix_minmax"), _mixup_active,
+          "--mixup, --cutmix or --cutmix-minmax"),
+    Needs("combine_data_dir", None, ("combine_dataset",), lambda a: bool(a.combine_dataset), "--combine-dataset"),
+    Needs("combined_dataset_ratio", 0.5, ("combine_dataset",), lambda a: bool(a.combine_dataset),
+          "--combine-dataset"),
+    Needs("monitor_every", 1, ("monitor_attack_steps",), lambda a: a.monitor_attack_steps is not None,
+          "--monitor-attack-steps"),
+    Needs("monitor_examples", 512, ("monitor_attack_steps",), lambda a: a.monitor_attack_steps is not None,
+          "--monitor-attack-steps"),
+    Needs("monitor_warn_gap", 20.0, ("monitor_attack_steps",), lambda a: a.monitor_attack_steps is not None,
+          "--monitor-attack-steps"),
+    Needs("resplit", False, ("aug_splits", "reprob"), lambda a: a.aug_splits >= 2 and a.reprob > 0,
+          "--aug-splits >= 2 and --reprob > 0 (it keeps random erasing off the clean split)"),
+)
+
+
+def command_line_dests(argv: Sequence[str]) -> Set[str]:
+    """The dests that ``argv`` (the command line without ``-c``) sets itself, as opposed to a config or a default."""
+    p = build_parser()
+    for action in p.arguments:
+        action.default = argparse.SUPPRESS
+    ns, _ = p.parse_known_args(list(argv))
+    return set(vars(ns))
+
+
+def check_requirements(args: argparse.Namespace, given: Optional[Set[str]] = None) -> None:
+    """Each ``REQUIRES`` flag set without what it needs is an error naming both. One case is an override, not a
+    mistake: a config sets the flag and the command line (``given``: the dests it set) switches its partner off,
+    e.g. ``-c adversarial.yaml --adv-training ''`` for a clean baseline; the config's value then rests unused."""
+    for need in REQUIRES:
+        value = getattr(args, need.dest)
+        if value == need.off or need.active(args):
+            continue
+        if given is not None and need.dest not in given and any(p in given for p in need.partners):
+            continue
+        flag = "--" + need.dest.replace("_", "-")
+        shown = "" if isinstance(value, bool) else " " + (value if isinstance(value, str) else show(value))
+        raise UsageError(f"{flag}{shown} has no effect without {need.what}; add it or drop {flag}")
+
+
+def check_args(args: argparse.Namespace, given: Optional[Set[str]] = None) -> None:
+    """What one flag's rule cannot see: flags that must agree with each other, and refused values. ``given``: the
+    dests the command line set (:func:`command_line_dests`; None: treat every value as given)."""
     _check_sizes(args)
     check_mean_std(args.mean, args.std)
     if not args.no_normalize:
@@ -472,3 +553,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--eval-metric robust_top1 needs --adv-training (robust accuracy is not measured)")
     if args.reinit_patch_embedding and args.keep_patch_embedding:
         raise UsageError("--reinit-patch-embedding and --keep-patch-embedding exclude each other")
+    if args.initial_checkpoint and args.finetune:
+        raise UsageError("--initial-checkpoint and --finetune exclude each other (both load the starting weights; "
+                         "the --finetune ones would silently replace the others): keep one")
+    if args.jsd_loss and args.bce_loss:
+        raise UsageError("--jsd-loss and --bce-loss exclude each other (the JSD loss is a cross-entropy; timm would "
+                         "silently drop --bce-loss)")
+    check_requirements(args, given)
