@@ -229,7 +229,8 @@ def create_mixup(args: argparse.Namespace, num_classes: Optional[int]):
 
 
 def create_natural_criterion(args: argparse.Namespace) -> nn.Module:
-    """Loss selection of §1.1 step 8 (JSD / soft-target / BCE / label smoothing / CE)."""
+    """Loss selection of §1.1 step 8 (JSD / soft-target / BCE / label smoothing / CE); ``--bce-loss`` is BCE
+    also with ``--smoothing 0`` (the original fell back to cross-entropy there, ignoring the flag)."""
     from timm.loss import (BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy,
                            SoftTargetCrossEntropy)
 
@@ -239,9 +240,9 @@ def create_natural_criterion(args: argparse.Namespace) -> nn.Module:
         if args.bce_loss:
             return BinaryCrossEntropy(target_threshold=args.bce_target_thresh)
         return SoftTargetCrossEntropy()
+    if args.bce_loss:  # the original (timm's order) silently used cross-entropy here when --smoothing was 0
+        return BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh)
     if args.smoothing:
-        if args.bce_loss:
-            return BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh)
         return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     return nn.CrossEntropyLoss()
 

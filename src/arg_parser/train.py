@@ -243,7 +243,8 @@ def _add_aug_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aug-splits", type=nonneg_int(), default=0, metavar="N",
                    help="number of augmentation splits (0 or >= 2)")
     bool_flag(g, "--jsd-loss", help="Jensen-Shannon divergence + CE loss (needs --aug-splits)")
-    bool_flag(g, "--bce-loss", help="binary cross-entropy loss")
+    bool_flag(g, "--bce-loss", help="binary cross-entropy loss (also with --smoothing 0, where the original used "
+                                     "cross-entropy)")
     g.add_argument("--bce-target-thresh", type=fraction(), default=None, metavar="T", help="BCE target threshold")
     g.add_argument("--reprob", type=fraction(), default=0.0, metavar="PCT", help="random erase probability")
     g.add_argument("--remode", type=Choice(names=("pixel", "rand", "const")), default="pixel", metavar="MODE",
