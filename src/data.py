@@ -673,6 +673,12 @@ def create_train_datasets(args) -> TrainDatasets:
         check_train_eval_folders(train, eval_ds, args.train_split, args.val_split)
     combine = train_ds(args.combine_dataset, args.combine_data_dir or args.data_dir, comb_bs) \
         if args.combine_dataset else None
+    if args.epoch_repeats and not any(isinstance(ds, torch.utils.data.IterableDataset) for ds in (train, combine)):
+        # timm hands repeats to its streaming readers (tfds/, wds/) only: a map-style epoch is the dataset once
+        names = " and ".join([f"'{args.dataset or 'image folder'}'"]
+                             + ([f"'{args.combine_dataset}'"] if args.combine_dataset else []))
+        raise UsageError(f"--epoch-repeats {args.epoch_repeats:g} applies to streamed datasets (tfds/, wds/) only; "
+                         f"{names} would silently ignore it: drop --epoch-repeats")
     return TrainDatasets(train=train, eval=eval_ds, combine=combine, main_bs=main_bs, comb_bs=comb_bs)
 
 

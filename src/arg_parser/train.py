@@ -115,7 +115,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--combined-dataset-ratio", type=finite_float(0, 1, lo_open=True, hi_open=True), default=0.5,
                    metavar="FRAC", help="fraction of each batch drawn from the combined dataset")
     g.add_argument("--epoch-repeats", type=nonneg_float(), default=0.0, metavar="N",
-                   help="epoch repeat multiplier for iterable datasets")
+                   help="epoch repeat multiplier for streamed datasets (tfds/, wds/; an error for others, which "
+                        "would ignore it)")
     g.add_argument("--workers", "-j", type=WORKERS, default=4, metavar="N",
                    help=f"data loading workers per process (at most {MAX_WORKERS})")
     bool_flag(g, "--pin-mem", help="pin CPU memory in the data loader")
