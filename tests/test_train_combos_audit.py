@@ -61,6 +61,7 @@ IGNORED = [
     (["--resplit"], ["--resplit", "--aug-splits >= 2 and --reprob > 0"]),
     (["--initial-checkpoint", "a.pth", "--finetune", "b.pth"], ["--initial-checkpoint and --finetune exclude"]),
     (["--aug-splits", "2", "--jsd-loss", "--bce-loss"], ["--jsd-loss and --bce-loss exclude"]),
+    (["--drop-connect", "0.1", "--drop-path", "0.2"], ["--drop-connect 0.1 and --drop-path 0.2", "deprecated name"]),
 ]
 
 

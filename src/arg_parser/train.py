@@ -268,7 +268,7 @@ def _add_aug_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-interpolation", type=Choice(names=("random",) + INTERPOLATIONS), default="random",
                    metavar="NAME", help="training interpolation: random, " + ", ".join(INTERPOLATIONS))
     g.add_argument("--drop", type=rate(), default=0.0, metavar="PCT", help="dropout rate")
-    g.add_argument("--drop-connect", type=rate(), default=None, metavar="PCT", help="drop connect (deprecated)")
+    g.add_argument("--drop-connect", type=rate(), default=None, metavar="PCT", help="drop connect: the deprecated name of --drop-path (give one of the two)")
     g.add_argument("--drop-path", type=rate(), default=None, metavar="PCT", help="drop path rate")
     g.add_argument("--drop-block", type=rate(), default=None, metavar="PCT", help="drop block rate")
     g.add_argument("--rand-rotation", type=finite_float(0, 180), default=0, metavar="DEG",
@@ -558,6 +558,9 @@ def check_args(args: argparse.Namespace, given: Optional[Set[str]] = None) -> No
     if args.initial_checkpoint and args.finetune:
         raise UsageError("--initial-checkpoint and --finetune exclude each other (both load the starting weights; "
                          "the --finetune ones would silently replace the others): keep one")
+    if args.drop_connect is not None and args.drop_path is not None:
+        raise UsageError(f"--drop-connect {args.drop_connect:g} and --drop-path {args.drop_path:g}: --drop-connect is "
+                         "the deprecated name of --drop-path (the --drop-path value would silently win); give one")
     if args.jsd_loss and args.bce_loss:
         raise UsageError("--jsd-loss and --bce-loss exclude each other (the JSD loss is a cross-entropy; timm would "
                          "silently drop --bce-loss)")
