@@ -207,3 +207,24 @@ def test_a_refused_combination_leaves_the_run_folder_alone(finished_run, capsys)
                                          os.path.join(run_dir, "last.pth.tar"), "--epoch-repeats", "2"], capsys)
     _one_error(rc, err, ["--epoch-repeats 2"])
     assert _files(run_dir) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# the schedule's length
+
+
+def test_lr_cycles_count_in_the_schedule_length(tmp_path, capsys):
+    """cosine with --lr-cycle-limit 3 --lr-cycle-mul 2 trains 1 + 2 + 4 epochs for --epochs 1 (timm's rule, kept):
+    the --start-epoch check and --help now count the cycles; a cycle count whose length overflows float64 was an
+    OverflowError traceback from timm's scheduler after the model and data were built."""
+    from src.arg_parser import parse_args
+    from src.arg_parser.train import total_epochs
+
+    cycles = ["--epochs", "1", "--cooldown-epochs", "0", "--lr-cycle-limit", "3", "--lr-cycle-mul", "2"]
+    assert total_epochs(parse_args(["--dataset", "digits", *cycles])[0]) == 7
+    rc, err = _cli(TINY_TRAIN + cycles + ["--start-epoch", "7", "--output", str(tmp_path)], capsys)
+    _one_error(rc, err, ["--start-epoch", "below the 7 epochs", "--lr-cycle-limit"])
+    rc, err = _cli(TINY_TRAIN + ["--lr-cycle-limit", "100000", "--lr-cycle-mul", "2", "--output", str(tmp_path)],
+                   capsys)
+    _one_error(rc, err, ["more than 10000000 epochs", "--lr-cycle-limit"])
+    assert os.listdir(tmp_path) == []

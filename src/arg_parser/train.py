@@ -14,6 +14,7 @@ additions, see original-behaviour.md §1.1). Differences, each listed in the REA
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
@@ -210,7 +211,8 @@ def _add_sched_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-lr", type=nonneg_float(), default=1e-4, metavar="LR", help="warm-up LR")
     g.add_argument("--min-lr", type=nonneg_float(), default=1e-5, metavar="LR", help="lower LR bound")
     g.add_argument("--epochs", type=positive_int(), default=300, metavar="N",
-                   help="epochs (cosine, tanh and poly add --cooldown-epochs)")
+                   help="epochs (cosine, tanh and poly: epochs of the first LR cycle; they train --lr-cycle-limit "
+                        "cycles, each --lr-cycle-mul times longer, plus --cooldown-epochs)")
     g.add_argument("--start-epoch", default=None, type=nonneg_int(), metavar="N",
                    help="first epoch number (overrides the resumed epoch)")
     g.add_argument("--decay-milestones", default=[30, 60], type=nonneg_int(order="<"), nargs="+", metavar="EPOCH",
@@ -437,9 +439,30 @@ def namespace_to_dict(args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
+MAX_EPOCHS = 10 ** 7  # a schedule longer than this is a typo (--lr-cycle-limit 1000 --lr-cycle-mul 2)
+
+
 def total_epochs(args: argparse.Namespace) -> int:
-    """Epochs the schedule trains: cosine, tanh and poly add --cooldown-epochs (timm's rule)."""
-    return args.epochs + (args.cooldown_epochs if args.sched in COOLDOWN_SCHEDULERS else 0)
+    """Epochs the schedule trains (timm's ``create_scheduler_v2``): cosine, tanh and poly run --lr-cycle-limit cycles
+    of --epochs epochs (each --lr-cycle-mul times the previous), then --cooldown-epochs; the others --epochs."""
+    if args.sched not in COOLDOWN_SCHEDULERS:
+        return args.epochs
+    cycles = max(1, args.lr_cycle_limit)
+    if args.lr_cycle_mul == 1.0:
+        return args.epochs * cycles + args.cooldown_epochs
+    try:
+        length = math.floor(-args.epochs * (args.lr_cycle_mul ** cycles - 1) / (1 - args.lr_cycle_mul))
+    except OverflowError:  # a float power beyond float64: timm's own computation raised it, a traceback
+        length = math.inf
+    return length + args.cooldown_epochs if math.isfinite(length) else MAX_EPOCHS + 1
+
+
+def _schedule_terms(args: argparse.Namespace) -> str:
+    if args.sched not in COOLDOWN_SCHEDULERS:
+        return f"--epochs {args.epochs}"
+    cycles = f" x {args.lr_cycle_limit} cycles (--lr-cycle-limit, --lr-cycle-mul {args.lr_cycle_mul:g})" \
+        if args.lr_cycle_limit > 1 else ""
+    return f"--epochs {args.epochs}{cycles} + --cooldown-epochs {args.cooldown_epochs}"
 
 
 def _check_sizes(args: argparse.Namespace) -> None:
@@ -534,10 +557,12 @@ def check_args(args: argparse.Namespace, given: Optional[Set[str]] = None) -> No
     if not args.no_normalize:
         raise must("--no-normalize", "true: the training loader never normalizes (set normalize_model: true to "
                    "normalize inside the model)", False)
+    if total_epochs(args) > MAX_EPOCHS:
+        raise UsageError(f"the schedule would train more than {MAX_EPOCHS} epochs ({_schedule_terms(args)}); lower "
+                         "--lr-cycle-limit or --lr-cycle-mul")
     if args.start_epoch is not None and args.start_epoch >= total_epochs(args):
-        raise must("--start-epoch", f"below the {total_epochs(args)} epochs of the schedule (--epochs "
-                   f"{args.epochs}{' + --cooldown-epochs' if args.sched in COOLDOWN_SCHEDULERS else ''}), or "
-                   "nothing is trained", args.start_epoch)
+        raise must("--start-epoch", f"below the {total_epochs(args)} epochs of the schedule ({_schedule_terms(args)}), "
+                   "or nothing is trained", args.start_epoch)
     if args.sched == "step" and args.decay_epochs is None:
         raise must("--decay-epochs", "a number > 0 with --sched step", None)
     if args.tta:
