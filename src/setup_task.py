@@ -10,7 +10,7 @@ import argparse
 import inspect
 import logging
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -159,6 +159,30 @@ def create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
         return create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
     except (AssertionError, ValueError) as e:
         raise UsageError(f"cannot create scheduler '{args.sched}': {e}") from None
+
+
+def schedule_warnings(args: argparse.Namespace) -> List[str]:
+    """Settings timm accepts that leave part of the schedule unused (a warning each, not an error: they are legal)."""
+    from src.arg_parser.train import total_epochs
+
+    out = []
+    epochs = total_epochs(args)
+    if args.warmup_epochs and args.warmup_epochs >= epochs:
+        out.append(f"--warmup-epochs {args.warmup_epochs} is not below the {epochs} epochs of the schedule: the "
+                   f"LR rises from --warmup-lr {args.warmup_lr:g} for the whole run and never reaches --lr; lower "
+                   "--warmup-epochs (e.g. --warmup-epochs 0)")
+    if args.sched == "multistep":
+        late = [m for m in args.decay_milestones if m >= epochs]
+        if late:
+            out.append(f"--decay-milestones {' '.join(map(str, late))} at or after the last epoch ({epochs - 1}): "
+                       "the LR is never decayed there")
+    elif args.sched == "step" and args.decay_epochs is not None and args.decay_epochs >= epochs:
+        out.append(f"--decay-epochs {args.decay_epochs:g} is not below the {epochs} epochs: the LR is never decayed")
+    if args.adv_training and args.attack_steps == 0 and args.eval_attack_steps is None:
+        out.append("--attack-steps 0: training and the per-epoch robust_top1 use the attack's random start only "
+                   "(uniform noise in the eps ball, no gradient step); pass --eval-attack-steps K for a robust "
+                   "accuracy under a real attack")
+    return out
 
 
 # What a metric-driven schedule (--sched plateau) learned from the epochs so far; every other schedule is a

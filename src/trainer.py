@@ -102,7 +102,7 @@ def run_training(args: argparse.Namespace, args_text: str) -> Dict[str, Any]:
                         channels_last=args.channels_last, local_rank=args.local_rank) as dev_env:
         restore_determinism = set_deterministic(args.deterministic)
         try:
-            check_inputs(args)
+            check_inputs(args, primary=dev_env.primary)
             seed_everything(args.seed)  # identical initial weights on every process
             task = build_task(args, dev_env)
             plan = plan_output(task)
@@ -169,8 +169,8 @@ class StopSignals:
 # Step 1: build the task
 # ----------------------------------------------------------------------------------------------
 
-def check_inputs(args: argparse.Namespace) -> None:
-    """Training-specific checks of the arguments that need no model or data."""
+def check_inputs(args: argparse.Namespace, primary: bool = True) -> None:
+    """Training-specific checks of the arguments that need no model or data (warnings from the primary process)."""
     from src.data import check_dataset_name, needs_data_dir
 
     retain_mode(args)
@@ -179,6 +179,12 @@ def check_inputs(args: argparse.Namespace) -> None:
         check_dataset_name(args.combine_dataset)
     if args.data_dir is None and needs_data_dir(args.dataset):
         raise UsageError("no data dir given: pass DIR (or data_dir in the config), or use --dataset digits")
+    from src import setup_task
+
+    if args.adv_training and args.adv_training not in ("pgd", "trades"):
+        setup_task.load_loss_class(args.adv_training)  # a missing module or class: one line before data and model
+    for warning in setup_task.schedule_warnings(args) if primary else ():
+        _logger.warning(warning)
 
 
 def build_task(args: argparse.Namespace, dev_env: DeviceEnv) -> TrainTask:

@@ -169,6 +169,7 @@ def test_summary_png_is_drawn_every_epoch(three_epoch_run):
     (["{tmp}", "--dataset", ""], "holds no image"),
     (["--combine-dataset", "torch/cifar10", "--combine-data-dir", "{tmp}/nothing_here"],
      "data dir {tmp}/nothing_here does not exist"),
+    (["--adv-training", "no_such_module_xyz:MyLoss"], "cannot import"),
 ])
 def test_bad_data_is_reported_before_the_model_is_built(tmp_path, monkeypatch, capsys, extra, needle):
     """With --pretrained the model's weights come first from the network: a wrong data dir was reported only
@@ -185,3 +186,20 @@ def test_bad_data_is_reported_before_the_model_is_built(tmp_path, monkeypatch, c
     assert run_cli(train.main, argv) == 2
     err = capsys.readouterr().err
     assert needle.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--epochs", "2", "--warmup-epochs", "5"], "--warmup-epochs 5 is not below the 2 epochs of the schedule"),
+    (["--epochs", "3", "--sched", "multistep", "--decay-milestones", "1", "5"], "--decay-milestones 5 at or after"),
+    (["--epochs", "2", "--sched", "step", "--decay-epochs", "4"], "--decay-epochs 4 is not below the 2 epochs"),
+    (["--adv-training", "pgd", "--attack-steps", "0"], "--attack-steps 0: training and the per-epoch robust_top1"),
+])
+def test_schedule_and_attack_settings_that_leave_parts_unused_are_warned_about(extra, needle):
+    from src.arg_parser import parse_args
+    from src.setup_task import schedule_warnings
+
+    args, _ = parse_args(TINY_TRAIN + extra)
+    warnings = schedule_warnings(args)
+    assert len(warnings) == 1 and needle in warnings[0], warnings
+    args, _ = parse_args(TINY_TRAIN + ["--epochs", "2"])
+    assert schedule_warnings(args) == []
