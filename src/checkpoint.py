@@ -480,6 +480,24 @@ def compare_state_dicts(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, t
     return missing, unexpected, shapes
 
 
+SPLIT_BN_KEY = ".aux_bn."
+
+
+def drop_split_bn(sd: "OrderedDict[str, torch.Tensor]", model_sd: Mapping[str, torch.Tensor],
+                  source: str) -> "OrderedDict[str, torch.Tensor]":
+    """A ``--split-bn`` run's checkpoint holds, next to every BatchNorm's own tensors (what the clean split and
+    evaluation use), the auxiliary BatchNorms of its augmentation splits (``<bn>.aux_bn.<i>.*``). A model built
+    without split BatchNorm (evaluation, fine-tuning, export) takes the main ones; the auxiliary ones are left out."""
+    if any(SPLIT_BN_KEY in k for k in model_sd):
+        return sd
+    aux = [k for k in sd if SPLIT_BN_KEY in k]
+    if aux:
+        _logger.info("%s: leaving out the %d tensors of its --split-bn auxiliary BatchNorms (the model has none; "
+                     "the main BatchNorms are loaded)", source, len(aux))
+        sd = OrderedDict((k, v) for k, v in sd.items() if SPLIT_BN_KEY not in k)
+    return sd
+
+
 def mismatch_message(source: str, arch: str, missing: Sequence[str], unexpected: Sequence[str],
                       shapes: Sequence[str]) -> str:
     parts = []
@@ -514,6 +532,7 @@ def load_model_weights(model: nn.Module, path_or_ckpt: PathOrCheckpoint, use_ema
     source = source or described
     sd, meta = extract_state_dict(ckpt, use_ema=use_ema, source=source)
     net = unwrap_model(model)
+    sd = drop_split_bn(sd, net.state_dict(), source)
     missing, unexpected, shapes = compare_state_dicts(net.state_dict(), sd)
     if shapes or (strict and (missing or unexpected)):
         raise CheckpointError(mismatch_message(source, _arch_name(net), missing, unexpected, shapes))
@@ -601,6 +620,7 @@ def finetune_from_checkpoint(model: nn.Module, path_or_ckpt: PathOrCheckpoint, n
         _logger.warning("%s has no reset_classifier(); its classifier is kept as built", _arch_name(net))
 
     model_sd = net.state_dict()
+    sd = drop_split_bn(sd, model_sd, source)
     for key in sorted(_classifier_keys(net)):
         if key in sd and key in model_sd and tuple(sd[key].shape) != tuple(model_sd[key].shape):
             _logger.info("removing %s of shape %s from the checkpoint (model has %s)", key, _shape(sd[key]),

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from . import storage
-from .checkpoint import (EMA_KEYS, Normalization, PathOrCheckpoint, compare_state_dicts, extract_state_dict,
-                         mismatch_message, resolve_checkpoint)
+from .checkpoint import (EMA_KEYS, Normalization, PathOrCheckpoint, compare_state_dicts, drop_split_bn,
+                         extract_state_dict, mismatch_message, resolve_checkpoint)
 from .errors import CheckpointError
 from .sanity import check_finite_state_dict
 
@@ -161,6 +161,7 @@ def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, da
         raise CheckpointError(f"checkpoint {source} has no EMA weights (model_ema is missing or None); "
                               f"export without --use-ema")
     check_finite_state_dict(state_dict, source)
+    state_dict = drop_split_bn(state_dict, {}, source)  # a released model has plain BatchNorms
     recorded = read_record(ckpt, model_hint=model_name, path=source)
     size = (eval_overrides or {}).get("input_size") or (recorded.input_size if recorded is not None else None)
     net = _architecture(model_name, state_dict, source, verify, img_size=size[-1] if size else None)

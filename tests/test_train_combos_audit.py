@@ -156,6 +156,20 @@ def test_split_bn_trains_a_batchnorm_model(tmp_path):
     state = torch.load(os.path.join(res["output_dir"], "last.pth.tar"), weights_only=True)["model"]
     assert any(".aux_bn.0." in k for k in state)
     assert SplitBatchNorm2d.__module__.startswith("timm.layers")
+    # the checkpoint evaluates and fine-tunes on the plain model: its main BatchNorms load, the auxiliary ones are
+    # left out (validate.py refused it: "75 unexpected keys (e.g. conv1.1.aux_bn.0.weight ...)")
+    from src.checkpoint import finetune_from_checkpoint, load_model_weights
+    from src.model_factory import create_model
+
+    ckpt = os.path.join(res["output_dir"], "last.pth.tar")
+    plain = create_model("tiny_cnn_test", num_classes=10)
+    load_model_weights(plain, ckpt)
+    main_bn = {k: v for k, v in state.items() if ".aux_bn." not in k}
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in main_bn.items())
+    tuned = create_model("tiny_cnn_test", num_classes=10)
+    finetune_from_checkpoint(tuned, ckpt, num_classes=4)
+    assert all(torch.equal(tuned.state_dict()[k], v) for k, v in main_bn.items()
+               if tuned.state_dict()[k].shape == v.shape)
 
 
 def test_bce_loss_is_bce_also_without_smoothing():
