@@ -185,6 +185,38 @@ def schedule_warnings(args: argparse.Namespace) -> List[str]:
     return out
 
 
+# Settings the original's configs give without the option they act through (so they must keep loading: a warning,
+# not an error like src.arg_parser.train.REQUIRES): dest -> (is it in effect?, what it needs). Not listed:
+# model_ema_decay, which every one of the paper's configs sets with model_ema off (a warning on every run).
+_NEEDS_ADV = (lambda a: bool(a.adv_training), "--adv-training (clean training runs no attack)")
+_NO_AUG = (lambda a: not a.no_aug, "training augmentation (--no-aug keeps only resize and center crop)")
+_WARN_WITHOUT = {
+    "attack_eps": _NEEDS_ADV, "attack_lr": _NEEDS_ADV, "eps_schedule": _NEEDS_ADV, "eps_schedule_period": _NEEDS_ADV,
+    "attack_norm": _NEEDS_ADV, "attack_boundaries": _NEEDS_ADV,
+    "trades_beta": (lambda a: a.adv_training not in ("", "pgd"), "--adv-training trades (or a loss taking beta)"),
+    "finetuning_patch_size": (lambda a: bool(a.finetune), "--finetune"),
+    **{dest: _NO_AUG for dest in ("aa", "color_jitter", "scale", "ratio", "hflip", "vflip", "rand_crop", "pad",
+                                  "train_interpolation")},
+}
+
+
+def unused_setting_warnings(args: argparse.Namespace) -> List[str]:
+    """Values other than their default for settings that act only through an option this run does not use."""
+    from src.arg_parser.train import build_parser
+
+    parser = build_parser()
+    out = []
+    for dest, (active, needs) in _WARN_WITHOUT.items():
+        value, default = getattr(args, dest, None), parser.get_default(dest)
+        if isinstance(value, tuple):
+            value = list(value)
+        if isinstance(default, tuple):
+            default = list(default)
+        if value != default and not active(args):
+            out.append(f"--{dest.replace('_', '-')} {value} has no effect without {needs}")
+    return out
+
+
 # What a metric-driven schedule (--sched plateau) learned from the epochs so far; every other schedule is a
 # function of the epoch and the arguments, rebuilt from them on resume (so --epochs or --lr may change).
 _PLATEAU_COUNTERS = ("best", "num_bad_epochs", "cooldown_counter", "last_epoch")

@@ -183,7 +183,7 @@ def check_inputs(args: argparse.Namespace, primary: bool = True) -> None:
 
     if args.adv_training and args.adv_training not in ("pgd", "trades"):
         setup_task.load_loss_class(args.adv_training)  # a missing module or class: one line before data and model
-    for warning in setup_task.schedule_warnings(args) if primary else ():
+    for warning in setup_task.schedule_warnings(args) + setup_task.unused_setting_warnings(args) if primary else ():
         _logger.warning(warning)
 
 

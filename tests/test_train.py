@@ -203,3 +203,31 @@ def test_schedule_and_attack_settings_that_leave_parts_unused_are_warned_about(e
     assert len(warnings) == 1 and needle in warnings[0], warnings
     args, _ = parse_args(TINY_TRAIN + ["--epochs", "2"])
     assert schedule_warnings(args) == []
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--attack-eps", "8"], "--attack-eps 8.0 has no effect without --adv-training"),
+    (["--eps-schedule", "linear"], "--eps-schedule linear has no effect without --adv-training"),
+    (["--adv-training", "pgd", "--trades-beta", "3"], "--trades-beta 3.0 has no effect without --adv-training trades"),
+    (["--finetuning-patch-size", "4"], "--finetuning-patch-size 4 has no effect without --finetune"),
+    (["--aa", "rand-m9-mstd0.5"], "--aa rand-m9-mstd0.5 has no effect without training augmentation"),
+])
+def test_settings_the_original_configs_give_without_their_option_are_warned_about(extra, needle):
+    """The original's configs set them (so they are not refused like --amp-dtype without --amp), but a value
+    that changes nothing is said once, not silently dropped."""
+    from src.arg_parser import parse_args
+    from src.setup_task import unused_setting_warnings
+
+    args, _ = parse_args(TINY_TRAIN + extra)  # TINY_TRAIN trains clean with --no-aug
+    warnings = unused_setting_warnings(args)
+    assert len(warnings) == 1 and needle in warnings[0], warnings
+    args, _ = parse_args(TINY_TRAIN)
+    assert unused_setting_warnings(args) == []
+    args, _ = parse_args(["-c", os.path.join(ROOT, "configs", "quickstart.yaml")])
+    assert unused_setting_warnings(args) == [] and schedule_warnings_of(args) == []
+
+
+def schedule_warnings_of(args):
+    from src.setup_task import schedule_warnings
+
+    return schedule_warnings(args)
