@@ -377,7 +377,7 @@ def test_tilde_and_variables_in_input_paths_are_expanded(tmp_path, monkeypatch):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"dataset": "torch/cifar10", "data_dir": "~/torch_data",
                                    "initial_checkpoint": "$CKPTS/a.pth", "resume": "", "finetune": None,
-                                   "combine_data_dir": "~/ddpm"}))
+                                   "combine_dataset": "tfds/cifar_ddpm", "combine_data_dir": "~/ddpm"}))
     args = parse_args(["-c", str(cfg)])[0]
     assert args.data_dir == str(tmp_path / "home" / "torch_data")
     assert args.initial_checkpoint == str(tmp_path / "ck" / "a.pth")

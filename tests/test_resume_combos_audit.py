@@ -46,7 +46,6 @@ CASES = [
     pytest.param("mixup-cutmix-dropout-mid-epoch", MID + ["--mixup", "0.8", "--cutmix", "1.0", "--drop", "0.2"], 3, 6,
                  marks=SLOW),
     ("combine-dataset-mid-epoch", MID + ["--combine-dataset", "digits"], 2, 5),
-    ("epoch-repeats-mid-epoch", MID + ["--epoch-repeats", "2"], 2, 6),
     pytest.param("amp-bf16-step-sched-mid-epoch", MID + ["--amp", "--amp-dtype", "bfloat16", "--sched", "step",
                                                          "--decay-epochs", "1", "--decay-rate", "0.5",
                                                          "--warmup-epochs", "1"], 3, 6, marks=SLOW),
