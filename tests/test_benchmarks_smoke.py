@@ -164,7 +164,7 @@ def test_gpu_checks_script_runs_every_step_on_the_cpu(tmp_path):
     if not (BENCH / ".peer" / "torchattacks").is_dir():
         pytest.skip("torchattacks not installed in benchmarks/.peer")
     env = dict(os.environ, OUT=str(tmp_path / "out"), DEVICE="cpu", QUICK="1", PYTHON=sys.executable,
-               OMP_NUM_THREADS="1", WANDB_MODE="offline")
+               OMP_NUM_THREADS="1", WANDB_MODE="offline", DEADLINE="3600")
     proc = subprocess.run(["bash", str(BENCH / "gpu_checks.sh")], capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "all GPU checks passed" in proc.stdout and "FAILED" not in proc.stdout
@@ -176,6 +176,11 @@ def test_gpu_checks_script_runs_every_step_on_the_cpu(tmp_path):
     env["PYTHON"] = "false"
     proc = subprocess.run(["bash", str(BENCH / "gpu_checks.sh")], capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode != 0 and "failed: throughput peer train_amp" in proc.stdout
+    # past the script's deadline (a lent GPU's command limit) the remaining steps are skipped, named, and fail it
+    env.update(PYTHON=sys.executable, DEADLINE="0")
+    proc = subprocess.run(["bash", str(BENCH / "gpu_checks.sh")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode != 0 and "failed: throughput(skipped) peer(skipped)" in proc.stdout
+    assert "=== compile SKIPPED" in proc.stdout
 
 
 def test_summary_reads_the_variant_names_the_peer_benchmark_writes():
