@@ -244,6 +244,7 @@ def _open_state(args: argparse.Namespace, path: str, dev_env) -> EvalState:
     if storage.exists(path) and not storage.isdir(state_dir):
         raise UsageError(f"{path} exists but has no {storage.basename(state_dir)}/ folder to resume from; refusing "
                          f"to overwrite it: pass another --output-file, or delete it")
+    storage.check_output_folder(state_dir, "--output-file (its .state folder)")  # a file there: one error line
     # chunk c covers batch c // runs and restart c % runs (the original's loop order)
     return EvalState(state_dir, fingerprint_of(args), n_examples=args.n_points * args.runs,
                      chunk_size=args.batch_size, fields=("point", "loss"), shard_id=dev_env.global_rank,

@@ -588,6 +588,8 @@ def _open_state(args: argparse.Namespace, setup: EvaluationSetup, dev_env: Any, 
                              is_ours=lambda text, _json: _is_report(text), inputs=(args.checkpoint,))
         if args.state_dir:
             storage.check_output_location(args.state_dir, "--state-dir")
+        # a file where the state folder goes (the default is <output>.state) is one error line, not a traceback
+        storage.check_output_folder(state_dir, "--state-dir" if args.state_dir else "--output (its .state folder)")
         storage.remove_stale_temp_of(args.output)  # what a killed earlier write of the report left behind
     state = EvalState(state_dir, setup.fingerprint, setup.examples.n_examples, args.chunk_size, FIELDS, shard[0],
                       shard[1])

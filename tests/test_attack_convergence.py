@@ -183,3 +183,13 @@ def test_a_bad_data_dir_fails_before_the_model_is_built(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert rc == 2 and "no_such_dir" in err and "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "c.csv").exists()
+
+
+def test_a_file_where_the_state_folder_goes_is_one_error_line(checkpoint, tmp_path, capsys):
+    out = tmp_path / "c.csv"
+    blocker = tmp_path / "c.csv.state"
+    blocker.write_text("not a folder")
+    assert run_cli(ac_cli.main, study_args(checkpoint, out)) == 2
+    err = capsys.readouterr().err
+    assert f"{blocker} is a file, not a folder" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a folder" and not out.exists()

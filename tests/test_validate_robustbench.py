@@ -525,3 +525,17 @@ def test_cifar100_reader_uses_fine_labels_and_file_order(tmp_path):
         pickle.dump({"data": os.system, "fine_labels": []}, f, protocol=2)
     with pytest.raises(robustbench.UsageError, match="not a CIFAR-100 test batch"):
         robustbench.load_examples("cifar100", str(tmp_path), 2)
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_a_file_where_the_state_folder_goes_is_one_error_line(cifar, tmp_path, capsys, explicit):
+    """A file named like the state folder (--state-dir FILE, or <output>.state) was a FileExistsError traceback."""
+    out = tmp_path / "r.json"
+    blocker = tmp_path / ("given" if explicit else "r.state")
+    blocker.write_text("not a folder")
+    extra = ["--state-dir", str(blocker)] if explicit else []
+    assert validate_robustbench.main(_cifar_args(cifar, out, *extra)) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and f"{blocker} is a file, not a folder" in errors[0] and "Traceback" not in err
+    assert blocker.read_text() == "not a folder" and not out.exists()
