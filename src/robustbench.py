@@ -38,6 +38,7 @@ from torch import nn
 from src import storage
 from src.arg_parser.evaluate import check_robustbench_args as check_args  # noqa: F401 (re-exported)
 from src.errors import UsageError
+from src.honesty import attack_setting_warnings
 # re-exported: the protocol's data, as robustbench users and the tests find it
 from src.robustbench_data import (DATASETS, DEFAULT_N_EXAMPLES, IMAGENET_CLASS_MAP_FILE,  # noqa: F401
                                   IMAGENET_IDS_FILE, REPO_ROOT, CifarTestSet, ExampleSet, ImageNetSubset,
@@ -252,6 +253,8 @@ def build_report(*, merged, examples: ExampleSet, fingerprint: Dict[str, Any], a
                        "eps_cli_255": eps_255, "seed": seed, "chunk_seed": "seed + index of the chunk's first example",
                        "chunk_size": chunk_size, "batch_size": batch_size, "flags": _count_flags(merged)},
         "model": args_summary,
+        # settings that make the number mean something else than it seems (an L2 radius in the wrong units)
+        "warnings": attack_setting_warnings("autoattack", threat_model, eps_255),
         "config_fingerprint": fingerprint,
         "shards": {
             "state_dir": state_dir,
@@ -613,6 +616,9 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     try:
         shard = _shard_identity(args, dev_env)
         tag = f"[shard {shard[0]}/{shard[1]}] " if shard[1] > 1 else ""
+        if dev_env.primary:
+            for warning in attack_setting_warnings("autoattack", args.threat_model, args.eps):
+                _logger.warning(warning)  # and in the report's "warnings"
         torch.manual_seed(args.seed)
         setup = setup_evaluation(args)
         args.output = args.output or default_output(args, setup.model_summary["model"])

@@ -178,6 +178,12 @@ def schedule_warnings(args: argparse.Namespace) -> List[str]:
                        "the LR is never decayed there")
     elif args.sched == "step" and args.decay_epochs is not None and args.decay_epochs >= epochs:
         out.append(f"--decay-epochs {args.decay_epochs:g} is not below the {epochs} epochs: the LR is never decayed")
+    if args.adv_training:
+        from src.honesty import attack_setting_warnings
+
+        for eps in dict.fromkeys([args.attack_eps, args.eval_attack_eps if args.eval_attack_eps is not None
+                                  else args.attack_eps]):
+            out += attack_setting_warnings(args.attack, args.attack_norm, eps, args.attack_lr)
     if args.adv_training and args.attack_steps == 0 and args.eval_attack_steps is None:
         out.append("--attack-steps 0: training and the per-epoch robust_top1 use the attack's random start only "
                    "(uniform noise in the eps ball, no gradient step); pass --eval-attack-steps K for a robust "

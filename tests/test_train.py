@@ -193,6 +193,7 @@ def test_bad_data_is_reported_before_the_model_is_built(tmp_path, monkeypatch, c
     (["--epochs", "3", "--sched", "multistep", "--decay-milestones", "1", "5"], "--decay-milestones 5 at or after"),
     (["--epochs", "2", "--sched", "step", "--decay-epochs", "4"], "--decay-epochs 4 is not below the 2 epochs"),
     (["--adv-training", "pgd", "--attack-steps", "0"], "--attack-steps 0: training and the per-epoch robust_top1"),
+    (["--adv-training", "pgd", "--attack-norm", "l2", "--attack-eps", "0.5"], "L2 eps 0.5/255"),
 ])
 def test_schedule_and_attack_settings_that_leave_parts_unused_are_warned_about(extra, needle):
     from src.arg_parser import parse_args

@@ -539,3 +539,14 @@ def test_a_file_where_the_state_folder_goes_is_one_error_line(cifar, tmp_path, c
     errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and f"{blocker} is a file, not a folder" in errors[0] and "Traceback" not in err
     assert blocker.read_text() == "not a folder" and not out.exists()
+
+
+def test_an_l2_radius_in_pixel_units_is_flagged_in_the_report(cifar, tmp_path, caplog):
+    """--eps is in /255 units for L2 too: RobustBench's L2 0.5 typed as is attacks with 0.5/255 (nothing); the
+    report says so instead of presenting the number as L2 robustness."""
+    out = tmp_path / "l2.json"
+    assert validate_robustbench.main(_cifar_args(cifar, out, "--threat-model", "L2", "--eps", "0.5")) == 0
+    report = _read(out)
+    assert report["threat_model"] == "L2" and any("is --attack-eps 127.5" in w for w in report["warnings"])
+    assert validate_robustbench.main(_cifar_args(cifar, tmp_path / "linf.json")) == 0
+    assert _read(tmp_path / "linf.json")["warnings"] == []
