@@ -332,13 +332,19 @@ def parse_recording_explicit(parser: argparse.ArgumentParser, argv: Sequence[str
     return args
 
 
-def flag_given(args: argparse.Namespace, dest: str) -> bool:
+_NO_DEFAULT = object()
+
+
+def flag_given(args: argparse.Namespace, dest: str, default: Any = _NO_DEFAULT) -> bool:
     """Did the user set ``dest``? Exact when the parser recorded ``explicit_flags``; otherwise a value
-    other than the default counts (``None``, ``''``, ``False``, and ``resnet50`` for ``model``)."""
+    other than ``default`` when given, else other than the usual defaults (``None``, ``''``, ``False``,
+    and ``resnet50`` for ``model``)."""
     explicit = getattr(args, "explicit_flags", None)
     if explicit is not None:
         return dest in explicit
     value = getattr(args, dest, None)
+    if default is not _NO_DEFAULT:
+        return value != default
     if dest == "model":
         return value not in (None, "", DEFAULT_MODEL)
     return value not in (None, "", False, [], ())

@@ -18,12 +18,13 @@ from src.arg_parser.common import FOLD_BN_HELP, CliParser, bool_flag, check_inpu
 from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, INPUT_PATH, MEAN, OUTPUT_PATH, SEED, STD, MAX_WORKERS, WORKERS, Choice, finite_float, must,
                                    nonneg_float, nonneg_int, positive_float, positive_int)
 from src.errors import UsageError
+from src.eval_config import flag_given
 from src.honesty import PGD_ATTACKS
 
 __all__ = ["ATTACKS", "PGD_ATTACKS", "SWEEP_SETS", "DEFAULT_STEPS", "DEFAULT_EPOCHS", "DEFAULT_SEEDS",
            "DEFAULT_OUTPUT_NAME", "build_validate_parser", "parse_validate_args", "check_validate_args",
            "build_effectiveness_parser", "parse_effectiveness_args", "check_effectiveness_args",
-           "build_robustbench_parser", "parse_robustbench_args", "check_robustbench_args", "given"]
+           "build_robustbench_parser", "parse_robustbench_args", "check_robustbench_args"]
 
 ATTACKS = ("", "pgd", "targeted_pgd", "apgd-ce", "autoattack")
 DEFAULT_OUTPUT_NAME = "attack-effectiveness.csv"
@@ -229,7 +230,7 @@ def check_validate_args(args: argparse.Namespace) -> None:
     if args.attack not in PGD_ATTACKS:
         unused = [flag for dest, flag, default in (("attack_steps", "--attack-steps", [10]),
                                                    ("attack_lr", "--attack-lr", None))
-                  if given(args, dest, default)]
+                  if flag_given(args, dest, default)]
         if unused:
             what = (f"--attack {args.attack} runs its own step schedule (APGD: 100 iterations, adaptive step size)"
                     if args.attack else "no --attack: only clean accuracy is measured")
@@ -256,15 +257,6 @@ def check_validate_args(args: argparse.Namespace) -> None:
     if args.tf_preprocessing:
         raise UsageError("--tf-preprocessing is not supported: use the default (PIL) eval transform")
     check_input_size(args)
-
-
-def given(args: argparse.Namespace, dest: str, default: Any) -> bool:
-    """Was ``dest`` given on the command line? Exact when the parser recorded ``explicit_flags``
-    (every evaluation CLI); for a namespace built in code, a value other than the flag's default."""
-    explicit = getattr(args, "explicit_flags", None)
-    if explicit is not None:
-        return dest in explicit
-    return getattr(args, dest, default) != default
 
 
 # ----------------------------------------------------------------------------------------------

@@ -424,7 +424,9 @@ def parse_args(additional_args: Optional[Sequence[str]] = None) -> Tuple[argpars
     args = parser.parse_args(remaining)
     args.config = known.config
     _normalize_values(args)
-    given = command_line_dests(remaining)
+    from src.eval_config import explicit_dests
+
+    given = explicit_dests(parser, remaining)  # what the command line itself sets (not the config or a default)
     parser.check(lambda a: check_args(a, given), args)
     args_text = ARGS_YAML_HEADER + yaml.safe_dump(namespace_to_dict(args), default_flow_style=False, sort_keys=True)
     return args, args_text
@@ -525,15 +527,6 @@ REQUIRES: Tuple[Needs, ...] = (
 )
 
 
-def command_line_dests(argv: Sequence[str]) -> Set[str]:
-    """The dests that ``argv`` (the command line without ``-c``) sets itself, as opposed to a config or a default."""
-    p = build_parser()
-    for action in p.arguments:
-        action.default = argparse.SUPPRESS
-    ns, _ = p.parse_known_args(list(argv))
-    return set(vars(ns))
-
-
 def check_requirements(args: argparse.Namespace, given: Optional[Set[str]] = None) -> None:
     """Each ``REQUIRES`` flag set without what it needs is an error naming both. One case is an override, not a
     mistake: a config sets the flag and the command line (``given``: the dests it set) switches its partner off,
@@ -551,7 +544,7 @@ def check_requirements(args: argparse.Namespace, given: Optional[Set[str]] = Non
 
 def check_args(args: argparse.Namespace, given: Optional[Set[str]] = None) -> None:
     """What one flag's rule cannot see: flags that must agree with each other, and refused values. ``given``: the
-    dests the command line set (:func:`command_line_dests`; None: treat every value as given)."""
+    dests the command line set (``src.eval_config.explicit_dests``; None: treat every value as given)."""
     _check_sizes(args)
     check_mean_std(args.mean, args.std)
     if not args.no_normalize:
