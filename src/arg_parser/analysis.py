@@ -15,7 +15,6 @@ from src.arg_parser.common import FOLD_BN_HELP, CliParser, check_input_size
 from src.arg_parser.evaluate import build_validate_parser, check_validate_args
 from src.arg_parser.values import INPUT_PATH, OUTPUT_PATH, Choice, must, nonneg_float, nonneg_int, positive_int, rate
 from src.errors import UsageError
-from src.eval_config import flag_given
 
 __all__ = ["CONVERGENCE_DEFAULT_STEPS", "CONVERGENCE_DEFAULT_RUNS", "CONVERGENCE_DEFAULT_POINTS",
            "build_convergence_parser", "parse_convergence_args", "check_convergence_args", "build_plots_parser", "parse_plots_args",
@@ -92,6 +91,8 @@ def check_convergence_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--n-points and --runs must be >= 1, got {args.n_points} and {args.runs}")
     if any(k < 0 for k in args.steps_to_try) or len(set(args.steps_to_try)) != len(args.steps_to_try):
         raise must("--steps-to-try", "distinct integers >= 0", list(args.steps_to_try))
+    from src.eval_config import flag_given  # here: eval_config imports this package
+
     if args.tie_step_size and (args.attack_lr is not None or args.one_instance or flag_given(args, "attack_steps", [10])):
         raise UsageError("--tie-step-size gives each step count its own step size; it cannot be combined with "
                          "--attack-lr (one step size), --attack-steps (the K of the shared step 1.5 * eps / K) or "

@@ -18,7 +18,6 @@ from src.arg_parser.common import FOLD_BN_HELP, CliParser, bool_flag, check_inpu
 from src.arg_parser.values import (CROP_PCT, INTERPOLATION, INTERPOLATIONS, INPUT_PATH, MEAN, OUTPUT_PATH, SEED, STD, MAX_WORKERS, WORKERS, Choice, finite_float, must,
                                    nonneg_float, nonneg_int, positive_float, positive_int)
 from src.errors import UsageError
-from src.eval_config import flag_given
 from src.honesty import PGD_ATTACKS
 
 __all__ = ["ATTACKS", "PGD_ATTACKS", "SWEEP_SETS", "DEFAULT_STEPS", "DEFAULT_EPOCHS", "DEFAULT_SEEDS",
@@ -228,6 +227,8 @@ def check_validate_args(args: argparse.Namespace) -> None:
                          f"(got --attack '{args.attack}', whose result does not depend on the step count)")
     # a PGD budget flag given for an attack that has no such knob would be silently ignored
     if args.attack not in PGD_ATTACKS:
+        from src.eval_config import flag_given  # here: eval_config imports this package
+
         unused = [flag for dest, flag, default in (("attack_steps", "--attack-steps", [10]),
                                                    ("attack_lr", "--attack-lr", None))
                   if flag_given(args, dest, default)]
