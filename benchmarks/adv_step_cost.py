@@ -136,15 +136,15 @@ def bench_model(name: str, ns: argparse.Namespace, device: torch.device) -> Dict
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.cli_parser(__doc__, __file__)
     p.add_argument("--models", nargs="+", default=["resnet18"],
                    help=f"timm names or presets {sorted(bc.MODEL_PRESETS)}")
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 10], help="PGD steps k")
+    p.add_argument("--img-size", type=bc.COUNT, default=32)
+    p.add_argument("--batch-size", type=bc.COUNT, default=64)
+    p.add_argument("--steps", type=bc.STEPS, nargs="+", default=[1, 2, 10], help="PGD steps k")
     p.add_argument("--modes", nargs="+", default=["train", "skip"], choices=["train", "nograd", "skip"],
                    help="--adv-clean-logits modes: train (faithful), skip (efficient), nograd")
-    p.add_argument("--trades-steps", type=int, nargs="*", default=[10])
+    p.add_argument("--trades-steps", type=bc.STEPS, nargs="*", default=[10])
     bc.add_common_args(p)
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
@@ -166,4 +166,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bc.run_cli(main))

@@ -27,6 +27,11 @@ if str(ROOT) not in sys.path:
 PEER_DIR = Path(__file__).resolve().parent / ".peer"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+from src.arg_parser.analysis import check_device  # noqa: E402 - needs ROOT on sys.path
+from src.arg_parser.common import CliParser  # noqa: E402
+from src.arg_parser.values import nonneg_float, nonneg_int, positive_float, positive_int  # noqa: E402,F401
+from src.errors import run_cli  # noqa: E402,F401 - the scripts' entry point
+
 # Models that are not a plain registered name: a registered constructor plus keyword overrides.
 # xcit_nano_12_p4_32 is the project's p4 / 32 px XCiT (stride surgery on the p16 stem) at XCiT-nano
 # width (dim 128, 4 heads, no token norm), small enough to benchmark on 2 CPU threads.
@@ -209,13 +214,24 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+# value rules of the scripts' numeric flags (src.arg_parser.values: the same rules and messages as the CLIs)
+COUNT = positive_int()  # sizes, rounds, repetitions, threads
+STEPS = nonneg_int()  # attack steps, warm-up calls (0: none)
+
+
+def cli_parser(doc: str, script: str) -> CliParser:
+    """The parser of the benchmark script ``script`` (its ``__file__``): bad values are one ``error:`` line
+    and exit 2 (with :func:`src.errors.run_cli`), refused before anything is measured or written."""
+    return CliParser(prog=f"benchmarks/{Path(script).name}", description=doc.strip().splitlines()[0])
+
+
 def add_common_args(p, rounds: int = 3, reps: int = 2, warmup: int = 1, device: bool = True,
                     clock: bool = True) -> None:
     """Options every timing script shares (``--device`` only where the script can use an accelerator)."""
-    p.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds")
-    p.add_argument("--reps", type=int, default=reps, help="timed calls per variant per round")
-    p.add_argument("--warmup", type=int, default=warmup, help="untimed calls per variant first")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--rounds", type=COUNT, default=rounds, help="interleaved rounds")
+    p.add_argument("--reps", type=COUNT, default=reps, help="timed calls per variant per round")
+    p.add_argument("--warmup", type=STEPS, default=warmup, help="untimed calls per variant first")
+    p.add_argument("--threads", type=COUNT, default=2, help="torch CPU threads")
     if device:
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     if clock:
@@ -227,5 +243,6 @@ def add_common_args(p, rounds: int = 3, reps: int = 2, warmup: int = 1, device: 
 
 def resolve_device(name: Optional[str]) -> torch.device:
     if name:
+        check_device(name)
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -108,11 +108,11 @@ def bench_model(ns: argparse.Namespace, name: str, device: torch.device) -> Dict
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.cli_parser(__doc__, __file__)
     p.add_argument("--models", nargs="+", default=["resnet18"], help=f"timm names or presets {sorted(bc.MODEL_PRESETS)}")
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--k", type=int, default=2, help="PGD steps of the adversarial step")
+    p.add_argument("--img-size", type=bc.COUNT, default=32)
+    p.add_argument("--batch-size", type=bc.COUNT, default=32)
+    p.add_argument("--k", type=bc.STEPS, default=2, help="PGD steps of the adversarial step")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: a quick smoke run)")
     p.add_argument("--bf16", action="store_true", help="train.py's --amp --amp-dtype bfloat16 --channels-last")
     bc.add_common_args(p, rounds=3, reps=2, warmup=1)
@@ -138,4 +138,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(bc.run_cli(main))

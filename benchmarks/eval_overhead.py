@@ -161,11 +161,11 @@ def summarize(title: str, t: "bc.Timings", clock: str, got: Dict[str, List[float
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.cli_parser(__doc__, __file__)
     p.add_argument("--pgd-model", default="resnet18")
-    p.add_argument("--pgd-steps", type=int, default=10)
+    p.add_argument("--pgd-steps", type=bc.STEPS, default=10)
     p.add_argument("--aa-model", default="test_vit")
-    p.add_argument("--aa-examples", type=int, default=4, help="first N validation images for AutoAttack")
+    p.add_argument("--aa-examples", type=bc.COUNT, default=4, help="first N validation images for AutoAttack")
     p.add_argument("--aa-untrained", action="store_true",
                    help="attack the randomly initialised --aa-model (quick check of the plumbing, not a timing)")
     p.add_argument("--fold-bn", action="store_true",
@@ -209,4 +209,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bc.run_cli(main))

@@ -27,7 +27,6 @@ The loader is off the critical path when one worker finishes a batch faster than
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -111,15 +110,15 @@ def end_to_end(step_on: Callable[[torch.Tensor, torch.Tensor], None], loader, x,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.cli_parser(__doc__, __file__)
     p.add_argument("--model", default="resnet18")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--disk-size", type=int, default=320, help="side of the JPEG files on disk (px)")
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--attack-steps", type=int, default=2)
-    p.add_argument("--e2e-steps", type=int, default=4, help="steps per end-to-end round (0: skip that part)")
-    p.add_argument("--e2e-workers", type=int, default=1)
+    p.add_argument("--input-size", type=bc.COUNT, default=224)
+    p.add_argument("--disk-size", type=bc.COUNT, default=320, help="side of the JPEG files on disk (px)")
+    p.add_argument("--images", type=bc.COUNT, default=256)
+    p.add_argument("--batch-size", type=bc.COUNT, default=32)
+    p.add_argument("--attack-steps", type=bc.STEPS, default=2)
+    p.add_argument("--e2e-steps", type=bc.STEPS, default=4, help="steps per end-to-end round (0: skip that part)")
+    p.add_argument("--e2e-workers", type=bc.STEPS, default=1)
     bc.add_common_args(p, rounds=3, reps=2, warmup=1, device=False)
     ns = p.parse_args(argv)
     if ns.images < ns.batch_size * max(1, ns.e2e_steps):
@@ -176,4 +175,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bc.run_cli(main))

@@ -76,14 +76,14 @@ def variants(steps: List[int], trades_steps: List[int]) -> Dict[str, str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.cli_parser(__doc__, __file__)
     p.add_argument("--model", default="resnet18", help=f"timm name or preset {sorted(bc.MODEL_PRESETS)}")
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, nargs="+", default=[2], help="PGD steps k")
-    p.add_argument("--trades-steps", type=int, nargs="*", default=[10])
-    p.add_argument("--iters", type=int, default=3, help="steps per child")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--img-size", type=bc.COUNT, default=32)
+    p.add_argument("--batch-size", type=bc.COUNT, default=64)
+    p.add_argument("--steps", type=bc.STEPS, nargs="+", default=[2], help="PGD steps k")
+    p.add_argument("--trades-steps", type=bc.STEPS, nargs="*", default=[10])
+    p.add_argument("--iters", type=bc.COUNT, default=3, help="steps per child")
+    p.add_argument("--threads", type=bc.COUNT, default=2)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -124,4 +124,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bc.run_cli(main))

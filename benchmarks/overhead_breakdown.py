@@ -20,7 +20,6 @@ Interleaved in one process, per training step of the ``train_overhead.py`` setti
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from types import SimpleNamespace
 from typing import Callable, Dict
@@ -101,10 +100,10 @@ def plain_step(model: nn.Module, opt: torch.optim.Optimizer, x, y, steps: int) -
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.cli_parser(__doc__, __file__)
     p.add_argument("--model", default="resnet18")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--attack-steps", type=int, default=2)
+    p.add_argument("--batch-size", type=bc.COUNT, default=64)
+    p.add_argument("--attack-steps", type=bc.STEPS, default=2)
     bc.add_common_args(p, rounds=3, reps=5, warmup=1, device=False)
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
@@ -143,4 +142,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bc.run_cli(main))

@@ -137,11 +137,11 @@ def bench_steps(ns: argparse.Namespace, k: int, device: torch.device, torchattac
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.cli_parser(__doc__, __file__)
     p.add_argument("--model", default="resnet18", help=f"timm name or preset {sorted(bc.MODEL_PRESETS)}")
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="PGD steps k")
+    p.add_argument("--img-size", type=bc.COUNT, default=32)
+    p.add_argument("--batch-size", type=bc.COUNT, default=64)
+    p.add_argument("--steps", type=bc.STEPS, nargs="+", default=[1, 2], help="PGD steps k")
     p.add_argument("--channels-last", action="store_true", help="add the variant with train.py's --channels-last")
     p.add_argument("--bf16", action="store_true", help="add the variant with train.py's --amp --amp-dtype bfloat16 --channels-last")
     bc.add_common_args(p, rounds=3, reps=3, warmup=1)
@@ -165,4 +165,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bc.run_cli(main))

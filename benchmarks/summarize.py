@@ -32,11 +32,21 @@ COMPILE = "compile_check-resnet18-xcit_nano_12_p4_32.json"
 FOLD_BN = ("eval_overhead-fold_bn-resnet18.json", "eval_overhead-fold_bn-resnet50.json")
 
 
+class ResultsError(Exception):
+    """A results folder or file the table cannot be made from (one line, exit 2)."""
+
+
 def _load(name: str, results: Path) -> Optional[dict]:
     path = results / name
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ResultsError(f"{path} is not a readable JSON benchmark result ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict):
+        raise ResultsError(f"{path} is not a benchmark result (its JSON is not an object)")
+    return payload
 
 
 def _clock(payload: dict) -> str:
@@ -119,9 +129,24 @@ def rows(results: Path = RESULTS) -> List[List[str]]:
     return out
 
 
+HEADLINE_FILES = (TRAIN_FAITHFUL, TRAIN_EFFICIENT, EVAL, PEER) + STEP_COST + (COMPILE,) + FOLD_BN
+
+
 def table(results: Path = RESULTS) -> str:
+    """The Markdown table; ``ResultsError`` when the folder holds none of the headline files or one of
+    them lacks what its row needs (a file of another benchmark or version under a headline name)."""
+    if not results.is_dir():
+        raise ResultsError(f"--results {results} is not a folder")
+    try:
+        body = rows(results)
+    except (KeyError, TypeError, IndexError, StopIteration, AttributeError) as e:
+        raise ResultsError(f"a results file in {results} lacks a field the table needs ({type(e).__name__}: {e}); "
+                           "re-run the benchmark that writes it (RESULTS.md)") from None
+    if not body:
+        raise ResultsError(f"--results {results} holds none of the benchmark results the table is made from "
+                           f"({', '.join(HEADLINE_FILES)})")
     lines = ["| what | ratio | measured with |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(results)]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in body]
     return "\n".join(lines)
 
 
@@ -131,7 +156,15 @@ def main(argv=None) -> int:
     p.add_argument("--write-readme", action="store_true", help="write the table into README.md")
     p.add_argument("--readme", default=str(ROOT / "README.md"))
     ns = p.parse_args(argv)
-    text = table(Path(ns.results))
+    try:
+        text = table(Path(ns.results))
+    except ResultsError as e:
+        print(f"error: summarize.py: {e}", file=sys.stderr)
+        return 2
+    missing = [n for n in HEADLINE_FILES if not (Path(ns.results) / n).is_file()]
+    if missing:
+        print(f"warning: summarize.py: no {', '.join(missing)} in {ns.results}: their rows are left out",
+              file=sys.stderr)
     print(text)
     if ns.write_readme:
         sys.path.insert(0, str(ROOT))

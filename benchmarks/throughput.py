@@ -26,7 +26,6 @@ Quick CPU check (the tests run this):
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -121,17 +120,17 @@ def count_flops(fn: Callable[[], None]) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.cli_parser(__doc__, __file__)
     p.add_argument("--model", default="xcit_small_12_p16_224", help=f"timm name or preset {sorted(bc.MODEL_PRESETS)}")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="PGD steps k (efficient mode)")
+    p.add_argument("--img-size", type=bc.COUNT, default=224)
+    p.add_argument("--batch-size", type=bc.COUNT, default=128)
+    p.add_argument("--num-classes", type=bc.COUNT, default=1000)
+    p.add_argument("--steps", type=bc.STEPS, nargs="+", default=[1, 2], help="PGD steps k (efficient mode)")
     p.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS),
                    help="bf16 / fp16: train.py's --amp --amp-dtype bfloat16 / float16 (fp16 with its grad scaler)")
     p.add_argument("--no-channels-last", action="store_true", help="without train.py's --channels-last")
-    p.add_argument("--steps-per-call", type=int, default=5, help="optimizer steps per timed call")
-    p.add_argument("--peak-size", type=int, default=8192, help="matmul size of the measured peak")
+    p.add_argument("--steps-per-call", type=bc.COUNT, default=5, help="optimizer steps per timed call")
+    p.add_argument("--peak-size", type=bc.COUNT, default=8192, help="matmul size of the measured peak")
     bc.add_common_args(p, rounds=3, reps=1, warmup=1, clock=False)
     ns = p.parse_args(argv)
     for name in ("img_size", "batch_size", "num_classes", "steps_per_call", "peak_size"):
@@ -179,4 +178,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bc.run_cli(main))

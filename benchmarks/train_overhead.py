@@ -104,13 +104,13 @@ def measure(ns: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.cli_parser(__doc__, __file__)
     p.add_argument("--model", default="resnet18")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--eval-batch-size", type=int, default=99, help="99 divides the 297 validation images")
-    p.add_argument("--attack-steps", type=int, default=2)
-    p.add_argument("--eps", type=float, default=8, help="/255 units")
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=bc.COUNT, default=64)
+    p.add_argument("--eval-batch-size", type=bc.COUNT, default=99, help="99 divides the 297 validation images")
+    p.add_argument("--attack-steps", type=bc.STEPS, default=2)
+    p.add_argument("--eps", type=bc.nonneg_float(), default=8, help="/255 units")
+    p.add_argument("--lr", type=bc.positive_float(), default=0.05)
     p.add_argument("--clean-logits", default="train", choices=["train", "skip"],
                    help="--adv-clean-logits of train.py: train = faithful, skip = efficient")
     bc.add_common_args(p, rounds=3, reps=1, warmup=1, device=False, clock=False)
@@ -139,4 +139,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bc.run_cli(main))

@@ -204,3 +204,50 @@ def test_loader_overhead_reads_a_jpeg_folder_through_train_py_code(tmp_path):
     e2e = res["end_to_end_s"]
     assert len(e2e["loader-fed"]) == len(e2e["in memory"]) == len(e2e["first batch"]) == 1
     assert not any(n.startswith("bench-loader-") for n in os.listdir(tmp_path))  # its temporary folder is gone
+
+
+def _bench_module(name: str):
+    import importlib
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.mark.parametrize("script, argv, needle", [
+    ("peer_torchattacks", ["--batch-size", "0"], "--batch-size: must be an integer >= 1, got '0'"),
+    ("peer_torchattacks", ["--threads", "0"], "--threads: must be an integer >= 1"),
+    ("adv_step_cost", ["--steps", "1", "-1"], "--steps: must be an integer >= 0, got '-1'"),
+    ("memory", ["--iters", "x"], "--iters: must be an integer >= 1, got 'x'"),
+    ("train_overhead", ["--eps", "nan"], "--eps: must be a finite number >= 0"),
+    ("loader_overhead", ["--e2e-workers", "-1"], "--e2e-workers: must be an integer >= 0"),
+    ("throughput", ["--device", "tpu"], "--device"),
+    ("compile_check", ["--models", "no_such_model"], "unknown model 'no_such_model'"),
+])
+def test_bad_benchmark_input_is_one_line_before_anything_is_written(script, argv, needle, tmp_path, capsys):
+    mod = _bench_module(script)
+    out = tmp_path / "r.json"
+    assert mod.bc.run_cli(mod.main, argv + ["--json", str(out), "--rounds", "1", "--warmup", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle in err, err
+    assert not out.exists()
+
+
+def test_summary_refuses_a_folder_without_results_and_a_damaged_file(tmp_path, capsys):
+    summarize = _bench_module("summarize")
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- readme-numbers:speed -->\nold\n<!-- /readme-numbers:speed -->\n")
+    before = readme.read_text()
+    assert summarize.main(["--results", str(tmp_path / "none"), "--write-readme", "--readme", str(readme)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert summarize.main(["--results", str(tmp_path), "--write-readme", "--readme", str(readme)]) == 2
+    assert "holds none of the benchmark results" in capsys.readouterr().err
+    (tmp_path / summarize.PEER).write_text('{"results": [{"k": 1}]}')  # another version's layout
+    assert summarize.main(["--results", str(tmp_path), "--write-readme", "--readme", str(readme)]) == 2
+    assert "lacks a field the table needs" in capsys.readouterr().err
+    (tmp_path / summarize.PEER).write_text("{")
+    assert summarize.main(["--results", str(tmp_path), "--write-readme", "--readme", str(readme)]) == 2
+    assert "is not a readable JSON" in capsys.readouterr().err
+    assert readme.read_text() == before  # nothing written on any of these
