@@ -30,7 +30,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 from src.arg_parser.analysis import check_device  # noqa: E402 - needs ROOT on sys.path
 from src.arg_parser.common import CliParser  # noqa: E402
 from src.arg_parser.values import nonneg_float, nonneg_int, positive_float, positive_int  # noqa: E402,F401
-from src.errors import run_cli  # noqa: E402,F401 - the scripts' entry point
+from src.errors import UsageError, run_cli  # noqa: E402,F401 - run_cli: the scripts' entry point
 
 # Models that are not a plain registered name: a registered constructor plus keyword overrides.
 # xcit_nano_12_p4_32 is the project's p4 / 32 px XCiT (stride surgery on the p16 stem) at XCiT-nano
@@ -219,10 +219,26 @@ COUNT = positive_int()  # sizes, rounds, repetitions, threads
 STEPS = nonneg_int()  # attack steps, warm-up calls (0: none)
 
 
+class BenchParser(CliParser):
+    """A benchmark script's parser: also checks, before anything is measured, that ``--json`` names a file
+    whose folder can be written (not a folder, not after minutes of timing)."""
+
+    def parse_args(self, *args: Any, **kwargs: Any) -> Any:
+        ns = super().parse_args(*args, **kwargs)
+        if getattr(ns, "json", None):
+            from src.storage import check_output_file
+
+            try:
+                check_output_file(ns.json, "--json")
+            except UsageError as e:
+                raise UsageError(f"{self.prog}: {e}") from None
+        return ns
+
+
 def cli_parser(doc: str, script: str) -> CliParser:
     """The parser of the benchmark script ``script`` (its ``__file__``): bad values are one ``error:`` line
     and exit 2 (with :func:`src.errors.run_cli`), refused before anything is measured or written."""
-    return CliParser(prog=f"benchmarks/{Path(script).name}", description=doc.strip().splitlines()[0])
+    return BenchParser(prog=f"benchmarks/{Path(script).name}", description=doc.strip().splitlines()[0])
 
 
 def add_common_args(p, rounds: int = 3, reps: int = 2, warmup: int = 1, device: bool = True,

@@ -225,11 +225,12 @@ def _bench_module(name: str):
     ("loader_overhead", ["--e2e-workers", "-1"], "--e2e-workers: must be an integer >= 0"),
     ("throughput", ["--device", "tpu"], "--device"),
     ("compile_check", ["--models", "no_such_model"], "unknown model 'no_such_model'"),
+    ("peer_torchattacks", ["--json", "."], "--json: . is a folder"),
 ])
 def test_bad_benchmark_input_is_one_line_before_anything_is_written(script, argv, needle, tmp_path, capsys):
     mod = _bench_module(script)
     out = tmp_path / "r.json"
-    assert mod.bc.run_cli(mod.main, argv + ["--json", str(out), "--rounds", "1", "--warmup", "0"]) == 2
+    assert mod.bc.run_cli(mod.main, ["--json", str(out), "--rounds", "1", "--warmup", "0"] + argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and needle in err, err
     assert not out.exists()
