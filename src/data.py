@@ -445,13 +445,15 @@ class ShardSampler(Sampler):
     over processes equal the single-process ones. Training drops the tail (``drop_last``);
     evaluation keeps every example exactly once (no padding with duplicates, unlike the original,
     so distributed accuracies are exact). ``set_start`` skips already-seen samples of the epoch
-    (mid-epoch resume from a recovery checkpoint).
+    (mid-epoch resume from a recovery checkpoint). With ``sample_seeds`` it yields ``(index, key)``
+    pairs for :class:`SampleSeeded`: the key ``(seed, epoch, index)`` names the sample's random numbers.
     """
 
     def __init__(self, length: int, world_size: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = True, batch_size: int = 1):
+                 seed: int = 0, drop_last: bool = True, batch_size: int = 1, sample_seeds: bool = False):
         self.length, self.world_size, self.rank = length, world_size, rank
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.sample_seeds = sample_seeds
         self.batch_size = batch_size
         self.epoch = 0
         self.start = 0
@@ -474,8 +476,11 @@ class ShardSampler(Sampler):
             order = order[:usable]
         return order[self.rank::self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.start:])
+    def __iter__(self) -> Iterator[Any]:
+        order = self._indices()[self.start:]
+        if self.sample_seeds:
+            return iter([(i, (self.seed, self.epoch, i)) for i in order])
+        return iter(order)
 
     def __len__(self) -> int:
         return max(0, len(self._indices()) - self.start)
@@ -489,6 +494,54 @@ def _collate(batch):
         y = torch.as_tensor(targets).repeat(n)
         return x, y
     return torch.stack(imgs), torch.as_tensor(targets)
+
+
+class SampleSeeded(Dataset):
+    """Draws each sample's random augmentations from a seed of its own (``ShardSampler(sample_seeds=True)``).
+
+    Used by training loaders with ``--workers`` > 0, whose workers otherwise draw from per-worker
+    generators: then a sample's crop and flip depend on which worker loaded it and on what that worker
+    loaded before, so a run resumed mid-epoch (the skipped batches are never loaded) sees other
+    augmentations than the interrupted run would have. Seeded per sample from (``--seed``, epoch,
+    index), the augmentations are the same whatever the worker count, process count or resume point.
+    Only ever read inside loader workers: it re-seeds that process's Python, NumPy and torch generators.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed_key = key
+        seed = sample_seed(*seed_key)
+        random.seed(seed)
+        np.random.seed(seed >> 32)
+        torch.default_generator.manual_seed(seed)  # the CPU generator (torch.manual_seed costs ~0.5 ms)
+        return self.dataset[index]
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed for one sample of one epoch: the three integers mixed (SplitMix64), so neighbouring
+    samples, epochs and ``--seed`` values get unrelated random numbers."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64))
+
+
+def loader_dataset(loader: DataLoader) -> Any:
+    """The dataset a loader reads, without the per-sample seeding wrapper ``create_loader`` may add."""
+    dataset = loader.dataset
+    return dataset.dataset if isinstance(dataset, SampleSeeded) else dataset
 
 
 def _worker_init(worker_id: int) -> None:
@@ -509,8 +562,13 @@ def create_loader(dataset, batch_size: int, is_training: bool, world_size: int =
     if iterable and workers == 0 and world_size > 1:
         shard_tfds_in_main_process(dataset, world_size, rank)
     if not iterable:
+        # training workers draw augmentations per sample (SampleSeeded); the main process (--workers 0)
+        # draws from the global generators, which recovery points keep
+        sample_seeds = is_training and workers > 0
         sampler = ShardSampler(len(dataset), world_size, rank, shuffle=is_training, seed=seed,
-                               drop_last=is_training, batch_size=batch_size)
+                               drop_last=is_training, batch_size=batch_size, sample_seeds=sample_seeds)
+        if sample_seeds:
+            dataset = SampleSeeded(dataset)
     # A training loader draws its workers' base seed from its own generator (re-seeded every epoch by
     # set_loader_epoch), not from the global one: starting to iterate then draws no number that the
     # training steps would otherwise draw, so a mid-epoch resume can put the global generators back

@@ -85,12 +85,12 @@ def apply_sample_caps(args: argparse.Namespace, train_loader: Any, eval_loader: 
     With ``--combine-dataset`` the sample cap applies to the main training set; the combined one
     is still read whole (its loader ends the epoch only if it is the shorter one).
     """
-    from src.data import CombinedLoaders
+    from src.data import CombinedLoaders, loader_dataset
 
     n_train: Optional[int] = getattr(args, "train_num_samples", None)
     if n_train:
         inner = train_loader.loader_a if isinstance(train_loader, CombinedLoaders) else train_loader
-        capped = loader_over(inner, fixed_subset(inner.dataset, n_train, "train"), True)
+        capped = loader_over(inner, fixed_subset(loader_dataset(inner), n_train, "train"), True)
         if len(capped) == 0:
             raise UsageError(f"--train-num-samples {n_train} is fewer than one batch ({inner.batch_size} per "
                              f"process x {getattr(inner.sampler, 'world_size', 1)} processes); raise it or lower "
@@ -99,7 +99,7 @@ def apply_sample_caps(args: argparse.Namespace, train_loader: Any, eval_loader: 
             if isinstance(train_loader, CombinedLoaders) else capped
     n_val: Optional[int] = getattr(args, "val_num_samples", None)
     if n_val:
-        eval_loader = loader_over(eval_loader, fixed_subset(eval_loader.dataset, n_val, "val"), False)
+        eval_loader = loader_over(eval_loader, fixed_subset(loader_dataset(eval_loader), n_val, "val"), False)
     if getattr(args, "max_train_steps", None):
         train_loader = CappedLoader(train_loader, args.max_train_steps)
     if n_train or n_val or getattr(args, "max_train_steps", None):

@@ -99,12 +99,31 @@ def _stopped_after(argv, steps, monkeypatch):
                          ids=[(c.values if hasattr(c, "values") else c)[0] for c in CASES])
 def test_resumed_run_equals_uninterrupted_run(name, extra, epochs, stop_at, tmp_path, lr_log, monkeypatch):
     argv = BASE + ["--epochs", str(epochs), "--output", str(tmp_path)] + extra
+    _check_resumed_equals_uninterrupted(argv, stop_at, tmp_path, lr_log, monkeypatch)
+
+
+@SLOW
+def test_random_augmentations_in_loader_workers_resume_mid_epoch(tmp_path, lr_log, monkeypatch):
+    """Random crops, flips and colour jitter drawn in loader workers: each sample draws from its own seed, so
+    the resumed run sees the augmentations the interrupted one would have, with another worker count too
+    (the run is stopped with --workers 2 and resumed with --workers 1). Before, each worker drew from its
+    own generator, which no recovery point can hold."""
+    base = [a for a in BASE if a != "--no-aug"]
+    argv = base + ["--epochs", "2", "--output", str(tmp_path)] + MID + PGD
+    workers = argv.index("--workers") + 1
+    argv[workers] = "2"
+    resumed = list(argv)
+    resumed[workers] = "1"
+    _check_resumed_equals_uninterrupted(argv, 5, tmp_path, lr_log, monkeypatch, resume_argv=resumed)
+
+
+def _check_resumed_equals_uninterrupted(argv, stop_at, tmp_path, lr_log, monkeypatch, resume_argv=None):
     ref = run_train(argv + ["--experiment", "ref"])
     ref_lrs = list(lr_log)
     lr_log.clear()
     _stopped_after(argv + ["--experiment", "run"], stop_at, monkeypatch)
     assert len(lr_log) == stop_at
-    res = run_train(argv + ["--experiment", "run", "--resume", "auto"])
+    res = run_train((resume_argv or argv) + ["--experiment", "run", "--resume", "auto"])
     assert res["output_dir"] == str(tmp_path / "run")
     assert lr_log == ref_lrs  # the same LR at every global step, before and after the resume
 
