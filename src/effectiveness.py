@@ -352,7 +352,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, base: argparse.Namespace, dat
         ns = argparse.Namespace(**{**vars(base), "attack": job.attack, "seed": job.seed})
         attack = build_eval_attack(ns, job.steps if job.steps is not None else 0, em.num_classes, dev_env)
         ev = engine.evaluate_loop(em.model, loader, dev_env, attack, max_batches=max_batches, log_freq=args.log_freq,
-                                  check_gradients=job.attack == "pgd")
+                                  check_gradients=True)  # PGD and APGD-CE both follow input gradients
         row = result_row(ev, em)
         row.update(attack=job.attack, attack_steps=job.steps, model=em.model_name or args.model, epoch=job.epoch,
                    seed=job.seed)

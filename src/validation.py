@@ -215,8 +215,9 @@ def _evaluate_once(args: argparse.Namespace, steps: int, em: EvalModel, loader: 
         _logger.info("attack %s eps %g/255 (%s)%s", what, args.attack_eps, args.attack_norm,
                      f" step {args.attack_lr:g}/255" if args.attack_lr is not None and
                      args.attack in PGD_ATTACKS else "")
+    # every attack here (PGD, APGD-CE, AutoAttack) follows input gradients: zero ones make it blind
     ev = evaluate_model(em.model, loader, dev_env, attack, max_batches=max_batches, log_freq=args.log_freq,
-                        check_gradients=args.attack in PGD_ATTACKS)
+                        check_gradients=True)
     row = result_row(ev, em)
     _logger.info("%s: evaluated %d examples%s in %.1fs: top1 %.4f robust_top1 %.4f", what, ev.num_examples,
                  f" (--num-examples {args.num_examples})" if args.num_examples else "", ev.seconds,

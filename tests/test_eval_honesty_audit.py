@@ -58,6 +58,32 @@ class _Outputs(TinyCNN):
         return z
 
 
+class _Quantized(TinyCNN):
+    """TinyCNN behind a rounding input step (4 gray levels): its input gradient is exactly zero everywhere."""
+
+    def forward(self, x):
+        return super().forward(torch.round(x * 3) / 3)
+
+
+class _BatchStats(TinyCNN):
+    """TinyCNN whose BatchNorm layers always use batch statistics (left in train mode by its forward):
+    predictions depend on the other examples of the batch, and running the model changes its buffers."""
+
+    def forward(self, x):
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.train()
+        return super().forward(x)
+
+
+for _name, _cls in (("tiny_cnn_quantized_audit", _Quantized), ("tiny_cnn_batchstats_audit", _BatchStats)):
+    if not is_model(_name):
+        def _factory(pretrained: bool = False, _c=_cls, **kwargs):
+            return _c(**{k: v for k, v in kwargs.items() if k in ("num_classes", "in_chans", "drop_rate")})
+        _factory.__name__ = _name
+        register_model(_factory)
+
+
 for _kind in ("softmax", "noisy", "tuple", "constant"):
     if not is_model(f"tiny_cnn_{_kind}_audit"):
         def _factory(pretrained: bool = False, _k: str = _kind, **kwargs):
@@ -237,3 +263,16 @@ def test_an_attack_that_changed_no_prediction_is_reported(bare_ckpt, tmp_path, c
     res = res[0] if isinstance(res, list) else res
     assert res["robust_top1"] == res["top1"] and res["top1"] * 297 / 100 >= 20, res
     assert any("changed no prediction" in w for w in res["warnings"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gradient masking and models whose evaluation is not what it seems
+
+
+def test_zero_input_gradients_are_reported_for_apgd_ce_too(bare_ckpt, capsys):
+    """A quantizing input step gives every example a zero input gradient: APGD-CE cannot move them either,
+    and pyautoattack checks zero gradients only for its DLR losses -- APGD-CE's robust accuracy was reported
+    with no warning (the check ran for PGD only)."""
+    rc, res, err = _validate(_tiny(bare_ckpt, "tiny_cnn_quantized_audit", "--attack", "apgd-ce"), capsys)
+    assert rc == 0, err
+    assert any("exactly zero input gradient" in w for w in res["warnings"]), res["warnings"]
