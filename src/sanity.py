@@ -123,35 +123,100 @@ def check_logits(out: Any, batch: int, num_classes: Optional[int] = None) -> tor
     return out
 
 
+def _state_snapshot(model: torch.nn.Module) -> Tuple[dict, torch.Tensor]:
+    """Copies of every buffer (small) and a float32 (sum, sum of squares) per parameter (no copy of the
+    weights): enough to tell whether running the model changed it."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b is not None}
+    sums = [torch.stack([p.detach().float().sum(), p.detach().float().square().sum()])
+            for _, p in model.named_parameters()]
+    return buffers, (torch.stack(sums) if sums else torch.zeros(0, 2))
+
+
+def _changed_state(model: torch.nn.Module, before: Tuple[dict, torch.Tensor]) -> List[str]:
+    """Names of the buffers and parameters that differ from ``before`` (NaN-aware exact comparison)."""
+    buffers, sums = before
+    now = dict(model.named_buffers())
+    changed = [name for name, old in buffers.items()
+               if name in now and not torch.equal(now[name].detach().nan_to_num(), old.nan_to_num())]
+    params = [name for name, _ in model.named_parameters()]
+    _, sums_now = _state_snapshot(model) if params else ({}, sums)
+    changed += [params[i] for i in range(len(params))
+                if not torch.equal(sums_now[i].nan_to_num(), sums[i].nan_to_num())]
+    return changed
+
+
+def _restore_buffers(model: torch.nn.Module, buffers: dict) -> None:
+    now = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, old in buffers.items():
+            if name in now and now[name] is not None:
+                now[name].copy_(old)
+
+
 def probe_model_outputs(model: torch.nn.Module, input_size: Any, num_classes: Optional[int], device: Any,
                         autocast: Any = None) -> List[str]:
     """One probe before any evaluation: what the model returns, and whether it can be attacked honestly.
 
-    Two forwards of the same two random [0, 1] images: outputs that are not ``[2, classes]`` logits are
-    an error (``check_logits``); outputs that differ between the two forwards (a randomized defense,
-    dropout forced on) or that are probabilities (non-negative rows summing to 1: the report's losses
-    are not cross-entropies and softmax saturation weakens gradient attacks) give honesty notes,
-    which are returned. The model is used in the mode it is in (eval).
+    Forwards of the same four random [0, 1] images: outputs that are not ``[4, classes]`` logits are
+    an error (``check_logits``); these give honesty notes, which are returned:
+
+    * two forwards of the batch that differ: a randomized model (a random defense, dropout forced on);
+    * the batch differing from its two halves run apart: predictions depend on the other examples of
+      the batch (BatchNorm using batch statistics -- left in train mode, or ``track_running_stats=False``
+      -- or another test-time adaptation), so clean and robust accuracy depend on the batch size and
+      order, and the attack perturbs every example of the batch at once;
+    * buffers or parameters changed by the forwards: a stateful model (BatchNorm running statistics
+      updated in eval mode, a defense that adapts to its inputs), whose numbers depend on what it saw
+      before -- the attack's queries included; the probe puts the buffers back;
+    * probabilities (non-negative rows summing to 1): the report's losses are not cross-entropies and
+      softmax saturation weakens gradient attacks.
+
+    The model is used in the mode it is in (eval).
     """
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(2, *tuple(input_size), generator=g).to(device)
+    x = torch.rand(4, *tuple(input_size), generator=g).to(device)
     ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
-    with torch.no_grad(), ctx:
-        a = check_logits(model(x), 2, num_classes).float()
-        b = check_logits(model(x), 2, num_classes).float()
+    before = _state_snapshot(model)
+    changed: List[str] = []
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        """One forward from the model's initial buffers (a stateful model is judged on its state alone)."""
+        try:
+            with torch.no_grad(), ctx:
+                out = check_logits(model(inputs), inputs.shape[0], num_classes).float()
+            changed.extend(n for n in _changed_state(model, before) if n not in changed)
+        finally:
+            _restore_buffers(model, before[0])
+        return out
+
+    a, b = forward(x), forward(x)
+    halves = torch.cat([forward(x[:2]), forward(x[2:])])
     notes: List[str] = []
-    both_finite = bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
-    if both_finite:
+    all_finite = all(bool(torch.isfinite(t).all()) for t in (a, b, halves))
+    if all_finite:
         scale = float(a.abs().max()) + 1e-6
-        if float((a - b).abs().max()) > 1e-3 * scale:
+        randomized = float((a - b).abs().max()) > 1e-3 * scale
+        if randomized:
             notes.append("the model is randomized: two forward passes on the same inputs gave different logits "
                          "(a random defense, or dropout/noise active in eval mode). PGD and APGD without "
                          "expectation over transformation (EOT) overstate the robustness of such a model; its clean "
                          "and robust accuracy also change from run to run")
+        elif float((a - halves).abs().max()) > 1e-2 * scale:  # 1e-2: batch-size dependent kernels round apart
+            notes.append("the model's predictions depend on the other examples of the batch: a batch of 4 and its "
+                         "two halves run apart gave different logits (BatchNorm using batch statistics -- left in "
+                         "train mode or without running statistics -- or test-time adaptation). Clean and robust "
+                         "accuracy then change with the batch size and order, and the attack perturbs the whole "
+                         "batch at once; evaluate the model in eval mode with running statistics")
         if a.shape[1] > 1 and bool((a >= 0).all()) and float((a.sum(dim=1) - 1).abs().max()) < 1e-3:
             notes.append("the model's outputs look like probabilities (non-negative, each row sums to 1), not "
                          "logits: the reported losses are not cross-entropies, and the softmax the attack applies "
                          "on top saturates its gradients, so gradient attacks are weakened; return the logits")
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        notes.append(f"the model changes its own state when it runs: forward passes in eval mode changed {shown} "
+                     f"(BatchNorm running statistics updated -- a layer left in train mode -- or a defense that "
+                     f"adapts to its inputs). Its numbers depend on everything it saw before, the attack's queries "
+                     f"included, and change with the evaluation order")
     return notes
 
 

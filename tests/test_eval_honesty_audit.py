@@ -276,3 +276,39 @@ def test_zero_input_gradients_are_reported_for_apgd_ce_too(bare_ckpt, capsys):
     rc, res, err = _validate(_tiny(bare_ckpt, "tiny_cnn_quantized_audit", "--attack", "apgd-ce"), capsys)
     assert rc == 0, err
     assert any("exactly zero input gradient" in w for w in res["warnings"]), res["warnings"]
+
+
+class _Adaptive(nn.Module):
+    """A stateful defense: it counts its forward passes and, from the third on, predicts class 0 for everything."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyCNN()
+        self.register_buffer("calls", torch.zeros(()), persistent=False)
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x) + 100.0 * (self.calls > 2).float() * nn.functional.one_hot(
+            torch.zeros(x.shape[0], dtype=torch.long, device=x.device), 10)
+
+
+def test_batch_dependent_and_stateful_models_are_flagged(bare_ckpt, capsys):
+    """BatchNorm left in train mode (batch statistics, running statistics updated by every forward) passed the
+    probe -- the same batch twice gives the same logits -- and validate reported its accuracies (here far from
+    the eval-mode ones) with no warning; a defense that changes with the queries it sees did too."""
+    notes = probe_model_outputs(_BatchStats().eval(), (3, 32, 32), 10, "cpu")
+    assert len(notes) == 2 and "depend on the other examples of the batch" in notes[0], notes
+    assert "changes its own state" in notes[1] and "running_mean" in notes[1]
+    model = _Adaptive().eval()
+    notes = probe_model_outputs(model, (3, 32, 32), 10, "cpu")
+    assert len(notes) == 1 and "changes its own state" in notes[0] and "calls" in notes[0], notes
+    assert model.calls == 0  # the probe puts the buffers back: the evaluation starts from the model's own state
+    net = TinyCNN().eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert probe_model_outputs(net, (3, 32, 32), 10, "cpu") == []
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    rc, res, err = _validate(_tiny(bare_ckpt, "tiny_cnn_batchstats_audit", "--attack", "pgd", "--attack-steps", "10"),
+                             capsys)
+    assert rc == 0, err
+    assert any("depend on the other examples of the batch" in w for w in res["warnings"]), res["warnings"]
+    assert any("changes its own state" in w for w in res["warnings"]), res["warnings"]
