@@ -54,8 +54,8 @@ from src.errors import UsageError
 from src.eval_config import flag_given
 from src.eval_setup import (build_eval_attack, create_eval_dataset, create_eval_loader, create_eval_model,
                              eval_batches, eval_settings)
-from src.honesty import (attack_setting_warnings, attack_strength_warnings, gradient_warnings, nonfinite_warnings, normalization_warnings,
-                         robust_above_clean_warnings)
+from src.honesty import (attack_setting_warnings, attack_strength_warnings, gradient_warnings, nonfinite_warnings,
+                         normalization_warnings, robust_above_clean_warnings, threat_model_warnings)
 from src.results import RESULT_KEYS, result_row
 
 _logger = logging.getLogger("robust_vits")
@@ -359,6 +359,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, base: argparse.Namespace, dat
         n_examples = ev.num_examples
         _note(warnings, robust_above_clean_warnings(row) + gradient_warnings(ev.zero_grad_fraction)
               + nonfinite_warnings(ev.nonfinite_clean, ev.nonfinite_adv, ev.num_examples)
+              + threat_model_warnings(ev.outside_threat, ev.num_examples, ev.threat)
               + [f"AutoAttack check: {f}" for f in ev.attack_flags])
         if job.attack == "pgd":
             label_rows.setdefault(job.seed, []).append(row)

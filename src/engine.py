@@ -388,6 +388,8 @@ class EvalResult:
     attack_flags: list = field(default_factory=list)
     nonfinite_clean: int = 0  # examples whose clean logits hold NaN/inf (counted wrong)
     nonfinite_adv: int = 0  # the same for the adversarial logits
+    outside_threat: int = 0  # adversarial examples outside the attack's eps-ball / box (the numbers use them)
+    threat: Optional[tuple] = None  # the attack's (norm, eps, (lo, hi)) they were checked against
     per_example: Optional[dict] = None
     indices: Optional[torch.Tensor] = None
 
@@ -560,13 +562,17 @@ def evaluate_loop(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional
     on the device, summed over processes once at the end (each process evaluates its own shard).
     ``max_batches`` stops early (``--num-examples``). ``check_gradients`` measures the zero input
     gradients of the first batch before attacking (gradient masking, :func:`zero_gradient_fraction`).
+    Every crafted example is checked against the attack's threat model (``src.sanity``): those outside
+    its eps-ball or box are counted (``outside_threat``), not dropped -- the honesty report says so.
     """
     from src.bits.device import reduce_sums
-    from src.sanity import check_input_batch
+    from src.sanity import attack_threat_model, check_input_batch, outside_threat_model
 
     model.eval()
-    # c1, ck, loss, r1, rk, adv_loss, examples with non-finite clean / adversarial logits
-    sums = torch.zeros(8, dtype=torch.float64, device=dev_env.device)
+    # c1, ck, loss, r1, rk, adv_loss, examples with non-finite clean / adversarial logits, adversarial examples
+    # outside the threat model
+    sums = torch.zeros(9, dtype=torch.float64, device=dev_env.device)
+    threat = attack_threat_model(attack)
     total = len(loader) if hasattr(loader, "__len__") else 0
     if max_batches is not None:
         total = min(total, max_batches) if total else max_batches
@@ -584,17 +590,20 @@ def evaluate_loop(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional
         items = {"label": y, "clean_pred": clean["pred"], "clean_correct": clean["c1"], "clean_loss": clean["loss"]}
         batch = [clean["c1"].sum(), clean["ck"].sum(), clean["loss"].sum()]
         nonfinite = [clean["nonfinite"], torch.zeros((), device=dev_env.device)]
+        outside = torch.zeros((), device=dev_env.device)
         if attack is not None:
             if check_gradients and i == 0:
                 zero_frac = zero_gradient_fraction(model, x, y, dev_env)
-            adv = _forward_metrics(model, craft_adversarial(model, attack, x, y, dev_env, attack_mode), y, dev_env,
-                                   topk)
+            x_adv = craft_adversarial(model, attack, x, y, dev_env, attack_mode)
+            if threat is not None:
+                outside = outside_threat_model(x, x_adv, threat).sum()
+            adv = _forward_metrics(model, x_adv, y, dev_env, topk)
             items.update(adv_pred=adv["pred"], robust_correct=adv["c1"], adv_loss=adv["loss"])
             batch += [adv["c1"].sum(), adv["ck"].sum(), adv["loss"].sum()]
             nonfinite[1] = adv["nonfinite"]
         else:
             batch += [torch.zeros((), device=dev_env.device)] * 3
-        sums += torch.stack([b.double() for b in batch + nonfinite])
+        sums += torch.stack([b.double() for b in batch + nonfinite + [outside]])
         if return_per_example:
             for key, v in items.items():
                 per.setdefault(key, []).append(v.detach().cpu())
@@ -602,7 +611,8 @@ def evaluate_loop(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional
         dev_env.mark_step()
         progress.update(i, x.shape[0], sums, count, k_used)
     progress.close()
-    c1, ck, loss_sum, r1, rk, adv_loss_sum, bad_clean, bad_adv, n = reduce_sums(dev_env, sums.tolist() + [count])
+    c1, ck, loss_sum, r1, rk, adv_loss_sum, bad_clean, bad_adv, outside_n, n = reduce_sums(dev_env,
+                                                                                        sums.tolist() + [count])
     if (bad_clean or bad_adv) and dev_env.primary:
         _logger.warning("%s: %d of %d examples have NaN/inf logits (%d clean, %d adversarial); they count as wrong",
                         desc, int(max(bad_clean, bad_adv)), int(n), int(bad_clean), int(bad_adv))
@@ -615,7 +625,7 @@ def evaluate_loop(model: nn.Module, loader, dev_env: DeviceEnv, attack: Optional
                       attacked=attack is not None, robust_correct1=r1, robust_correct5=rk,
                       adv_loss_sum=adv_loss_sum, topk=k_used, seconds=time.time() - t0, local_examples=count,
                       zero_grad_fraction=zero_frac, attack_flags=flags, nonfinite_clean=int(bad_clean),
-                      nonfinite_adv=int(bad_adv),
+                      nonfinite_adv=int(bad_adv), outside_threat=int(outside_n), threat=threat,
                       per_example={k: torch.cat(v) for k, v in per.items()} if return_per_example else None,
                       indices=_sampler_indices(loader, count) if return_per_example else None)
 

@@ -12,7 +12,7 @@ from typing import Any, List, Mapping, Optional, Sequence
 
 __all__ = ["PGD_ATTACKS", "FEW_STEPS", "binomial_se", "robust_above_clean_warnings", "attack_strength_warnings",
            "normalization_warnings", "gradient_warnings", "weak_attack_warnings", "nonfinite_warnings",
-           "attack_setting_warnings", "example_count_warnings", "honesty_warnings"]
+           "attack_setting_warnings", "example_count_warnings", "threat_model_warnings", "honesty_warnings"]
 
 PGD_ATTACKS = ("pgd", "targeted_pgd")
 # Below this many PGD steps robust accuracy is a loose upper bound (the paper reports AutoAttack).
@@ -171,6 +171,26 @@ def nonfinite_warnings(clean: int, adv: int, num_examples: int) -> List[str]:
             f"any number"]
 
 
+def threat_model_warnings(outside: int, num_examples: int, threat: Optional[Sequence[Any]]) -> List[str]:
+    """Adversarial examples the numbers were measured on that lie outside the attack's threat model.
+
+    ``threat`` is ``(norm, eps, (lo, hi))`` in input units (``src.sanity.attack_threat_model``). The
+    usual cause is clean pixels outside the attack's box, which every iterate is clipped into (a loader
+    that normalizes, ``--attack-boundaries`` narrower than the data); an attack that does not project
+    is the other. The counts stay as measured: the report says what they are.
+    """
+    if not outside or not threat:
+        return []
+    norm, eps, (lo, hi) = threat
+    name = "L-inf" if str(norm).lower() == "linf" else "L2"
+    return [f"{outside} of the {num_examples} adversarial examples lie outside the attack's threat model (farther "
+            f"than eps {255 * eps:g}/255 in {name} from their clean image, or outside [{lo:g}, {hi:g}]): the robust "
+            f"accuracy was measured on other images than this threat model allows, so it is not a robustness "
+            f"number for it. Usually the clean pixels lie outside the attack's box and every iterate is clipped into "
+            f"it (a loader that normalizes while the attack clips to [0, 1]: use --normalize-model; "
+            f"--attack-boundaries narrower than the data)"]
+
+
 def attack_setting_warnings(attack: str, norm: str = "linf", eps_255: Optional[float] = None,
                             step_255: Optional[float] = None, num_classes: Optional[int] = None) -> List[str]:
     """Attack settings that make the reported robust accuracy mean something else than it seems.
@@ -222,17 +242,20 @@ def honesty_warnings(rows: Sequence[Mapping[str, Any]], num_examples: int, *, at
                      steps: Sequence[int] = (), normalization_mode: str = "raw",
                      trained_inputs: Optional[str] = None, attack_flags: Sequence[str] = (),
                      zero_grad_fraction: Optional[float] = None, notes: Sequence[str] = (),
-                     nonfinite: Sequence[int] = (0, 0), settings: Sequence[str] = ()) -> List[str]:
+                     nonfinite: Sequence[int] = (0, 0), settings: Sequence[str] = (),
+                     outside_threat: int = 0, threat: Optional[Sequence[Any]] = None) -> List[str]:
     """Every honesty warning of one evaluation run, de-duplicated, in a stable order.
 
     ``rows`` are result rows of the same examples (several when several ``--attack-steps`` ran);
     ``attack_flags`` are AutoAttack's own checks (``src.autoattack.attack_flags``); ``nonfinite``
     the examples with NaN/inf clean and adversarial logits; ``settings`` the warnings of
-    :func:`attack_setting_warnings` and :func:`example_count_warnings`.
+    :func:`attack_setting_warnings` and :func:`example_count_warnings`; ``outside_threat`` the
+    adversarial examples outside ``threat`` (:func:`threat_model_warnings`).
     """
     out: List[str] = list(notes)
     out += list(settings)
     out += nonfinite_warnings(nonfinite[0], nonfinite[1], num_examples)
+    out += threat_model_warnings(outside_threat, num_examples, threat)
     out += normalization_warnings(normalization_mode, attack, trained_inputs)
     for row in rows:
         out += robust_above_clean_warnings(row)

@@ -18,7 +18,8 @@ from src.errors import CheckpointError, UsageError
 
 _logger = logging.getLogger("robust_vits")
 
-__all__ = ["check_finite_state_dict", "attack_boundaries", "check_input_batch", "NonFiniteInputError",
+__all__ = ["check_finite_state_dict", "attack_boundaries", "attack_threat_model", "outside_threat_model",
+           "check_input_batch", "NonFiniteInputError",
            "ModelOutputError", "check_logits", "probe_model_outputs", "predicted_classes"]
 
 
@@ -67,6 +68,43 @@ def attack_boundaries(attack: Any) -> Optional[Tuple[float, float]]:
         own = attack.keywords.get("boundaries")
     lo, hi = own if own is not None else (0.0, 1.0)
     return float(lo), float(hi)
+
+
+def attack_threat_model(attack: Any) -> Optional[Tuple[str, float, Tuple[float, float]]]:
+    """``(norm, eps, (lo, hi))`` of an evaluation attack (eps in input units), or None when it cannot be told.
+
+    PGD attacks from ``src.attacks.make_attack`` are ``functools.partial`` objects carrying ``eps`` and
+    their projection (which names the norm); the AutoAttack adapter has ``eps`` and ``norm`` attributes.
+    """
+    if attack is None:
+        return None
+    eps, norm = getattr(attack, "eps", None), getattr(attack, "norm", None)
+    if isinstance(attack, functools.partial):
+        from src.attacks import project_l2, project_linf
+
+        eps = attack.keywords.get("eps", eps)
+        project = attack.keywords.get("project_fn")
+        norm = "linf" if project is project_linf else "l2" if project is project_l2 else None
+    norm = str(norm).lower() if norm is not None else None
+    if eps is None or norm not in ("linf", "l2"):
+        return None
+    return norm, float(eps), attack_boundaries(attack)
+
+
+def outside_threat_model(x: torch.Tensor, x_adv: torch.Tensor, threat: Tuple[str, float, Tuple[float, float]]
+                         ) -> torch.Tensor:
+    """Per example: is the crafted input outside the threat model -- farther than eps from its clean image
+    (in the threat model's norm), outside the box, or not finite? (bool tensor on the inputs' device, no sync)
+
+    The tolerance (1e-6 + 1e-4 x eps) only absorbs float32 rounding of the projections.
+    """
+    norm, eps, (lo, hi) = threat
+    adv = x_adv.detach().float().flatten(1)
+    delta = adv - x.detach().float().flatten(1)
+    dist = delta.abs().amax(dim=1) if norm == "linf" else delta.norm(p=2, dim=1)
+    tol = 1e-6 + 1e-4 * eps
+    inside = (dist <= eps + tol) & (adv >= lo - 1e-6).all(dim=1) & (adv <= hi + 1e-6).all(dim=1)
+    return ~(inside & torch.isfinite(adv).all(dim=1))  # NaN compares False: outside
 
 
 def check_input_batch(x: torch.Tensor, attack: Any = None, where: str = "the first evaluation batch") -> None:

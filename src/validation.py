@@ -167,14 +167,15 @@ def validate(args: argparse.Namespace, dev_env: Optional[DeviceEnv] = None,
         for g, (eps, group) in enumerate(zip(eps_list, groups)):  # step counts are compared within one eps only
             group_evals = evals[g * len(steps_list):(g + 1) * len(steps_list)]
             nonfinite = (max(ev.nonfinite_clean for ev in group_evals), max(ev.nonfinite_adv for ev in group_evals))
+            outside = max(group_evals, key=lambda ev: ev.outside_threat)
             settings = counted + attack_setting_warnings(args.attack, args.attack_norm, eps, args.attack_lr,
                                                          em.num_classes)
             run_level = honesty_warnings(group if multi else [], n, attack=args.attack,
                                          steps=steps_list if args.attack else (), normalization_mode=em.normalization,
                                          trained_inputs=em.trained_inputs, attack_flags=flags,
                                          zero_grad_fraction=zero, notes=em.notes + _ema_notes(args, em),
-                                         nonfinite=nonfinite,
-                                         settings=settings)
+                                         nonfinite=nonfinite, settings=settings,
+                                         outside_threat=outside.outside_threat, threat=outside.threat)
             row_warnings += [list(dict.fromkeys(robust_above_clean_warnings(r) + run_level
                                                 + (unchanged_by_attack_warnings(r, eps, n, _row_steps(r, args, steps_list))
                                                    if args.attack else [])))

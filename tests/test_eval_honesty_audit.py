@@ -312,3 +312,33 @@ def test_batch_dependent_and_stateful_models_are_flagged(bare_ckpt, capsys):
     assert rc == 0, err
     assert any("depend on the other examples of the batch" in w for w in res["warnings"]), res["warnings"]
     assert any("changes its own state" in w for w in res["warnings"]), res["warnings"]
+
+
+class _LeakyAttack:
+    """An attack that claims an L-inf eps of 8/255 but moves every pixel by 0.1 (no projection)."""
+    eps, norm = 8 / 255, "linf"
+
+    def __call__(self, model, x, y):
+        return (x + 0.1).clamp(0, 1)
+
+
+def test_adversarial_examples_outside_the_threat_model_are_reported(bare_ckpt, capsys):
+    """The crafted examples the robust accuracy is measured on are checked against the attack's eps-ball and
+    box. Before, --attack-boundaries narrower than the data clipped every image (PGD-0 'robust' accuracy 18% vs
+    clean 75% on a trained model) and the results said only that PGD-0 is '(nearly) the clean accuracy'."""
+    torch.manual_seed(0)
+    x, y = torch.rand(6, 3, 32, 32) * 0.9, torch.arange(6)
+    model = TinyCNN().eval()
+    ev = evaluate_loop(model, [(x, y)], CPU, _LeakyAttack())
+    assert ev.outside_threat == 6 and ev.threat == ("linf", 8 / 255, (0.0, 1.0))
+    for norm, eps in (("linf", 8 / 255), ("l2", 0.5)):  # PGD projects: nothing outside, up to float rounding
+        ev = evaluate_loop(model, [(x, y)], CPU, make_attack("pgd", eps, eps / 4, 5, norm, (0, 1), criterion=NLL))
+        assert ev.outside_threat == 0 and ev.threat[0] == norm
+    w = honesty.threat_model_warnings(6, 6, ("linf", 8 / 255, (0.0, 1.0)))
+    assert len(w) == 1 and "6 of the 6 adversarial examples lie outside" in w[0] and "8/255 in L-inf" in w[0]
+    rc, res, err = _validate(_tiny(bare_ckpt, "tiny_cnn_test", "--attack", "pgd", "--attack-steps", "0",
+                                   "--attack-boundaries", "0", "0.5"), capsys)
+    assert rc == 0, err
+    assert any("50 of the 50 adversarial examples lie outside" in w and "[0, 0.5]" in w for w in res["warnings"])
+    rc, res, _ = _validate(_tiny(bare_ckpt, "tiny_cnn_test", "--attack", "pgd", "--attack-steps", "2"), capsys)
+    assert rc == 0 and not any("outside the attack's threat model" in w for w in res["warnings"])
