@@ -29,8 +29,8 @@ import os
 import platform
 import re
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from torch import nn
 from src import storage
 from src.arg_parser.evaluate import check_robustbench_args as check_args  # noqa: F401 (re-exported)
 from src.errors import UsageError
-from src.honesty import attack_setting_warnings
+from src.honesty import attack_setting_warnings, threat_model_warnings
 # re-exported: the protocol's data, as robustbench users and the tests find it
 from src.robustbench_data import (DATASETS, DEFAULT_N_EXAMPLES, IMAGENET_CLASS_MAP_FILE,  # noqa: F401
                                   IMAGENET_IDS_FILE, REPO_ROOT, CifarTestSet, ExampleSet, ImageNetSubset,
@@ -126,20 +126,24 @@ def _clean_predictions(model: nn.Module, x: torch.Tensor, batch_size: int, devic
 
 
 def evaluate_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat_model: str, eps: float,
-                   seed: int, batch_size: int, device: torch.device) -> Tuple[List[int], List[int], List[str]]:
-    """Clean-correct and robust-correct (0/1 per example) under AutoAttack standard, and its flags.
+                   seed: int, batch_size: int, device: torch.device
+                   ) -> Tuple[List[int], List[int], List[str], int]:
+    """Clean-correct and robust-correct (0/1 per example) under AutoAttack standard, its flags, and how
+    many of its adversarial examples lie outside the threat model (eps-ball, [0, 1] box).
 
     ``eps`` is in [0, 1] units. An example counts as robust only if it is also clean-correct
     (AutoAttack never attacks misclassified points; the AND guards against a float tie that
     makes the two clean forward passes disagree).
     """
     from src.autoattack import run_autoattack
+    from src.sanity import outside_threat_model
 
     clean = _clean_predictions(model, x, batch_size, device).eq(y)
     result = run_autoattack(model, x, y, version=AUTOATTACK_VERSION, norm=threat_model, eps=eps, seed=seed,
                             batch_size=batch_size, device=device, log_flags=False)
     robust = result.robust.cpu() & clean
-    return [int(v) for v in clean.tolist()], [int(v) for v in robust.tolist()], list(result.flags)
+    outside = int(outside_threat_model(x.cpu(), result.x_adv.cpu(), (threat_model, eps, (0.0, 1.0))).sum())
+    return [int(v) for v in clean.tolist()], [int(v) for v in robust.tolist()], list(result.flags), outside
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,9 +215,16 @@ def _count_flags(merged: Any) -> Dict[str, int]:
 def build_report(*, merged, examples: ExampleSet, fingerprint: Dict[str, Any], args_summary: Dict[str, Any],
                  preprocessing: Dict[str, Any], threat_model: str, eps_255: float, seed: int,
                  chunk_size: int, batch_size: int, wall_seconds: float, state_dir: str,
-                 file_infos: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """The JSON report: RobustBench's model_info fields, then per-example results and provenance."""
+                 file_infos: Dict[str, Dict[str, Any]], notes: Sequence[str] = ()) -> Dict[str, Any]:
+    """The JSON report: RobustBench's model_info fields, then per-example results and provenance.
+
+    ``warnings`` holds ``notes`` (what the model probe and the setup found: a randomized, batch-dependent
+    or stateful model, normalized inputs), the attack-setting warnings and, when some of AutoAttack's
+    adversarial examples lie outside the threat model, that count (chunks recorded before it was
+    counted add nothing).
+    """
     n = merged.n_examples
+    outside = sum(int(res.info.get("outside_threat_model", 0)) for res in merged.chunks.values())
     clean = merged.values["clean"]
     robust = merged.values["robust"]
     n_clean, n_robust = int(sum(clean)), int(sum(robust))
@@ -251,10 +262,14 @@ def build_report(*, merged, examples: ExampleSet, fingerprint: Dict[str, Any], a
         "preprocessing": preprocessing,
         "autoattack": {"version": AUTOATTACK_VERSION, "norm": threat_model, "eps": eps_255 / 255.0,
                        "eps_cli_255": eps_255, "seed": seed, "chunk_seed": "seed + index of the chunk's first example",
-                       "chunk_size": chunk_size, "batch_size": batch_size, "flags": _count_flags(merged)},
+                       "chunk_size": chunk_size, "batch_size": batch_size, "flags": _count_flags(merged),
+                       "outside_threat_model": outside},
         "model": args_summary,
-        # settings that make the number mean something else than it seems (an L2 radius in the wrong units)
-        "warnings": attack_setting_warnings("autoattack", threat_model, eps_255),
+        # what makes the number mean something else than it seems: the model (randomized, batch-dependent,
+        # stateful), the settings (an L2 radius in the wrong units), examples outside the threat model
+        "warnings": list(dict.fromkeys(list(notes) + attack_setting_warnings("autoattack", threat_model, eps_255)
+                                       + threat_model_warnings(outside, n, (threat_model, eps_255 / 255.0,
+                                                                            (0.0, 1.0))))),
         "config_fingerprint": fingerprint,
         "shards": {
             "state_dir": state_dir,
@@ -291,6 +306,7 @@ class EvaluationSetup:
     preprocessing: Dict[str, Any]
     fingerprint: Dict[str, Any]
     model_summary: Dict[str, Any]
+    notes: List[str] = field(default_factory=list)  # honesty notes of the setup, for the report's warnings
 
 
 
@@ -367,7 +383,7 @@ def setup_evaluation(args: argparse.Namespace) -> EvaluationSetup:
         model = nn.Sequential(InModelResize(size, crop_pct, interp), model)
         in_model.insert(0, f"Resize({math.floor(size / crop_pct)}, {interp}, antialias) + CenterCrop({size})")
 
-    desc = _set_protocol_transform(examples, args, data_config, (mean_default, std_default), in_model)
+    desc, notes = _set_protocol_transform(examples, args, data_config, (mean_default, std_default), in_model)
     if max(examples.labels(), default=0) >= num_classes:
         raise UsageError(f"the {args.dataset} labels go up to {max(examples.labels())} but the model has "
                          f"{num_classes} classes; pass --num-classes")
@@ -381,8 +397,10 @@ def setup_evaluation(args: argparse.Namespace) -> EvaluationSetup:
 
     # outputs that are not [B, classes] logits: an error now, not a traceback inside AutoAttack; notes are logged
     # (AutoAttack's own randomness / probability checks also land in the report's flags)
-    for note in probe_model_outputs(model, data_config["input_size"], num_classes, torch.device("cpu")):
+    probed = probe_model_outputs(model, data_config["input_size"], num_classes, torch.device("cpu"))
+    for note in probed:
         _logger.warning(note)
+    notes = notes + probed
     preprocessing = {"loader": desc, "in_model": in_model,
                      "data_config": {"input_size": list(data_config["input_size"]), "crop_pct": crop_pct,
                                      "interpolation": interp}}
@@ -397,7 +415,7 @@ def setup_evaluation(args: argparse.Namespace) -> EvaluationSetup:
         fold_for_evaluation(net, data_config["input_size"])
         fingerprint["fold_bn"] = True
     return EvaluationSetup(model=model, examples=examples, preprocessing=preprocessing, fingerprint=fingerprint,
-                           model_summary=model_summary)
+                           model_summary=model_summary, notes=notes)
 
 
 class _TransformNotSet:
@@ -416,19 +434,24 @@ def _read_protocol_examples(args: argparse.Namespace) -> ExampleSet:
 
 
 def _set_protocol_transform(examples: ExampleSet, args: argparse.Namespace, data_config: Dict[str, Any],
-                            defaults: Any, in_model: List[str]) -> str:
-    """The loader's preprocessing (ImageNet: resize + crop [+ Normalize]) set on ``examples``; its description."""
+                            defaults: Any, in_model: List[str]) -> Tuple[str, List[str]]:
+    """The loader's preprocessing (ImageNet: resize + crop [+ Normalize]) set on ``examples``; its description
+    and the honesty notes it gives (logged here, and kept for the report's warnings)."""
     if protocol_dataset(args.dataset) != "imagenet":
-        return "ToTensor"
+        return "ToTensor", []
     transform, desc = imagenet_transform(data_config, defaults if args.normalize else None)
+    notes: List[str] = []
     if args.normalize:
-        _logger.warning("--normalize: the loader normalizes with mean %s / std %s, so AutoAttack perturbs "
-                        "normalized values (eps and the [0, 1] box no longer mean pixels); the numbers are "
-                        "not comparable with RobustBench's", list(defaults[0]), list(defaults[1]))
+        notes.append(f"--normalize: the loader normalizes with mean {list(defaults[0])} / std {list(defaults[1])}, "
+                     f"so AutoAttack perturbs normalized values (eps and the [0, 1] box no longer mean pixels); the "
+                     f"numbers are not comparable with RobustBench's")
         if in_model and "ImageNormalizer" in in_model[-1]:
-            _logger.warning("the inputs are normalized twice (--normalize and a normalization layer)")
+            notes.append("the inputs are normalized twice (--normalize and a normalization layer): the network sees "
+                         "inputs it was not trained on")
+    for note in notes:
+        _logger.warning(note)
     examples.transform = transform
-    return desc
+    return desc, notes
 
 
 def _fingerprint(args: argparse.Namespace, examples: ExampleSet, model_summary: Dict[str, Any],
@@ -497,7 +520,8 @@ def _write_report(args, state, setup: EvaluationSetup, merged, t0: float) -> Dic
                           args_summary=setup.model_summary, preprocessing=setup.preprocessing,
                           threat_model=args.threat_model, eps_255=float(args.eps), seed=int(args.seed),
                           chunk_size=int(args.chunk_size), batch_size=int(args.batch_size),
-                          wall_seconds=time.time() - t0, state_dir=state.state_dir, file_infos=_file_infos(state))
+                          wall_seconds=time.time() - t0, state_dir=state.state_dir, file_infos=_file_infos(state),
+                          notes=setup.notes)
     parent = storage.dirname(args.output)
     if parent:
         storage.makedirs(parent)
@@ -524,9 +548,9 @@ def _evaluate_pending(args: argparse.Namespace, setup: EvaluationSetup, state: A
     for k, (start, end) in enumerate(track_ranges(pending, f"{tag}RobustBench AutoAttack", dev_env.primary)):
         t_chunk = time.time()
         x, y = load_chunk(setup.examples, start, end, args.workers)
-        clean, robust, flags = evaluate_chunk(model, x, y, threat_model=args.threat_model, eps=eps,
-                                              seed=chunk_seed(args.seed, start), batch_size=args.batch_size,
-                                              device=dev_env.device)
+        clean, robust, flags, outside = evaluate_chunk(model, x, y, threat_model=args.threat_model, eps=eps,
+                                                       seed=chunk_seed(args.seed, start), batch_size=args.batch_size,
+                                                       device=dev_env.device)
         seconds = time.time() - t_chunk
         for msg in flags:
             if msg not in seen_flags:  # each distinct check once; the report counts the chunks
@@ -534,7 +558,7 @@ def _evaluate_pending(args: argparse.Namespace, setup: EvaluationSetup, state: A
                 _logger.warning("%sAutoAttack check: %s", tag, msg)
         state.record(start, end, {"clean": clean, "robust": robust},
                      {"seconds": round(seconds, 3), "flags": flags, "seed": chunk_seed(args.seed, start),
-                      "device": str(dev_env.device)})
+                      "device": str(dev_env.device), "outside_threat_model": outside})
         _logger.info("%sevaluated examples [%d, %d) (%d/%d): clean %d/%d, robust %d/%d, %.1f s, %.1f img/s", tag,
                      start, end, k + 1, len(pending), sum(clean), end - start, sum(robust), end - start, seconds,
                      (end - start) / max(seconds, 1e-9))

@@ -101,7 +101,7 @@ def outside_threat_model(x: torch.Tensor, x_adv: torch.Tensor, threat: Tuple[str
     norm, eps, (lo, hi) = threat
     adv = x_adv.detach().float().flatten(1)
     delta = adv - x.detach().float().flatten(1)
-    dist = delta.abs().amax(dim=1) if norm == "linf" else delta.norm(p=2, dim=1)
+    dist = delta.abs().amax(dim=1) if str(norm).lower() == "linf" else delta.norm(p=2, dim=1)
     tol = 1e-6 + 1e-4 * eps
     inside = (dist <= eps + tol) & (adv >= lo - 1e-6).all(dim=1) & (adv <= hi + 1e-6).all(dim=1)
     return ~(inside & torch.isfinite(adv).all(dim=1))  # NaN compares False: outside

@@ -550,3 +550,19 @@ def test_an_l2_radius_in_pixel_units_is_flagged_in_the_report(cifar, tmp_path, c
     assert report["threat_model"] == "L2" and any("is --attack-eps 127.5" in w for w in report["warnings"])
     assert validate_robustbench.main(_cifar_args(cifar, tmp_path / "linf.json")) == 0
     assert _read(tmp_path / "linf.json")["warnings"] == []
+
+
+def test_setup_notes_and_examples_outside_the_threat_model_reach_the_report(imagenet, tmp_path):
+    """--normalize makes AutoAttack perturb normalized values and clip them into [0, 1]: its adversarial
+    examples lie outside the eps-ball of the images, and the probe's/setup's notes were only logged -- the
+    report's 'warnings' (what a results table is built from) said nothing."""
+    out = tmp_path / "normalized.json"
+    assert validate_robustbench.main(_imagenet_args(imagenet, out, "--normalize")) == 0
+    report = _read(out)
+    assert any(w.startswith("--normalize: the loader normalizes") for w in report["warnings"]), report["warnings"]
+    outside = report["autoattack"]["outside_threat_model"]
+    assert outside > 0 and any(f"{outside} of the 5 adversarial examples lie outside the attack's threat model" in w
+                               for w in report["warnings"]), report["warnings"]
+    assert validate_robustbench.main(_imagenet_args(imagenet, tmp_path / "plain.json")) == 0
+    plain = _read(tmp_path / "plain.json")
+    assert plain["warnings"] == [] and plain["autoattack"]["outside_threat_model"] == 0
