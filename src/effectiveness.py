@@ -18,7 +18,8 @@ Differences from the original, all deliberate:
   a run is **resumable**: rows already in the file for ``(epoch, seed, attack, attack_steps)`` are
   not recomputed. The evaluation settings the rows depend on (model, data, eps, normalization,
   ...) are recorded next to the CSV in ``<csv>.settings.json``; a restart with other settings is
-  refused instead of mixing numbers of two configurations in one file.
+  refused instead of mixing numbers of two configurations in one file. The rows' honesty warnings
+  are kept there too, so a resumed run reports those of the rows it skipped.
 * Every checkpoint that still has work is checked for existence before any evaluation starts.
 * Each row is seeded on its own (``seed + rank``, like validate), so its numbers do not depend on
   which rows ran before it: a resumed run writes the same file as an uninterrupted one.
@@ -54,8 +55,9 @@ from src.errors import UsageError
 from src.eval_config import flag_given
 from src.eval_setup import (build_eval_attack, create_eval_dataset, create_eval_loader, create_eval_model,
                              eval_batches, eval_settings)
-from src.honesty import (attack_setting_warnings, attack_strength_warnings, gradient_warnings, nonfinite_warnings,
-                         normalization_warnings, robust_above_clean_warnings, threat_model_warnings)
+from src.honesty import (attack_setting_warnings, attack_strength_warnings, example_count_warnings, gradient_warnings,
+                         nonfinite_warnings, normalization_warnings, robust_above_clean_warnings,
+                         threat_model_warnings)
 from src.results import RESULT_KEYS, result_row
 
 _logger = logging.getLogger("robust_vits")
@@ -178,6 +180,7 @@ class ResultsCsv:
         self.path = str(path)
         self.settings_path = self.path + SETTINGS_SUFFIX
         self.rows: List[List[str]] = []
+        self.settings: Optional[Dict[str, Any]] = None  # as last written by write_settings
 
     def load(self) -> "ResultsCsv":
         """Read the existing file (if any); refuse one with another header or broken rows."""
@@ -259,9 +262,25 @@ class ResultsCsv:
                              f"pass another --output-file, or delete {storage.basename(self.settings_path)} to accept "
                              f"the existing rows as they are")
 
-    def write_settings(self, settings: Mapping[str, Any]) -> None:
-        doc = {"format": SETTINGS_FORMAT, "version": 1, "columns": list(COLUMNS), "settings": dict(settings)}
+    def read_warnings(self) -> List[str]:
+        """The honesty warnings of the rows already in the file (recorded with their settings)."""
+        if not self.rows or not storage.exists(self.settings_path):
+            return []
+        self.read_settings()  # a damaged file is one error line
+        warnings = json.loads(storage.read_text(self.settings_path)).get("warnings") or []
+        return [str(w) for w in warnings] if isinstance(warnings, list) else []
+
+    def write_settings(self, settings: Mapping[str, Any], warnings: Sequence[str] = ()) -> None:
+        """The settings of the rows and their honesty warnings so far (printed again by a resumed run)."""
+        self.settings = dict(settings)
+        doc = {"format": SETTINGS_FORMAT, "version": 1, "columns": list(COLUMNS), "settings": dict(settings),
+               "warnings": list(warnings)}
         storage.atomic_write_text(self.settings_path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+    def write_warnings(self, warnings: Sequence[str]) -> None:
+        """Rewrite the settings file with the warnings so far (after :meth:`write_settings`)."""
+        if self.settings is not None:
+            self.write_settings(self.settings, warnings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,10 +379,13 @@ def _evaluate_checkpoint(args: argparse.Namespace, base: argparse.Namespace, dat
         _note(warnings, robust_above_clean_warnings(row) + gradient_warnings(ev.zero_grad_fraction)
               + nonfinite_warnings(ev.nonfinite_clean, ev.nonfinite_adv, ev.num_examples)
               + threat_model_warnings(ev.outside_threat, ev.num_examples, ev.threat)
+              + example_count_warnings(base.num_examples, ev.num_examples, base.batch_size * dev_env.world_size)
               + [f"AutoAttack check: {f}" for f in ev.attack_flags])
         if job.attack == "pgd":
             label_rows.setdefault(job.seed, []).append(row)
         results.append(row, write=dev_env.primary)
+        if dev_env.primary:  # the row's warnings live next to it: a resumed run reports them too
+            results.write_warnings(warnings)
         run_.computed.append(job)
         written += 1
         _logger.info("[%d/%d] epoch %s seed %d %s: top1 %.2f robust_top1 %.2f loss %.4f adv_loss %.4f (%d examples, "
@@ -405,7 +427,8 @@ def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
     if skipped:
         _logger.info("%s already holds %d of the %d rows of this sweep; computing the other %d", path, skipped,
                      len(jobs), len(pending))
-    run_ = EffectivenessRun(path=path, rows=results.dicts(), skipped=skipped)
+    earlier = results.read_warnings()  # of the rows already there: the report covers every row of the file
+    run_ = EffectivenessRun(path=path, rows=results.dicts(), skipped=skipped, warnings=list(earlier))
     if not pending:
         return run_
 
@@ -419,8 +442,8 @@ def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
     if dev_env.primary:
         for written_file in (path, results.settings_path):  # what a killed earlier write left behind
             storage.remove_stale_temp_of(written_file)
-        results.write_settings(settings)
-    warnings: List[str] = []
+        results.write_settings(settings, earlier)
+    warnings: List[str] = list(earlier)
     written = 0
     for label in labels:
         written = _evaluate_checkpoint(args, base, dataset, label, pending, results, run_, warnings, written, dev_env)

@@ -278,6 +278,21 @@ def test_honesty_warnings_are_reported(run_dir, tmp_path, capsys):
     assert any("--no-normalize" in w for w in warnings)
 
 
+def test_fewer_examples_than_asked_and_warnings_of_earlier_rows_are_reported(run_dir, tmp_path, capsys):
+    """--num-examples beyond the data evaluated fewer examples without a word (validate.py says so), and a
+    resumed run printed only the warnings of the rows it computed: the same file read as clean."""
+    out = str(tmp_path / "few.csv")
+    argv = sweep_args(run_dir, epochs=(1,), seeds=(0,), steps=(1,)) + ["--output-file", out]
+    argv[argv.index("--num-examples") + 1] = "1000"  # the digits validation split has 50 images here
+    rc, text, err = cli(argv, capsys)
+    assert rc == 0, err
+    first = [line for line in text.splitlines() if line.startswith("WARNING: ")]
+    assert any("not the 1000 asked for with --num-examples" in w for w in first), first
+    rc, text, err = cli(argv, capsys)  # every row done: nothing computed, the warnings still reported
+    assert rc == 0 and "0 computed now" in text, err
+    assert [line for line in text.splitlines() if line.startswith("WARNING: ")] == first
+
+
 # ----------------------------------------------------------------------------------------------
 # checkpoints
 
