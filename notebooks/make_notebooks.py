@@ -8,7 +8,6 @@ tests/test_notebooks.py executes every notebook top to bottom.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -235,8 +234,12 @@ def write_all(out_dir: str = HERE) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=HERE, help="output folder (default: notebooks/)")
+    from src.arg_parser.common import CliParser
+    from src.arg_parser.values import REQUIRED_OUTPUT_PATH
+
+    p = CliParser(prog="make_notebooks.py", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=HERE, type=REQUIRED_OUTPUT_PATH, metavar="DIR",
+                   help="output folder (default: notebooks/)")
     for written in write_all(p.parse_args(argv).out):
         print(written)
     return 0

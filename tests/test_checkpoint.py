@@ -406,11 +406,16 @@ EXPORT_ERRORS = {
     "unknown_model": "unknown model 'no_such_model'",
     "bad_dataset": "dataset name 'torch/cifar10' cannot be used in a file name",
     "bad_args": "the following arguments are required: --output-dir",
+    # '' (an unset shell variable in --output-dir "$DIR") wrote the released files into the working directory
+    "empty_output_dir": "argument --output-dir: must be a non-empty path",
 }
 
 
 @pytest.mark.parametrize("case", list(EXPORT_ERRORS))
-def test_export_script_errors_exit_2_with_one_line(case, trained, tmp_path, capsys) -> None:
+def test_export_script_errors_exit_2_with_one_line(case, trained, tmp_path, capsys, monkeypatch) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     ckpt_path = tmp_path / "best.pth.tar"
     payload = {"model": trained["model"].state_dict()}
     if case == "untrusted":
@@ -426,6 +431,8 @@ def test_export_script_errors_exit_2_with_one_line(case, trained, tmp_path, caps
         args["--model"] = "no_such_model"
     elif case == "bad_dataset":
         args["--dataset"] = "torch/cifar10"
+    elif case == "empty_output_dir":
+        args["--output-dir"] = ""
     argv = [x for kv in args.items() for x in kv]
     if case == "bad_args":
         argv = argv[:-2]  # --output-dir missing: argparse error
@@ -437,6 +444,7 @@ def test_export_script_errors_exit_2_with_one_line(case, trained, tmp_path, caps
     assert EXPORT_ERRORS[case] in err[-1]
     assert not (tmp_path / "MARKER").exists()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not any(cwd.iterdir())
 
 
 def test_memory_paths_for_load_and_export(trained) -> None:

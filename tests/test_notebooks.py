@@ -31,6 +31,22 @@ def test_committed_notebooks_are_generated(tmp_path):
             assert fresh.read() == committed.read(), f"regenerate: python notebooks/make_notebooks.py"
 
 
+def test_an_empty_out_is_an_error_not_the_working_directory(tmp_path, capsys, monkeypatch):
+    """--out '' wrote all six notebooks into the working directory (the repository root, run from there)."""
+    import importlib.util
+
+    from src.errors import run_cli
+
+    spec = importlib.util.spec_from_file_location("make_notebooks", os.path.join(NB_DIR, "make_notebooks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(module.main, ["--out", ""]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: make_notebooks.py: argument --out: must be a non-empty path")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_executes(name, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it: tiny models, shared cores

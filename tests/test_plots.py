@@ -115,3 +115,17 @@ def test_bad_input_is_one_error_line_exit_2(tmp_path, capsys, make, kind, needle
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
     assert not os.path.exists(tmp_path / "o") or not os.listdir(tmp_path / "o")
+
+
+@pytest.mark.parametrize("out", ["", "  "])
+def test_an_empty_out_is_refused_not_the_working_directory(inputs, tmp_path, capsys, monkeypatch, out):
+    """--out '' (an unset variable in --out "$DIR") was a FileNotFoundError traceback from makedirs('');
+    the rule of the flag refuses it before anything is read."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert run_cli(plots.main, ["convergence", *inputs["convergence"], "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: python -m src.plots: argument --out: must be a non-empty path whose $VARIABLES are set "
+                   f"in the environment, got {out!r}"], err
+    assert os.listdir(cwd) == []

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from src.arg_parser.common import FOLD_BN_HELP, CliParser, check_input_size
 from src.arg_parser.evaluate import build_validate_parser, check_validate_args
-from src.arg_parser.values import INPUT_PATH, OUTPUT_PATH, Choice, must, nonneg_float, nonneg_int, positive_int, rate
+from src.arg_parser.values import INPUT_PATH, OUTPUT_PATH, REQUIRED_OUTPUT_PATH, Choice, must, nonneg_float, nonneg_int, positive_int, rate
 from src.errors import UsageError
 
 __all__ = ["CONVERGENCE_DEFAULT_STEPS", "CONVERGENCE_DEFAULT_RUNS", "CONVERGENCE_DEFAULT_POINTS",
@@ -116,7 +116,7 @@ def build_plots_parser(kinds: Sequence[str]) -> CliParser:
     p = CliParser(prog="python -m src.plots", description="Draw the analyses' figures (PNG + PDF) from their CSVs.")
     p.add_argument("kind", metavar="KIND", help=f"one of: {', '.join(kinds)}")
     p.add_argument("csv", nargs="+", metavar="CSV", help="input CSV file(s); one line (or model) per file")
-    p.add_argument("--out", required=True, type=OUTPUT_PATH, metavar="DIR", help="output folder")
+    p.add_argument("--out", required=True, type=REQUIRED_OUTPUT_PATH, metavar="DIR", help="output folder")
     p.add_argument("--labels", nargs="+", default=None, metavar="L", help="one label per CSV (default: file names)")
     p.add_argument("--metric", default=None, metavar="COLUMN",
                    help="learning-curves: summary.csv column (default eval_robust_top1; a W&B export draws its "

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from src.arg_parser.common import CliParser, bool_flag
-from src.arg_parser.values import CROP_PCT, INTERPOLATION, INPUT_PATH, MEAN, OUTPUT_PATH, STD, Choice, nonneg_float, positive_int
+from src.arg_parser.values import (CROP_PCT, INTERPOLATION, MEAN, REQUIRED_INPUT_PATH, REQUIRED_OUTPUT_PATH, STD, Choice,
+                                    nonneg_float, positive_int)
 
 __all__ = ["build_export_parser"]
 
@@ -14,14 +15,14 @@ def build_export_parser() -> CliParser:
                   description="Export a training checkpoint or an original release (local or gs://) as "
                               "{model}-{dataset}[-eps-{eps}].pth.tar plus a .safetensors copy, both recording what "
                               "evaluating them needs.")
-    p.add_argument("--checkpoint", required=True, type=INPUT_PATH, metavar="PATH",
+    p.add_argument("--checkpoint", required=True, type=REQUIRED_INPUT_PATH, metavar="PATH",
                    help="training checkpoint (e.g. <run>/best.pth.tar), local, gs:// or any fsspec URL")
     p.add_argument("--model", required=True, metavar="NAME", help="model name the weights belong to")
     p.add_argument("--dataset", required=True, metavar="NAME", help="dataset name used in the file name")
     p.add_argument("--eps", default=None, type=nonneg_float(), metavar="N",
                    help="training epsilon in /255 units, added to the file name as -eps-N")
     p.add_argument("--use-ema", action="store_true", help="export the EMA weights (model_ema)")
-    p.add_argument("--output-dir", required=True, type=OUTPUT_PATH, metavar="DIR", help="folder for the released files")
+    p.add_argument("--output-dir", required=True, type=REQUIRED_OUTPUT_PATH, metavar="DIR", help="folder for the released files")
     bool_flag(p, "--trust-checkpoint", command_line_only="it lets a checkpoint run code while it is loaded",
               help="allow a checkpoint that needs arbitrary unpickling (can run code): only for files from a "
                    "source you trust")

@@ -27,7 +27,8 @@ from src.errors import UsageError
 
 __all__ = ["RuleViolation", "Rule", "Num", "Text", "Choice", "ExpandedPath", "show", "must", "positive_int", "nonneg_int",
            "int_at_least", "finite_float", "nonneg_float", "positive_float", "fraction", "rate", "check_list",
-           "convert_value", "INTERPOLATIONS", "INTERPOLATION", "CROP_PCT", "MEAN", "STD", "SEED", "OUTPUT_PATH", "INPUT_PATH"]
+           "convert_value", "INTERPOLATIONS", "INTERPOLATION", "CROP_PCT", "MEAN", "STD", "SEED", "OUTPUT_PATH", "INPUT_PATH",
+           "REQUIRED_OUTPUT_PATH", "REQUIRED_INPUT_PATH"]
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: model, optimizer and attack arithmetic
@@ -191,14 +192,20 @@ class ExpandedPath(Rule):
     """A path a CLI reads or writes: ``~`` and ``$VAR`` / ``${VAR}`` are expanded as a shell would, also
     in a config file (``output: ~/runs`` used to create a folder literally named ``~`` in the working
     directory; the original's ``data_dir: ~/torch_data`` was not found); a variable that is not set is
-    refused rather than taken as part of a name."""
+    refused rather than taken as part of a name.
+
+    ``empty_ok=False``: the flag must name a file or folder. An empty value (``--out "$DIR"`` with DIR
+    unset) would otherwise mean the working directory, where outputs then land unasked, or "no file"
+    for an input that is required."""
+
+    empty_ok: bool = True
 
     @property
     def requirement(self) -> str:
-        return "a path whose $VARIABLES are set in the environment"
+        return ("a path" if self.empty_ok else "a non-empty path") + " whose $VARIABLES are set in the environment"
 
     def parse(self, value: Any) -> Any:
-        if not isinstance(value, str):
+        if not isinstance(value, str) or (not self.empty_ok and not value.strip()):
             raise RuleViolation(self.requirement, value)
         names = [a or b for a, b in _ENV_VAR.findall(value)]
         if any(not n or n not in os.environ for n in names):
@@ -207,7 +214,7 @@ class ExpandedPath(Rule):
         return os.path.expanduser(value) if value.startswith("~") else value
 
     def bad_examples(self) -> Tuple[str, ...]:
-        return ("$ROBUST_VITS_UNSET_VARIABLE/out",)
+        return ("$ROBUST_VITS_UNSET_VARIABLE/out",) + (() if self.empty_ok else ("",))
 
 
 @dataclass(frozen=True)
@@ -331,3 +338,6 @@ MAX_WORKERS = 128
 WORKERS = nonneg_int(hi=MAX_WORKERS)
 OUTPUT_PATH = ExpandedPath()  # where a CLI writes
 INPUT_PATH = ExpandedPath()  # what a CLI reads (data dirs, checkpoints, label and class files)
+# the same for flags that must name something ('' is refused): a required output folder or input file
+REQUIRED_OUTPUT_PATH = ExpandedPath(empty_ok=False)
+REQUIRED_INPUT_PATH = ExpandedPath(empty_ok=False)
