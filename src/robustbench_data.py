@@ -128,7 +128,11 @@ class CifarTestSet(ExampleSet):
             raise UsageError(f"{pretty} test set not found: looked for {path}; download it with python -c \"import "
                              f"torchvision; torchvision.datasets.{tv_name}('{data_dir}', train=False, download=True)\" "
                              f"or pass --data-dir")
-        raw = storage.read_bytes(path)
+        try:  # a folder in the file's place, or a file without read permission: one line, not a traceback
+            raw = storage.read_bytes(path)
+        except OSError as e:
+            raise UsageError(f"{path} cannot be read as the {pretty} test batch ({e.strerror or type(e).__name__}); "
+                             f"it must be torchvision's python-format file") from None
         try:
             entry = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
             data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)

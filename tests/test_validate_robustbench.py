@@ -472,6 +472,19 @@ def test_bad_input_is_one_line_and_exit_2(cifar, tmp_path, capsys, extra, messag
     assert "Traceback" not in err and not out.exists()
 
 
+def test_a_folder_in_place_of_the_cifar_test_file_is_one_line(tmp_path, capsys):
+    """<data-dir>/cifar-10-batches-py/test_batch being a folder was an IsADirectoryError traceback."""
+    (tmp_path / "cifar-10-batches-py" / "test_batch").mkdir(parents=True)
+    out = tmp_path / "r.json"
+    args = ["--model", "rb_toy", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--num-classes", "4",
+            "--n-examples", "2", "--workers", "0", "--output", str(out)]
+    assert validate_robustbench.main(args) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "test_batch cannot be read as the CIFAR-10 test batch (Is a directory)" in errors[0], err
+    assert "Traceback" not in err and not out.exists()
+
+
 @pytest.mark.parametrize("dataset", ["cifar10", "imagenet"])
 def test_missing_data_is_reported_before_the_model_is_built(cifar, imagenet, tmp_path, capsys, monkeypatch, dataset):
     # the examples are read first: a wrong --data-dir costs no model construction (a large model, a download)
