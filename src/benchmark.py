@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import logging
-import os
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Sequence
@@ -52,9 +51,7 @@ def model_names(args: argparse.Namespace) -> List[str]:
     import src.models  # noqa: F401  (registers the project's models)
 
     if args.model_list:
-        if not os.path.isfile(args.model_list):
-            raise UsageError(f"--model-list file {args.model_list} does not exist")
-        names = [n.strip() for n in open(args.model_list, encoding="utf-8").read().split() if n.strip()]
+        names = _read_model_list(args.model_list)
     elif any(c in args.model for c in "*?["):
         names = timm.list_models(args.model)
     else:
@@ -63,6 +60,25 @@ def model_names(args: argparse.Namespace) -> List[str]:
     if unknown or not names:
         raise UsageError(f"unknown model(s): {', '.join(unknown[:5])}" if unknown else
                          f"no timm model matches '{args.model}'")
+    return names
+
+
+def _read_model_list(path: str) -> List[str]:
+    """The names in a ``--model-list`` file (whitespace-separated); a file that names none is an error, never
+    a silent fall-back to ``--model``."""
+    if storage.isdir(path):
+        raise UsageError(f"--model-list {path} is a folder; give the text file of model names")
+    if not storage.exists(path):
+        raise UsageError(f"--model-list file {path} does not exist")
+    try:
+        text = storage.read_text(path)
+    except OSError as e:
+        raise UsageError(f"--model-list {path} cannot be read ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--model-list {path} is not a text file of model names (not UTF-8 text)") from None
+    names = text.split()
+    if not names:
+        raise UsageError(f"--model-list {path} names no models; write one timm model name per line")
     return names
 
 
@@ -237,13 +253,16 @@ def run(args: argparse.Namespace) -> int:
         _logger.info("benchmarking %s (%s, batch %d, %s)", name, args.bench, args.batch_size, args.precision)
         try:
             rows.append(_with_retry(args, name, device))
-        except (RuntimeError, TypeError, ValueError, ExpectedError) as e:
+        # AssertionError: timm's models assert on inputs they cannot take (a ViT's size not a multiple of its patch)
+        except (RuntimeError, TypeError, ValueError, AssertionError, ExpectedError) as e:
             if len(names) == 1 and isinstance(e, ExpectedError):
                 raise
             if len(names) == 1:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UsageError(f"{name}: {first}") from None
             _logger.warning("%s failed: %s", name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if not rows:  # an empty results file would only hide the failures (and block the next run's file)
+        raise UsageError(f"all {len(names)} models failed (see the warnings above); nothing was timed or written")
     rows.sort(key=_throughput, reverse=True)
     if path:
         write_results(path, rows)

@@ -49,6 +49,9 @@ def test_precision_channels_last_compile_and_json(tmp_path, capsys):
     (["-m", "test_vit", "-b", "2", "--input-size", "3", "100000", "100000"], "one batch of 2 such images takes 223"),
     (TINY + ["--gp", "nopool"], "model 'test_vit' cannot be built with --gp 'nopool'"),
     (TINY + ["--fold-bn"], "--fold-bn: must be used with --bench inference only"),
+    # the model asserts on an input it cannot take: was an AssertionError traceback
+    (["-m", "test_vit", "-b", "2", "--num-warm-iter", "0", "--num-bench-iter", "1", "--bench", "inference",
+      "--input-size", "3", "32", "33"], "test_vit: Input width (33) should be divisible by patch size (16)"),
 ])
 def test_bad_input_exit_2(argv, needle, capsys):
     assert run_cli(bench_cli.main, argv) == 2
@@ -81,6 +84,40 @@ def test_results_file_that_is_not_a_benchmark_result_is_refused_before_timing(tm
         for _ in range(2):
             assert run_cli(bench_cli.main, TINY + ["--bench", "inference", "--results-file", str(out)]) == 0
         assert "test_vit" in out.read_text()
+
+
+def _model_list_cases(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    binary = tmp_path / "models.bin"
+    binary.write_bytes(b"\x80\x02}q\x00.")
+    return [(empty, "names no models; write one timm model name per line"),  # fell back to -m resnet50
+            (binary, "is not a text file of model names (not UTF-8 text)"),  # UnicodeDecodeError traceback
+            (tmp_path, "is a folder; give the text file of model names")]  # said 'does not exist'
+
+
+def test_a_model_list_that_names_no_models_is_one_error_line(tmp_path, capsys):
+    for path, message in _model_list_cases(tmp_path):
+        out = tmp_path / "bench.csv"
+        assert run_cli(bench_cli.main, ["--model-list", str(path), "--results-file", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: --model-list {path} {message}"], err
+        assert not out.exists()
+
+
+def test_bulk_run_where_every_model_fails_is_an_error_and_writes_nothing(tmp_path, capsys):
+    """Every model failing used to exit 0 with an empty results file, which the next run then refused to replace
+    ('not a benchmark.py results CSV')."""
+    models = tmp_path / "models.txt"
+    models.write_text("test_vit\ntest_resnet\n")
+    out = tmp_path / "bench.csv"
+    argv = ["--model-list", str(models), "-b", "2", "--num-warm-iter", "0", "--num-bench-iter", "1", "--bench",
+            "inference", "--input-size", "1", "32", "32", "--results-file", str(out)]  # 3-channel models: both fail
+    assert run_cli(bench_cli.main, argv) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.strip().splitlines() if line.startswith("error:")]
+    assert errors == ["error: all 2 models failed (see the warnings above); nothing was timed or written"]
+    assert captured.err.count("failed:") == 2 and "--result" not in captured.out and not out.exists()
 
 
 def test_fold_bn_folds_the_inference_model(tmp_path, capsys):
