@@ -27,10 +27,10 @@ if str(ROOT) not in sys.path:
 PEER_DIR = Path(__file__).resolve().parent / ".peer"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-from src.arg_parser.analysis import check_device  # noqa: E402 - needs ROOT on sys.path
+from src.arg_parser.analysis import check_compile_backend, check_device  # noqa: E402,F401 - needs ROOT on sys.path
 from src.arg_parser.common import CliParser  # noqa: E402
 from src.arg_parser.values import nonneg_float, nonneg_int, positive_float, positive_int  # noqa: E402,F401
-from src.errors import UsageError, run_cli  # noqa: E402,F401 - run_cli: the scripts' entry point
+from src.errors import UsageError, first_line, run_cli  # noqa: E402,F401 - run_cli: the scripts' entry point
 
 # Models that are not a plain registered name: a registered constructor plus keyword overrides.
 # xcit_nano_12_p4_32 is the project's p4 / 32 px XCiT (stride surgery on the p16 stem) at XCiT-nano
@@ -50,8 +50,29 @@ def create_model(name: str, num_classes: int = 10, img_size: Optional[int] = Non
         import timm
 
         base, kwargs = MODEL_PRESETS[name]
-        return timm.create_model(base, num_classes=num_classes, img_size=img_size or 32, **kwargs)
-    return factory_create(name, num_classes=num_classes, img_size=img_size)
+        model = timm.create_model(base, num_classes=num_classes, img_size=img_size or 32, **kwargs)
+    else:
+        model = factory_create(name, num_classes=num_classes, img_size=img_size)
+    if img_size is not None:
+        check_input_fits(model, name, img_size)
+    return model
+
+
+def check_input_fits(model: torch.nn.Module, name: str, img_size: int) -> None:
+    """One eval-mode forward of a single ``img_size`` image: a size the model cannot take (a ViT's size not a
+    multiple of its patch, a ResNet input too small for its strides) is one error line before anything is
+    timed, not a traceback from inside the first timed step. The global RNG and the train mode are kept."""
+    was_training = model.training
+    x = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except (AssertionError, RuntimeError, ValueError) as e:
+        raise UsageError(f"model {name} cannot take {img_size}x{img_size} px inputs: {first_line(e)[:200].rstrip('.')}; "
+                         "choose another image size") from None
+    finally:
+        model.train(was_training)
 
 
 def device_sync(device: torch.device) -> None:

@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", action="store_true", help="train.py's --amp --amp-dtype bfloat16 --channels-last")
     bc.add_common_args(p, rounds=3, reps=2, warmup=1)
     ns = p.parse_args(argv)
+    bc.check_compile_backend("--backend", ns.backend)
     torch.set_num_threads(ns.threads)
     device = bc.resolve_device(ns.device)
     results: List[Dict[str, Any]] = [bench_model(ns, m, device) for m in ns.models]

@@ -100,6 +100,10 @@ def main(argv=None) -> int:
     for name, spec in variants(ns.steps, ns.trades_steps).items():
         proc = subprocess.run([sys.executable, __file__, "--child", spec] + passthrough, capture_output=True,
                               text=True)
+        if proc.returncode == 2:  # bad input (an unknown model, a size it cannot take): the child's one error line
+            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+            if errors:
+                raise bc.UsageError(errors[-1][len("error: "):])
         if proc.returncode != 0:
             raise SystemExit(f"error: the {name} child failed:\n{proc.stderr.strip()[-2000:]}")
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -44,8 +44,8 @@ def _load(name: str, results: Path) -> Optional[dict]:
         payload = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ResultsError(f"{path} is not a readable JSON benchmark result ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict):
-        raise ResultsError(f"{path} is not a benchmark result (its JSON is not an object)")
+    if not isinstance(payload, dict) or not payload:  # {} was taken as "no file": its row silently left out
+        raise ResultsError(f"{path} is not a benchmark result (its JSON is not an object with results)")
     return payload
 
 
@@ -176,7 +176,9 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as e:
             print(f"error: summarize.py: {e}", file=sys.stderr)
             return 2
-        readme.write_text(new)
+        from src.storage import atomic_write_text  # a kill mid-write never leaves half a README
+
+        atomic_write_text(str(readme), new)
         print(f"written into {readme}")
     return 0
 

@@ -49,6 +49,7 @@ def test_precision_channels_last_compile_and_json(tmp_path, capsys):
     (["-m", "test_vit", "-b", "2", "--input-size", "3", "100000", "100000"], "one batch of 2 such images takes 223"),
     (TINY + ["--gp", "nopool"], "model 'test_vit' cannot be built with --gp 'nopool'"),
     (TINY + ["--fold-bn"], "--fold-bn: must be used with --bench inference only"),
+    (TINY + ["--torch-compile", "no_such_backend"], "--torch-compile: must be a torch.compile backend"),
     # the model asserts on an input it cannot take: was an AssertionError traceback
     (["-m", "test_vit", "-b", "2", "--num-warm-iter", "0", "--num-bench-iter", "1", "--bench", "inference",
       "--input-size", "3", "32", "33"], "test_vit: Input width (33) should be divisible by patch size (16)"),

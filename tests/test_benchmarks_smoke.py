@@ -226,6 +226,11 @@ def _bench_module(name: str):
     ("throughput", ["--device", "tpu"], "--device"),
     ("compile_check", ["--models", "no_such_model"], "unknown model 'no_such_model'"),
     ("peer_torchattacks", ["--json", "."], "--json: . is a folder"),
+    # a size the model cannot take, a torch.compile backend typo: were tracebacks from the first timed step
+    ("adv_step_cost", ["--models", "test_vit", "--img-size", "33", "--batch-size", "2", "--steps", "1", "--device",
+                       "cpu"], "model test_vit cannot take 33x33 px inputs: Input height (33) should be divisible"),
+    ("compile_check", ["--models", "test_resnet", "--backend", "bogus"],
+     "argument --backend: must be a torch.compile backend"),
 ])
 def test_bad_benchmark_input_is_one_line_before_anything_is_written(script, argv, needle, tmp_path, capsys):
     mod = _bench_module(script)
@@ -233,6 +238,16 @@ def test_bad_benchmark_input_is_one_line_before_anything_is_written(script, argv
     assert mod.bc.run_cli(mod.main, ["--json", str(out), "--rounds", "1", "--warmup", "0"] + argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and needle in err, err
+    assert not out.exists()
+
+
+def test_memory_passes_on_its_childs_bad_input_error_as_one_line(tmp_path, capsys):
+    """The measuring child's error (an unknown model) was exit 1 with two error lines ('the clean child failed:')."""
+    mod = _bench_module("memory")
+    out = tmp_path / "r.json"
+    argv = ["--json", str(out), "--model", "no_such_model", "--steps", "1", "--trades-steps", "--device", "cpu"]
+    assert mod.bc.run_cli(mod.main, argv) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown model 'no_such_model'"
     assert not out.exists()
 
 
@@ -248,6 +263,9 @@ def test_summary_refuses_a_folder_without_results_and_a_damaged_file(tmp_path, c
     (tmp_path / summarize.PEER).write_text('{"results": [{"k": 1}]}')  # another version's layout
     assert summarize.main(["--results", str(tmp_path), "--write-readme", "--readme", str(readme)]) == 2
     assert "lacks a field the table needs" in capsys.readouterr().err
+    (tmp_path / summarize.PEER).write_text("{}")  # was taken for a missing file: its row silently left out
+    assert summarize.main(["--results", str(tmp_path), "--write-readme", "--readme", str(readme)]) == 2
+    assert "is not a benchmark result (its JSON is not an object with results)" in capsys.readouterr().err
     (tmp_path / summarize.PEER).write_text("{")
     assert summarize.main(["--results", str(tmp_path), "--write-readme", "--readme", str(readme)]) == 2
     assert "is not a readable JSON" in capsys.readouterr().err

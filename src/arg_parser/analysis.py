@@ -18,7 +18,7 @@ from src.errors import UsageError
 
 __all__ = ["CONVERGENCE_DEFAULT_STEPS", "CONVERGENCE_DEFAULT_RUNS", "CONVERGENCE_DEFAULT_POINTS",
            "build_convergence_parser", "parse_convergence_args", "check_convergence_args", "build_plots_parser", "parse_plots_args",
-           "BENCHES", "PRECISIONS", "build_benchmark_parser", "parse_benchmark_args"]
+           "BENCHES", "PRECISIONS", "build_benchmark_parser", "parse_benchmark_args", "check_device", "check_compile_backend"]
 
 # ----------------------------------------------------------------------------------------------
 # attack_convergence.py
@@ -203,6 +203,18 @@ def check_device(device: str) -> None:
         raise must("--device", "cpu, cuda[:N], mps or xpu (benchmark.py times eager PyTorch devices)", device)
 
 
+def check_compile_backend(flag: str, backend: str) -> None:
+    """``--torch-compile`` / ``--backend``: a torch.compile backend this torch knows (a typo failed inside the
+    first compiled call, after the model was built: a traceback in benchmarks/compile_check.py)."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise must(flag, "a torch.compile backend: " + ", ".join(b for b in ("inductor", "aot_eager", "eager")
+                                                                   if b in known) + " or another of "
+                   "torch._dynamo.list_backends()", backend)
+
+
 def parse_benchmark_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the benchmark CLI (``argv`` instead of ``sys.argv[1:]`` when given)."""
     parser = build_benchmark_parser()
@@ -216,6 +228,8 @@ def parse_benchmark_args(argv: Optional[Sequence[str]] = None) -> argparse.Names
                        "statistics, which cannot be folded)", a.bench)
         if a.device is not None:
             check_device(a.device)
+        if a.torch_compile:
+            check_compile_backend("--torch-compile", a.torch_compile)
         check_input_size(a)
 
     parser.check(check, args)
