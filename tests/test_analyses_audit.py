@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections import defaultdict
 from statistics import mean
 
@@ -347,3 +351,44 @@ def test_readme_numbers_a_failed_write_leaves_the_readme_whole(tmp_path, monkeyp
     rn.main(["--readme", str(path)])
     assert "new 1" in path.read_text() and "new 2" in path.read_text()
     assert path.stat().st_mode & 0o777 == 0o644 and os.listdir(tmp_path) == ["README.md"]
+
+
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted: stopped by Ctrl-C (SIGINT)"),
+                                                 (signal.SIGTERM, 143, "interrupted: terminated (SIGTERM)")])
+def test_readme_numbers_stopped_while_measuring_is_one_line_and_stops_its_child(tmp_path, signum, code, line):
+    """Ctrl-C while the demo trained was a KeyboardInterrupt traceback; SIGTERM killed the script and left the
+    training child running as an orphan. The script runs as a user runs it; the child it starts is a stand-in
+    (sys.executable replaced by a script that records its pid and sleeps) so that nothing is trained."""
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    pid_file = tmp_path / "child.pid"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}\nexec sleep 600\n")
+    fake.chmod(0o755)
+    code_text = (f"import runpy, sys; sys.executable = {str(fake)!r}; "
+                 f"sys.argv = ['readme_numbers.py', '--readme', {str(readme)!r}]; "
+                 f"runpy.run_path({os.path.join(ROOT, 'util_scripts', 'readme_numbers.py')!r}, run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", code_text], stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal's Ctrl-C
+    child = None
+    try:
+        while not pid_file.exists() and proc.poll() is None:  # the stand-in child has started
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read()
+        child = int(pid_file.read_text())
+        proc.send_signal(signum)
+        err = proc.communicate()[1]
+        assert proc.returncode == code and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == line
+        with pytest.raises(ProcessLookupError):  # killed and reaped by subprocess.run
+            os.kill(child, 0)
+        assert readme.read_text() == README
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

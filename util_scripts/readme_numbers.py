@@ -111,7 +111,7 @@ def measure() -> Dict[str, str]:
             "validate": validate_block(rows, DIGITS_NUM_VAL, val_s, where, date)}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
     args = parser.parse_args(argv)
@@ -122,6 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         text = replace_block(text, name, body)
     _write_atomically(args.readme, text)
     print(f"updated {args.readme}")
+    return 0
 
 
 def _read_readme(path: str) -> str:
@@ -161,4 +162,10 @@ def _write_atomically(path: str, text: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run_cli: Ctrl-C / SIGTERM during the minutes of measuring end in one 'interrupted:' line (130 / 143), and
+    # the training or validation child is killed with us (subprocess.run kills it on the way out) instead of
+    # running on as an orphan
+    sys.path.insert(0, ROOT)
+    from src.errors import run_cli
+
+    sys.exit(run_cli(main))
