@@ -248,7 +248,8 @@ def _open_state(args: argparse.Namespace, path: str, dev_env) -> EvalState:
     # chunk c covers batch c // runs and restart c % runs (the original's loop order)
     return EvalState(state_dir, fingerprint_of(args), n_examples=args.n_points * args.runs,
                      chunk_size=args.batch_size, fields=("point", "loss"), shard_id=dev_env.global_rank,
-                     num_shards=dev_env.world_size)
+                     num_shards=dev_env.world_size,  # no --state-dir here: the state lives next to the CSV
+                     elsewhere=f"use another --output-file (its state goes to <PATH>{STATE_SUFFIX}/)")
 
 
 def _write_csv(state: EvalState, path: str, args: argparse.Namespace) -> int:

@@ -173,8 +173,10 @@ class EvalState:
     """
 
     def __init__(self, state_dir: str, fingerprint: Mapping[str, Any], n_examples: int, chunk_size: int,
-                 fields: Sequence[str], shard_id: int = 0, num_shards: int = 1):
+                 fields: Sequence[str], shard_id: int = 0, num_shards: int = 1,
+                 elsewhere: str = "use another --state-dir"):
         self.state_dir = str(state_dir)
+        self.elsewhere = elsewhere  # how this tool's user puts the state somewhere else (its errors say it)
         self.fingerprint = _canonical(dict(fingerprint))
         self.digest = fingerprint_digest(self.fingerprint)
         self.n_examples = int(n_examples)
@@ -202,19 +204,19 @@ class EvalState:
             doc = json.loads(storage.read_text(path))
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise EvalStateError(f"evaluation state {path} cannot be read ({type(e).__name__}); delete it to "
-                                 f"redo its examples, or use another --state-dir") from None
+                                 f"redo its examples, or {self.elsewhere}") from None
         if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
-            raise EvalStateError(f"{path} is not a robust-vits evaluation state file; use another --state-dir")
+            raise EvalStateError(f"{path} is not a robust-vits evaluation state file; {self.elsewhere}")
         if doc.get("version") != STATE_VERSION:
             raise EvalStateError(f"evaluation state {path} has format version {doc.get('version')}, this "
-                                 f"robust-vits writes version {STATE_VERSION}; use another --state-dir")
+                                 f"robust-vits writes version {STATE_VERSION}; {self.elsewhere}")
         theirs = doc.get("fingerprint") or {}
         if doc.get("fingerprint_sha256") != self.digest:
             diff = _differences(theirs, self.fingerprint)
             shown = "; ".join(f"{k}: {_short(theirs.get(k))} there vs {_short(self.fingerprint.get(k))} now"
                               for k in diff[:3])
             raise EvalStateError(f"evaluation state {path} belongs to another configuration ({shown or 'digest differs'}"
-                                 f"); refusing to mix results: use another --state-dir, or delete that folder "
+                                 f"); refusing to mix results: {self.elsewhere}, or delete that folder "
                                  f"to start over")
         return doc
 

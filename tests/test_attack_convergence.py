@@ -193,3 +193,17 @@ def test_a_file_where_the_state_folder_goes_is_one_error_line(checkpoint, tmp_pa
     err = capsys.readouterr().err
     assert f"{blocker} is a file, not a folder" in err and "Traceback" not in err
     assert blocker.read_text() == "not a folder" and not out.exists()
+
+
+@pytest.mark.parametrize("text", ["{", "[]"])
+def test_a_damaged_state_names_a_flag_this_tool_has(checkpoint, tmp_path, capsys, text):
+    """The state errors told attack_convergence.py users to 'use another --state-dir', a flag it does not have."""
+    out = tmp_path / "conv.csv"
+    state = tmp_path / "conv.csv.state"
+    state.mkdir()
+    (state / "shard-0-of-1.json").write_text(text)
+    assert run_cli(ac_cli.main, study_args(checkpoint, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(state) in err[0], err
+    assert "use another --output-file (its state goes to <PATH>.state/)" in err[0] and "--state-dir" not in err[0]
+    assert not out.exists() and (state / "shard-0-of-1.json").read_text() == text
