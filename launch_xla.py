@@ -72,6 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     if ns.num_devices < 1:
         return _error(f"--num-devices must be at least 1, got {ns.num_devices}")
+    if os.path.isdir(ns.script):
+        return _error(f"script {ns.script} is a folder; pass a script file such as train.py")
     if not os.path.isfile(ns.script):
         return _error(f"script {ns.script} does not exist")
     try:
@@ -79,7 +81,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError as e:
         return _error(f"torch_xla cannot be imported ({e}); run launch_xla.py with the venv of "
                       "requirements-tpu.txt (see the README, 'TPU VMs')")
-    if not hasattr(load_script(ns.script), "_mp_entry"):
+    try:
+        script = load_script(ns.script)
+    except Exception as e:  # noqa: BLE001 - the user's script: a syntax error, a failing import, unreadable
+        first = (str(e).strip().splitlines() or [""])[0]
+        return _error(f"cannot import {ns.script} ({type(e).__name__}: {first})")
+    if not hasattr(script, "_mp_entry"):
         return _error(f"{ns.script} has no _mp_entry function; launch_xla.py runs train.py, validate.py, "
                       "attack_effectiveness.py and attack_convergence.py")
     os.environ.setdefault("PJRT_DEVICE", "TPU")

@@ -328,6 +328,13 @@ def test_launch_refuses_scripts_without_mp_entry_and_missing_scripts(fake_xla, t
     assert "has no _mp_entry" in capsys.readouterr().err
     assert launch_xla.main([str(tmp_path / "nope.py")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert launch_xla.main([str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(:\n")
+    assert launch_xla.main([str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "SyntaxError" in err and "\n" not in err and "Traceback" not in err
     assert launch_xla.main(["--num-devices", "0", os.path.join(ROOT, "train.py")]) == 2
     capsys.readouterr()
     assert launch_xla.main(["--num-devices", "abc", os.path.join(ROOT, "train.py")]) == 2
