@@ -407,7 +407,9 @@ def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
     checkpoint is loaded once (EMA weights preferred) for all its seeds and step counts.
     """
     path = output_path(args)
-    storage.check_reachable(path, "--output-file")
+    # a folder, or one of the checkpoints it evaluates, is refused by name (not read as a damaged CSV)
+    storage.check_output_file(path, "--output-file",
+                              inputs=[checkpoint_path(args.checkpoints_dir, e) for e in args.epochs_to_try])
     results = ResultsCsv(path).load()
     settings = settings_of(args, dev_env.world_size)
     results.check_settings(settings)

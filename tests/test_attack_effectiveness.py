@@ -368,6 +368,18 @@ def test_training_summary_is_never_the_output(run_dir, sweep, capsys):
     assert open(summary, "rb").read() == before
 
 
+def test_checkpoint_or_folder_as_output_is_refused_by_name(run_dir, sweep, tmp_path, capsys, count_evals):
+    ckpt = os.path.join(run_dir, "checkpoint-1.pth.tar")
+    before = open(ckpt, "rb").read()
+    rc, _, err = cli(sweep_args(run_dir, epochs=(1,), extra=["--output-file", ckpt]), capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "would replace the input" in err and "checkpoint-1.pth.tar" in err  # not "cannot read ... (UnicodeDecodeError)"
+    assert open(ckpt, "rb").read() == before
+    rc, _, err = cli(sweep_args(run_dir, extra=["--output-file", str(tmp_path)]), capsys)
+    assert rc == 2 and "is a folder" in err and len(err.strip().splitlines()) == 1
+    assert not count_evals
+
+
 def test_foreign_csv_is_refused(run_dir, tmp_path, capsys):
     out = tmp_path / "other.csv"
     out.write_text("epoch,train_loss\n0,1.0\n")
