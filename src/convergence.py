@@ -32,7 +32,7 @@ import io
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -236,6 +236,7 @@ class ConvergenceRun:
     rows: int
     computed: int
     skipped: int
+    warnings: List[str] = field(default_factory=list)  # of every run that computed rows of this CSV
 
 
 def _open_state(args: argparse.Namespace, path: str, dev_env) -> EvalState:
@@ -270,11 +271,13 @@ def run_convergence(args: argparse.Namespace, dev_env) -> ConvergenceRun:
         _logger.info("%s: %d of %d chunks already done", state.state_dir, skipped, len(state.chunks))
     if pending:
         em, loader = build_model_and_data(args, dev_env)
-        for w in em.notes + normalization_warnings(em.normalization, "pgd", em.trained_inputs):
+        notes = em.notes + normalization_warnings(em.normalization, "pgd", em.trained_inputs)
+        for w in notes:
             _logger.warning(w)
         ids, xs, ys = select_points(em.model, loader, args.n_points, dev_env)
         _logger.info("selected %d correctly classified points (dataset ids %d .. %d)", len(ids), ids[0], ids[-1])
-        state.begin_run({"chunks_pending": len(pending)})
+        # kept in the state, so the run that completes the CSV (or a rerun that finds it done) reports them
+        state.begin_run({"chunks_pending": len(pending), "warnings": list(notes)})
         b, runs = args.batch_size, args.runs
         for n, (start, end) in enumerate(pending, 1):
             batch, run = divmod(start // b, runs)
@@ -289,7 +292,18 @@ def run_convergence(args: argparse.Namespace, dev_env) -> ConvergenceRun:
                          " ".join(f"{v:.3f}" for v in losses.mean(dim=1).tolist()), time.time() - t0)
     dev_env.barrier()
     rows = _write_csv(state, path, args) if dev_env.primary else 0
-    return ConvergenceRun(path=path, rows=rows, computed=len(pending), skipped=skipped)
+    return ConvergenceRun(path=path, rows=rows, computed=len(pending), skipped=skipped, warnings=_run_warnings(state))
+
+
+def _run_warnings(state: EvalState) -> List[str]:
+    """The honesty notes recorded by every run in the state folder (each process's file), de-duplicated."""
+    out: List[str] = []
+    for path in state.state_files():
+        for entry in state.read_runs(path):
+            for w in entry.get("warnings") or []:
+                if isinstance(w, str) and w not in out:
+                    out.append(w)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -303,6 +317,8 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.time()
         result = run_convergence(args, dev_env)
         if dev_env.primary:
+            for w in result.warnings:
+                print(f"WARNING: {w}")
             print(f"results: {result.path} ({result.rows} rows: {result.computed} chunk(s) computed now in "
                   f"{time.time() - t0:.1f}s, {result.skipped} already done)")
             sys.stdout.flush()

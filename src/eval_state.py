@@ -336,6 +336,11 @@ class EvalState:
     def runs(self) -> List[Dict[str, Any]]:
         return list(self._runs)
 
+    def read_runs(self, path: str) -> List[Dict[str, Any]]:
+        """The run entries (``begin_run``'s records) of one state file of this folder, any shard's."""
+        runs = self._read(path).get("runs")
+        return [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []
+
 
 def _test_kill_point(committed: int) -> None:
     """Test-only simulated pre-emption (see the module docstring)."""

@@ -207,3 +207,19 @@ def test_a_damaged_state_names_a_flag_this_tool_has(checkpoint, tmp_path, capsys
     assert len(err) == 1 and err[0].startswith("error: ") and str(state) in err[0], err
     assert "use another --output-file (its state goes to <PATH>.state/)" in err[0] and "--state-dir" not in err[0]
     assert not out.exists() and (state / "shard-0-of-1.json").read_text() == text
+
+
+def test_setup_warnings_are_reported_also_by_the_rerun_that_finds_the_study_done(checkpoint, tmp_path, capsys):
+    """The notes of the run that computed the rows (here: attacking loader-normalized inputs) are printed as
+    WARNING lines, and again by a rerun that computes nothing (they were only logged, once)."""
+    out = tmp_path / "normalized.csv"
+    argv = [a for a in study_args(checkpoint, out, steps=(0, 1)) if a != "--no-normalize"]
+    assert run_cli(ac_cli.main, argv) == 0
+    first = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("WARNING: ")]
+    assert any("loader-normalized" in ln for ln in first), first
+    assert run_cli(ac_cli.main, argv) == 0
+    again = capsys.readouterr().out
+    assert "0 chunk(s) computed now" in again
+    assert [ln for ln in again.splitlines() if ln.startswith("WARNING: ")] == first
+    assert run_cli(ac_cli.main, study_args(checkpoint, tmp_path / "raw.csv", steps=(0,))) == 0
+    assert "WARNING: " not in capsys.readouterr().out  # raw [0, 1] inputs: nothing to say
