@@ -211,3 +211,12 @@ def test_trusted_checkpoint_would_run_the_payload(world):
 def test_catalogue_is_complete():
     assert len(CASES) >= 20
     assert len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_readme_counts_the_catalogue():
+    """The README's Reliability section quotes this catalogue's size; it must follow the catalogue."""
+    import re
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        quoted = re.findall(r"`tests/test_bad_inputs.py` holds the catalogue \((\d+) cases\)", f.read())
+    assert quoted == [str(len(CASES))]
