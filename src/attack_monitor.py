@@ -15,7 +15,7 @@ or of catastrophic overfitting. The warning threshold ``--monitor-warn-gap`` def
 in the paper's own data (notebooks/data/attack-effectiveness-*.csv, measured with
 ``src.plots.relative_gap``) PGD-1's gap to PGD-200 is at most 12.7 % over every epoch of the
 healthy XCiT-S12, ResNet-50 and ConvNeXt-T runs (means 4.3, 7.6 and 3.8 %), while the run the
-paper reports as problematic (XCiT-S12*) reaches 71.6 % (mean 26.3 %).
+paper reports as problematic (XCiT-S12*) reaches 71.5 % (mean 26.3 %).
 """
 from __future__ import annotations
 
