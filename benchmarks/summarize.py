@@ -124,7 +124,8 @@ def rows(results: Path = RESULTS) -> List[List[str]]:
         parts = []
         for r in comp["results"]:
             parts.append(f"{r['model']} " + " / ".join(f"{row['speedup']:.2f}x" for row in r["rows"]))
-        out.append(["`torch.compile` vs eager, clean / PGD-2 step (no `--torchcompile` flag: not faster here)",
+        out.append(["`torch.compile` vs eager, clean / PGD-2 step (train.py has no `--torchcompile` flag: not faster here; "
+                    "`benchmark.py --torch-compile` times it)",
                     "; ".join(parts), _clock(comp)])
     return out
 
