@@ -10,14 +10,17 @@ Data files are read relative to the repository, never the working directory.
 from __future__ import annotations
 
 import io
+import logging
 import lzma
 import os
 import re
 import tarfile
 import zlib
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Collection, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from src.errors import SourceDataError, first_line
+
+_logger = logging.getLogger("robust_vits")
 
 ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 
@@ -44,6 +47,11 @@ def validation_labels() -> List[str]:
     import tensorflow_datasets as tfds
 
     return tfds.core.tfds_path("datasets/imagenet2012/validation_labels.txt").read_text().split()
+
+
+def validation_file_name(number: int) -> str:
+    """The file name of ImageNet validation image ``number`` (1-based)."""
+    return f"ILSVRC2012_val_{number:08d}.JPEG"
 
 
 def validation_wnid(file_name: str, labels: List[str]) -> str:
@@ -106,47 +114,93 @@ def read_members(archive: Iterable[Tuple[str, io.IOBase]], source: str,
 
 def check_image(payload: bytes, where: str) -> None:
     """A one-line ``SourceDataError`` when ``payload`` is not an image PIL recognizes (its header only: cheap),
-    instead of storing it and failing when the dataset is read."""
+    instead of storing it and failing when the dataset is read; also one larger than PIL decodes (a decompression
+    bomb), which the image-folder reader refuses too (``load_rgb_image``)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(payload)):
             pass
+    except Image.DecompressionBombError as e:
+        raise SourceDataError(f"{where} is too large to decode: {first_line(e)}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise SourceDataError(f"{where} is not an image PIL can read") from None
 
 
+def checked_examples(examples: Iterable[Example], source: str, what: str) -> Iterator[Example]:
+    """``examples`` as they come, refused in one line (``SourceDataError``) when two share a key (a file name an
+    archive holds twice: TFDS stopped only after the whole split, with an AssertionError traceback) or when there
+    are none (TFDS's 'No examples were yielded' traceback)."""
+    seen: Set[str] = set()
+    for key, example in examples:
+        if key in seen:
+            raise SourceDataError(f"{key} is in {source} twice; each of the {what} must be there once (a merged "
+                                  "or damaged archive?)")
+        seen.add(key)
+        yield key, example
+    if not seen:
+        raise SourceDataError(f"{source} holds none of the {what}")
+
+
+def warn_missing(found: Collection[str], expected: Collection[str], source: str, what: str) -> None:
+    """A warning when ``source`` lacked some of the ``expected`` files or classes: the split is built, but is
+    partial, and the readers cannot tell (a full ImageNet archive lacks none)."""
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        _logger.warning("%s held %d of the %d %s (first missing: %s); the split is built without the others",
+                        source, len(set(expected)) - len(missing), len(set(expected)), what, missing[0])
+
+
 def iter_train_archive(archive: Iterable[Tuple[str, io.IOBase]], keep: Optional[Set[str]] = None,
-                       fix_image: Callable = lambda name, img: img, source: str = TRAIN_ARCHIVE) -> Iterator[Example]:
+                       fix_image: Callable = lambda name, img: img, source: str = TRAIN_ARCHIVE,
+                       what: str = "training images", classes_what: str = "classes") -> Iterator[Example]:
     """(key, example) of every training image whose class is in ``keep`` (all when None).
 
-    Class archives outside ``keep`` are skipped without being read. Damaged archives and files that are not
-    images are ``SourceDataError`` naming them.
+    Class archives outside ``keep`` are skipped without being read. Damaged archives, files that are not
+    images, a file name twice and no image at all are ``SourceDataError`` naming them; classes of ``keep``
+    without images are a warning.
     """
     def wnid_of(fname: str) -> str:
         return os.path.basename(fname)[:-len(".tar")]
 
-    for fname, payload in read_members(archive, source, lambda f: keep is None or wnid_of(f) in keep):
-        wnid = wnid_of(fname)
-        inner_source = f"{os.path.basename(fname)} in {source}"
-        try:
-            inner = tarfile.open(fileobj=io.BytesIO(payload), mode="r:")
-        except ARCHIVE_ERRORS as e:
-            raise SourceDataError(f"cannot read {inner_source}: {first_line(e)} (a damaged tar archive?)") from None
-        with inner:
-            for image_name, image in read_members(((m.name, inner.extractfile(m)) for m in inner if m.isfile()),
-                                                  inner_source):
-                image_name = os.path.basename(image_name)
-                check_image(image, f"{image_name} in {inner_source}")
-                yield image_name, {"file_name": image_name, "image": fix_image(image_name, io.BytesIO(image)),
-                                   "label": wnid}
+    def examples() -> Iterator[Example]:
+        found = set()
+        for fname, payload in read_members(archive, source, lambda f: keep is None or wnid_of(f) in keep):
+            wnid = wnid_of(fname)
+            inner_source = f"{os.path.basename(fname)} in {source}"
+            try:
+                inner = tarfile.open(fileobj=io.BytesIO(payload), mode="r:")
+            except ARCHIVE_ERRORS as e:
+                raise SourceDataError(f"cannot read {inner_source}: {first_line(e)} (a damaged tar archive?)") \
+                    from None
+            with inner:
+                for image_name, image in read_members(((m.name, inner.extractfile(m)) for m in inner if m.isfile()),
+                                                      inner_source):
+                    image_name = os.path.basename(image_name)
+                    check_image(image, f"{image_name} in {inner_source}")
+                    found.add(wnid)
+                    yield image_name, {"file_name": image_name, "image": fix_image(image_name, io.BytesIO(image)),
+                                       "label": wnid}
+        if keep is not None and found:
+            warn_missing(found, keep, source, classes_what)
+
+    return checked_examples(examples(), source, what)
 
 
 def iter_val_archive(archive: Iterable[Tuple[str, io.IOBase]], wnid_of: Callable[[str], Optional[str]],
-                     source: str = VAL_ARCHIVE) -> Iterator[Example]:
-    """(key, example) of every validation image for which ``wnid_of(file_name)`` is not None; damaged archives
-    and kept files that are not images are ``SourceDataError`` naming them."""
-    for fname, payload in read_members(archive, source, lambda f: wnid_of(os.path.basename(f)) is not None):
-        image_name = os.path.basename(fname)
-        check_image(payload, f"{image_name} in {source}")
-        yield image_name, {"file_name": image_name, "image": io.BytesIO(payload), "label": wnid_of(image_name)}
+                     source: str = VAL_ARCHIVE, what: str = "validation images",
+                     expected: Collection[str] = ()) -> Iterator[Example]:
+    """(key, example) of every validation image for which ``wnid_of(file_name)`` is not None; damaged archives,
+    kept files that are not images, a file name twice and no image at all are ``SourceDataError`` naming them;
+    ``expected`` file names the archive lacks are a warning."""
+    def examples() -> Iterator[Example]:
+        found = []
+        for fname, payload in read_members(archive, source, lambda f: wnid_of(os.path.basename(f)) is not None):
+            image_name = os.path.basename(fname)
+            check_image(payload, f"{image_name} in {source}")
+            found.append(image_name)
+            yield image_name, {"file_name": image_name, "image": io.BytesIO(payload), "label": wnid_of(image_name)}
+        if found:
+            warn_missing(found, expected, source, what)
+
+    return checked_examples(examples(), source, what)

@@ -112,6 +112,7 @@ def _ddpm_manual(root, labels=None, images=None, labels_bytes=None):
     (np.array([0.5, 3.7, 1.0]), None, "holds float64 values; the labels must be integers"),  # was truncated
     (np.array([1, 2]), b"\x93NUMPY\x01\x00v\x00{'descr'", "as a .npy array (EOF: reading array header"),
     (np.array([1, 2]), b"label,0\n", "as a .npy array ("),
+    (np.array([], np.int64), None, "holds no labels (an empty array)"),  # was TFDS's AssertionError traceback
 ])
 def test_cifar_ddpm_bad_labels_are_one_line_and_build_nothing(tmp_path, capsys, labels, labels_bytes, message):
     manual = _ddpm_manual(tmp_path / "manual", labels=labels, labels_bytes=labels_bytes)
@@ -159,7 +160,46 @@ def _damage(manual, how):
     elif how == "class archive not a tar":
         with tarfile.open(train, "w") as tar:
             _add(tar, "n01484850.tar", b"not a tar at all" * 64)
-    return val if how != "class archive not a tar" else train
+    elif how == "file twice":  # e.g. two archives concatenated
+        with tarfile.open(val, "a") as tar:
+            _add(tar, RB[0], _jpeg_bytes())
+    elif how == "class archive twice":
+        with tarfile.open(train) as tar:
+            inner = tar.extractfile("n01484850.tar").read()
+        with tarfile.open(train, "a") as tar:
+            _add(tar, "n01484850.tar", inner)
+    elif how == "none kept":  # validation images of other classes only
+        with tarfile.open(val, "w") as tar:
+            _add(tar, OTHER_VAL, _jpeg_bytes())
+    elif how == "no class kept":  # class archives of other classes only
+        with tarfile.open(train, "w") as tar:
+            _add(tar, "n01440764.tar", b"")
+    elif how == "huge image":  # only the PNG header: 20000 x 10000 pixels, more than PIL decodes
+        with tarfile.open(val, "w") as tar:
+            _add(tar, RB[0], _png_header(20000, 10000))
+    return train if how.startswith(("class archive", "no class")) else val
+
+
+OTHER_VAL = "ILSVRC2012_val_00000001.JPEG"  # class n01751748: neither a RobustBench image nor a subset class
+
+
+def _jpeg_bytes():
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _png_header(width, height):
+    """A PNG signature and IHDR chunk (8-bit RGB) and an empty IEND: what PIL reads to open a PNG."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) \
+        + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("builder, how, message", [
@@ -168,6 +208,18 @@ def _damage(manual, how):
     ("robustbench_image_net", "not an image", f"{RB[0]} in {{archive}} is not an image PIL can read"),
     ("image_net_subset", "stray file", "README.txt is not an ImageNet validation file name"),
     ("image_net_subset", "class archive not a tar", "cannot read n01484850.tar in {archive}: "),
+    # TFDS stopped at the end of the split with 'AssertionError: ... Two examples share the same hashed key!'
+    ("robustbench_image_net", "file twice", f"{RB[0]} is in {{archive}} twice; each of the RobustBench images must "
+                                           "be there once"),
+    ("image_net_subset", "class archive twice", "n01484850_0.JPEG is in {archive} twice; each of the training "
+                                                "images of image_net_subset's 100 classes must be there once"),
+    # TFDS stopped with 'AssertionError: Failed to finalize writing of split ...: No examples were yielded.'
+    ("robustbench_image_net", "none kept", "{archive} holds none of the RobustBench images"),
+    ("image_net_subset", "none kept", "{archive} holds none of the validation images of image_net_subset's 100"),
+    ("image_net_subset", "no class kept", "{archive} holds none of the training images of image_net_subset's 100"),
+    # PIL's DecompressionBombError traceback
+    ("robustbench_image_net", "huge image", f"{RB[0]} in {{archive}} is too large to decode: Image size (200000000 "
+                                            "pixels) exceeds limit"),
 ])
 def test_damaged_imagenet_archives_are_one_line(tmp_path, capsys, builder, how, message):
     """A damaged archive ended in tarfile's traceback mid-build; a file that is not an image was stored and
@@ -180,6 +232,44 @@ def test_damaged_imagenet_archives_are_one_line(tmp_path, capsys, builder, how, 
     lines = _error_lines(err)
     assert code == 2 and len(lines) == 1 and message.format(archive=archive) in lines[0], err[-2000:]
     assert not (data / builder / "5.1.0").exists()
+
+
+@pytest.fixture
+def robust_vits_warnings():
+    """The warnings of the project's logger, whether or not an earlier test made it stop propagating."""
+    import logging
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("robust_vits")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def test_partial_imagenet_archives_build_with_a_warning(tmp_path, capsys, robust_vits_warnings):
+    """Archives lacking some of the RobustBench images or of the subset's classes built a smaller dataset without
+    a word (validate.py then reports accuracy over it as if it were the benchmark)."""
+    manual = str(tmp_path / "manual")
+    write_imagenet_archives(manual, {"n01484850": 2, "n07860988": 1, "n01440764": 1},
+                            RB + ["ILSVRC2012_val_00004059.JPEG"])  # the last: RobustBench's, of a subset class
+    data = tmp_path / "data"
+    for builder in ("robustbench_image_net", "image_net_subset"):
+        assert _build([os.path.join(DATASETS, builder), "--manual_dir", manual, "--data_dir", str(data)],
+                      capsys)[0] == 0
+    warnings = [r.getMessage() for r in robust_vits_warnings]
+    val, train = os.path.join(manual, "ILSVRC2012_img_val.tar"), os.path.join(manual, "ILSVRC2012_img_train.tar")
+    assert warnings == [
+        f"{val} held 3 of the 5000 RobustBench images (first missing: ILSVRC2012_val_00000011.JPEG); the split is "
+        "built without the others",
+        f"{train} held 2 of the 100 classes of image_net_subset (synsets.txt) (first missing: n01532829); the split "
+        "is built without the others",
+        f"{val} held 1 of the 5000 validation images of image_net_subset's 100 classes (first missing: "
+        "ILSVRC2012_val_00000004.JPEG); the split is built without the others"], warnings
+    splits = {b: {s: v.num_examples for s, v in tfds.builder(b, data_dir=str(data)).info.splits.items()}
+              for b in ("robustbench_image_net", "image_net_subset")}
+    assert splits == {"robustbench_image_net": {"validation": 3}, "image_net_subset": {"train": 3, "validation": 1}}
 
 
 # ----------------------------------------------------------------------------------------------

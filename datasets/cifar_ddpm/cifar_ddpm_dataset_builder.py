@@ -72,8 +72,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
 
 def read_labels(path: str) -> np.ndarray:
-    """The labels file as int64, refused in one line (``SourceDataError``) when it is not a .npy array of
-    integers in [0, 10): a damaged file, float labels (truncated before) or a label out of range (stored
+    """The labels file as int64, refused in one line (``SourceDataError``) when it is not a non-empty .npy array
+    of integers in [0, 10): a damaged file, float labels (truncated before) or a label out of range (stored
     before, -1 included, and failing only in training)."""
     import tensorflow as tf
 
@@ -83,6 +83,9 @@ def read_labels(path: str) -> np.ndarray:
     except (ValueError, EOFError, OSError) as e:
         raise SourceDataError(f"cifar_ddpm: cannot read {path} as a .npy array ({first_line(e)})") from None
     labels = np.asarray(labels).reshape(-1)
+    if not len(labels):  # TFDS refused the empty split only at its end, with an AssertionError traceback
+        raise SourceDataError(f"cifar_ddpm: {path} holds no labels (an empty array); the dataset needs at least "
+                              "one image")
     if not np.issubdtype(labels.dtype, np.integer):
         raise SourceDataError(f"cifar_ddpm: {path} holds {labels.dtype} values; the labels must be integers "
                               f"(0-{len(CIFAR10_CLASSES) - 1})")

@@ -41,8 +41,10 @@ class Builder(imagenet2012_dataset_builder.Builder):
         keep = set(common.read_subset_synsets())
         splits = {}
         if "train" in archives:
-            splits["train"] = common.iter_train_archive(dl_manager.iter_archive(archives["train"]), keep,
-                                                        self._fix_image, source=archives["train"])
+            splits["train"] = common.iter_train_archive(
+                dl_manager.iter_archive(archives["train"]), keep, self._fix_image, source=archives["train"],
+                what=f"training images of image_net_subset's {len(keep)} classes",
+                classes_what="classes of image_net_subset (synsets.txt)")
         if "validation" in archives:
             labels = common.validation_labels()
 
@@ -50,6 +52,8 @@ class Builder(imagenet2012_dataset_builder.Builder):
                 wnid = common.validation_wnid(file_name, labels)
                 return wnid if wnid in keep else None
 
-            splits["validation"] = common.iter_val_archive(dl_manager.iter_archive(archives["validation"]), wnid_of,
-                                                      source=archives["validation"])
+            expected = [common.validation_file_name(n) for n, wnid in enumerate(labels, 1) if wnid in keep]
+            splits["validation"] = common.iter_val_archive(
+                dl_manager.iter_archive(archives["validation"]), wnid_of, source=archives["validation"],
+                what=f"validation images of image_net_subset's {len(keep)} classes", expected=expected)
         return splits

@@ -46,4 +46,5 @@ class Builder(imagenet2012_dataset_builder.Builder):
             raise FileNotFoundError(f"{common.VAL_ARCHIVE} is not in the manual dir {dl_manager.manual_dir}")
         ids = common.read_robustbench_ids()
         return {"validation": common.iter_val_archive(dl_manager.iter_archive(archives["validation"]), ids.get,
-                                                        source=archives["validation"])}
+                                                      source=archives["validation"], what="RobustBench images",
+                                                      expected=ids)}
