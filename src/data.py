@@ -191,11 +191,12 @@ def create_dataset(name: str, root: Optional[str], split: str, is_training: bool
         raise UsageError(f"cannot load dataset '{name or 'image folder'}' split '{split}' from {root}: {msg}") \
             from None
     if name.lower().startswith("tfds/"):
-        from src.tfds_data import check_split, check_trainable
+        from src.tfds_data import check_label_names, check_split, check_trainable
 
         builder = getattr(getattr(ds, "reader", None), "builder", None)
         if builder is not None:  # an empty slice opens and fails with a traceback at the first batch
             check_split(builder, name, split, root)
+            check_label_names(builder, name, root)
         if is_training:
             check_trainable(ds, name)
     return ds

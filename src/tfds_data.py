@@ -135,6 +135,41 @@ def check_trainable(dataset, spec: str) -> None:
                          "disable_shuffling (evaluating on this one works)")
 
 
+def _shipped_label_names(name: str) -> Optional[List[str]]:
+    """The label names the builder of ``datasets/<name>`` stores, for the builders whose names are data files."""
+    from src import tfds_imagenet
+
+    if name == "image_net_subset":
+        return tfds_imagenet.read_subset_synsets()
+    if name == "robustbench_image_net":
+        return tfds_imagenet.imagenet_label_names()
+    return None
+
+
+def check_label_names(builder, spec: str, data_dir: Optional[str]) -> None:
+    """Warn when a build of one of ``datasets/``'s builders stores other label names, or the same in another order,
+    than the builder here: label index i then means another class (the original's image_net_subset, for one,
+    ordered its 100 synsets by Python's string hashing, and shares the version 5.1.0), so a model trained on one
+    build is scored against the wrong labels on the other, without an error."""
+    import logging
+
+    name, _, _ = parse_name(spec)
+    expected = _shipped_label_names(name)
+    label = builder.info.features["label"] if "label" in getattr(builder.info, "features", {}) else None
+    stored = list(getattr(label, "names", None) or [])
+    if expected is None or not stored or stored == expected:
+        return
+    index = next(i for i in range(max(len(stored), len(expected)))
+                 if i >= len(stored) or i >= len(expected) or stored[i] != expected[i])
+    how = "the same classes in another order" if sorted(stored) == sorted(expected) else "other classes"
+    logging.getLogger("robust_vits").warning(
+        "%s in %s was not built by datasets/%s (but by an older or the original builder?): it stores %s (label %d "
+        "is %s there, %s here), so a model trained on one of the two builds is scored against the wrong labels on "
+        "the other; rebuild it with python datasets/build.py datasets/%s --overwrite", spec,
+        describe_data_dir(data_dir), name, how, index, stored[index] if index < len(stored) else "missing",
+        expected[index] if index < len(expected) else "missing", name)
+
+
 def first_line(e: BaseException) -> str:
     text = str(e).strip().strip('"').strip()
     return text.splitlines()[0] if text else type(e).__name__

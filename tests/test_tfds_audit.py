@@ -369,3 +369,29 @@ def test_ctrl_c_during_a_build_is_one_line_and_keeps_the_previous_build(tmp_path
     assert "interrupted: stopped by Ctrl-C (SIGINT)" in err.splitlines()
     assert "the previous build is back in place" in err
     assert sorted(os.listdir(data / "cifar_ddpm")) == ["1.0.0"] and _read_labels(data) == [1, 2, 3]
+
+
+def test_a_build_with_another_label_order_is_read_with_a_warning(tmp_path, capsys, robust_vits_warnings):
+    """The original's image_net_subset (version 5.1.0 too) ordered its synsets by Python's string hashing; read here,
+    its label i silently meant another class than line i of synsets.txt (a checkpoint trained on one build scored
+    against the wrong labels on the other)."""
+    from src.data import create_dataset
+    from src.tfds_imagenet import read_subset_synsets
+
+    manual, data = str(tmp_path / "manual"), tmp_path / "data"
+    write_imagenet_archives(manual, {"n01484850": 1, "n07860988": 1}, ["ILSVRC2012_val_00004059.JPEG"])
+    assert _build([os.path.join(DATASETS, "image_net_subset"), "--manual_dir", manual, "--data_dir", str(data)],
+                  capsys)[0] == 0
+    robust_vits_warnings.clear()  # the build's own (2 of the 100 classes)
+    create_dataset("tfds/image_net_subset", str(data), "train", is_training=False)
+    assert robust_vits_warnings == []  # this builder's own build
+    synsets = read_subset_synsets()
+    names = data / "image_net_subset" / "5.1.0" / "label.labels.txt"
+    assert names.read_text().split() == synsets
+    names.write_text("\n".join(synsets[1:] + synsets[:1]) + "\n")  # the same classes, another order
+    create_dataset("tfds/image_net_subset", str(data), "train", is_training=False)
+    assert [r.getMessage() for r in robust_vits_warnings] == [
+        f"tfds/image_net_subset in {data} was not built by datasets/image_net_subset (but by an older or the original "
+        f"builder?): it stores the same classes in another order (label 0 is {synsets[1]} there, {synsets[0]} here), "
+        "so a model trained on one of the two builds is scored against the wrong labels on the other; rebuild it "
+        "with python datasets/build.py datasets/image_net_subset --overwrite"]
