@@ -27,6 +27,7 @@ from tensorflow_datasets.scripts.cli import build, cli_utils  # noqa: E402
 
 
 from src.errors import ExpectedError, Interrupted, UsageError, first_line, sigterm_as_interrupt  # noqa: E402
+from src.tfds_data import REPLACED_SUFFIX  # noqa: E402  (the readers name a build a killed --overwrite left aside)
 
 
 def check_inputs(args: build.Args) -> None:
@@ -63,8 +64,8 @@ def check_inputs(args: build.Args) -> None:
                 raise UsageError(f"--manual_dir {manual} is empty; {cls.name} reads its source files from there")
 
 
-REPLACED_SUFFIX = ".replaced-by-overwrite"
-_tfds_make_builder = build._make_builder
+# TFDS's own _make_builder, also when this module is loaded again in one process (tests): not a wrapper of a wrapper
+_tfds_make_builder = build.__dict__.setdefault("_tfds_own_make_builder", build._make_builder)
 _replaced = []  # (build folder, its previous contents moved aside) for every build --overwrite replaces
 
 
@@ -72,12 +73,14 @@ def _make_builder_keeping_the_old_build(builder_cls, overwrite: bool, fail_if_ex
     """TFDS's ``_make_builder``, except that ``--overwrite`` moves an existing build aside instead of deleting it
     before the new one is generated: ``restore_replaced`` puts it back when the new build fails or is stopped."""
     builder = builder_cls(**builder_kwargs)
-    if overwrite and not fail_if_exists and builder.is_prepared():
-        path = builder.data_path
-        backup = path.parent / (path.name + REPLACED_SUFFIX)
-        if backup.exists():
-            raise UsageError(f"{backup} holds the build an interrupted --overwrite build replaced; move it back "
-                             f"to {path} or delete it, then build again")
+    path = builder.data_path
+    backup = path.parent / (path.name + REPLACED_SUFFIX)
+    prepared = builder.is_prepared()
+    left_by_a_killed_run = backup.exists() and (path, backup) not in _replaced  # TFDS makes the builder twice
+    if left_by_a_killed_run and (overwrite or not prepared):  # and maybe no build at all: not a new one next to it
+        raise UsageError(f"{backup} holds the build an interrupted --overwrite build replaced; move it back "
+                         f"to {path} or delete it, then build again")
+    if overwrite and not fail_if_exists and prepared:
         path.rename(backup)
         _replaced.append((path, backup))
     return _tfds_make_builder(builder_cls, overwrite=overwrite, fail_if_exists=fail_if_exists, **builder_kwargs)

@@ -72,6 +72,27 @@ def built_versions(name: str, data_dir: Optional[str]) -> Optional[List[str]]:
     return sorted(b for b in found if re.fullmatch(r"\d+\.\d+\.\d+", b.split("/")[-1]))
 
 
+REPLACED_SUFFIX = ".replaced-by-overwrite"  # datasets/build.py --overwrite: the previous build until the new one completes
+
+
+def set_aside_builds(name: str, data_dir: Optional[str]) -> Optional[List[str]]:
+    """``[config/]version`` of every build of ``name`` that ``datasets/build.py --overwrite`` moved aside and did not
+    put back (the process was killed): ``<version>.replaced-by-overwrite`` folders with a dataset_info.json."""
+    import tensorflow as tf
+    from tensorflow_datasets.core import constants
+
+    root = f"{str(data_dir or constants.DATA_DIR).rstrip('/')}/{name}"
+    found = []
+    try:
+        for pattern in (f"{root}/*{REPLACED_SUFFIX}/dataset_info.json",
+                        f"{root}/*/*{REPLACED_SUFFIX}/dataset_info.json"):
+            found += [path[len(root) + 1:-len(REPLACED_SUFFIX + "/dataset_info.json")]
+                      for path in tf.io.gfile.glob(pattern)]
+    except (tf.errors.OpError, OSError, ValueError):
+        return None
+    return sorted(b for b in found if re.fullmatch(r"\d+\.\d+\.\d+", b.split("/")[-1]))
+
+
 def _matches(build: str, config: Optional[str], version: Optional[str]) -> bool:
     parts = build.split("/")
     return (version is None or parts[-1] == version) and (config is None or (len(parts) == 2 and parts[0] == config))
@@ -85,6 +106,10 @@ def missing_build_message(spec: str, data_dir: Optional[str]) -> Optional[str]:
     if builds is None or any(_matches(b, config, version) for b in builds):
         return None
     where = describe_data_dir(data_dir)
+    aside = [b for b in (set_aside_builds(name, data_dir) or []) if _matches(b, config, version)]
+    if aside:  # what a killed `datasets/build.py --overwrite` leaves: the previous build, under another name
+        return (f"tfds/{name}: the build {aside[0]} in {where} was moved aside to {aside[0]}{REPLACED_SUFFIX} by a "
+                f"--overwrite build that was killed; move it back to {aside[0]} (or delete it and build again)")
     if not builds:
         return f"tfds/{name} is not built in {where}; {HOW_TO_BUILD}"
     asked = f"tfds/{name}{'/' + config if config else ''}{':' + version if version else ''}"

@@ -322,6 +322,33 @@ def test_overwrite_refuses_to_clobber_a_build_left_aside_by_an_interrupted_one(t
     assert tfds_data.missing_build_message("tfds/cifar_ddpm:2.0.0", str(data)).endswith("(built there: 1.0.0)")
 
 
+def test_a_build_a_killed_overwrite_left_aside_is_named_by_the_readers_and_not_built_over(tmp_path, capsys):
+    """SIGKILL during `build.py --overwrite` leaves the previous build in <version>.replaced-by-overwrite and no
+    <version>: the readers said 'not built' and a plain rebuild made a new build next to it, the old one forgotten."""
+    from src.data import create_dataset
+
+    data = tmp_path / "data"
+    good = _ddpm_manual(tmp_path / "good", labels=np.array([4, 5]))
+    assert _build([os.path.join(DATASETS, "cifar_ddpm"), "--manual_dir", good, "--data_dir", str(data)],
+                  capsys)[0] == 0
+    version = data / "cifar_ddpm" / "1.0.0"
+    aside = data / "cifar_ddpm" / "1.0.0.replaced-by-overwrite"
+    version.rename(aside)  # where the killed run stopped: the new build was still in TFDS's temporary folder
+    with pytest.raises(UsageError) as e:
+        create_dataset("tfds/cifar_ddpm", str(data), "train", is_training=False)
+    assert str(e.value) == ("cannot load dataset 'tfds/cifar_ddpm' split 'train': tfds/cifar_ddpm: the build 1.0.0 in "
+                            f"{data} was moved aside to 1.0.0.replaced-by-overwrite by a --overwrite build that was "
+                            "killed; move it back to 1.0.0 (or delete it and build again)")
+    for extra in ([], ["--overwrite"]):
+        code, err = _build([os.path.join(DATASETS, "cifar_ddpm"), "--manual_dir", good, "--data_dir", str(data)]
+                           + extra, capsys)
+        lines = _error_lines(err)
+        assert code == 2 and len(lines) == 1 and f"{aside} holds the build an interrupted --overwrite" in lines[0]
+        assert sorted(os.listdir(data / "cifar_ddpm")) == ["1.0.0.replaced-by-overwrite"]
+    aside.rename(version)
+    assert len(create_dataset("tfds/cifar_ddpm", str(data), "train", is_training=False)) == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # --combine-dataset: its class count was never checked against the model's outputs
 
