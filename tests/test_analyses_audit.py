@@ -7,6 +7,7 @@ never a traceback or a figure with rows silently dropped, averaged or series sil
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -388,7 +389,5 @@ def test_readme_numbers_stopped_while_measuring_is_one_line_and_stops_its_child(
         if proc.poll() is None:
             proc.kill()
         if child is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # already gone: what the test expects
                 os.kill(child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
