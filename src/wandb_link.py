@@ -81,6 +81,12 @@ def log_into_training_run(checkpoint: str, metrics: Mapping[str, float], wandb_d
             run_.summary[k] = v
     finally:
         run_.finish()
+        # finish() only tells W&B's service process that the run is done: the service closes (and, offline,
+        # flushes) the run's file later, at the latest when the process exits. Shut the service down now, so the
+        # numbers are on disk when this returns (a caller in the same process reads or syncs them), unless the
+        # caller has a W&B run of its own still open.
+        if getattr(wandb, "run", None) is None:
+            wandb.teardown()
     _logger.info("logged %s into W&B run %s (project %s)", ", ".join(metrics), run_id, project)
     return dict(metrics)
 
