@@ -1,8 +1,8 @@
 # make demo: set up .venv (when missing or stale) and train the quickstart on the embedded digits data.
 # make test: set up .venv (plus the TFDS lane, requirements-tfds.txt, and the benchmarks' torchattacks peer in
 #   benchmarks/.peer) and run the test suite.
-# make test-slow: the integration lane (notebooks, adversarial training end to end, real-process kills, standard
-#   AutoAttack against pyautoattack, the heavier benchmark runs), a separate CI step.
+# make test-slow: the integration lane (notebooks, adversarial training end to end, real-process kills and signals,
+#   two-process torchrun runs, AutoAttack and APGD-CE against pyautoattack, the heavier benchmark runs), a separate CI step.
 # make test-tfds: the TFDS lane (tfds-marked tests: builders, tfds/ data in the CLIs), a separate CI step.
 # make test-tfds-cli: install apache-beam for TFDS's `tfds` command into .tfds-cli and run `tfds build` from
 #   each builder folder.

@@ -354,7 +354,8 @@ def test_readme_numbers_a_failed_write_leaves_the_readme_whole(tmp_path, monkeyp
     assert path.stat().st_mode & 0o777 == 0o644 and os.listdir(tmp_path) == ["README.md"]
 
 
-@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted: stopped by Ctrl-C (SIGINT)"),
+@pytest.mark.parametrize("signum, code, line", [pytest.param(signal.SIGINT, 130, "interrupted: stopped by Ctrl-C (SIGINT)",
+                                                              marks=pytest.mark.slow),
                                                  (signal.SIGTERM, 143, "interrupted: terminated (SIGTERM)")])
 def test_readme_numbers_stopped_while_measuring_is_one_line_and_stops_its_child(tmp_path, signum, code, line):
     """Ctrl-C while the demo trained was a KeyboardInterrupt traceback; SIGTERM killed the script and left the

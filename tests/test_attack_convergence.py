@@ -123,6 +123,7 @@ def test_one_instance_records_every_iteration(checkpoint, tmp_path):
     assert sorted({int(r["steps"]) for r in rows}) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow  # the integration lane (make test-slow): keeps the main suite within its budget
 def test_kill_and_resume_continues(study, checkpoint, tmp_path, capsys):
     out = tmp_path / "resumed.csv"
     cmd = [sys.executable, os.path.join(ROOT, "attack_convergence.py"), *study_args(checkpoint, out)]

@@ -202,6 +202,7 @@ def test_resume_after_truncation_redoes_only_missing_rows(sweep, run_dir, tmp_pa
     assert len(count_evals) == 12 - k  # complete: a rerun computes nothing
 
 
+@pytest.mark.slow  # the integration lane (make test-slow): keeps the main suite within its budget
 def test_killed_run_continues_where_it_stopped(sweep, run_dir, tmp_path, count_evals):
     out = str(tmp_path / "killed.csv")
     argv = sweep_args(run_dir, epochs=(0, 1), seeds=(0,), extra=["--output-file", out])

@@ -34,6 +34,7 @@ def _run(script: str, args, tmp_path) -> dict:
     return payload
 
 
+@pytest.mark.slow  # the integration lane (make test-slow): keeps the main suite within its budget
 def test_adv_step_cost(tmp_path):
     res = _run("adv_step_cost", ["--models", "test_vit", "--steps", "1", "--trades-steps", "1", "--batch-size", "4",
                                  "--reps", "1"] + QUICK, tmp_path)
@@ -77,6 +78,7 @@ def test_memory(tmp_path):
     assert all(v["peak_rss_mib"] >= v["baseline_rss_mib"] > 0 for v in r.values())
 
 
+@pytest.mark.slow  # the integration lane (make test-slow): keeps the main suite within its budget
 def test_peer_torchattacks(tmp_path):
     if not (BENCH / ".peer" / "torchattacks").is_dir():
         pytest.skip("torchattacks not installed in benchmarks/.peer (pip install --no-deps --target "
@@ -92,6 +94,7 @@ def test_peer_torchattacks(tmp_path):
     assert all(ce[v] > ce["clean"] for v in ("ours", "torchattacks", fast, cl))
 
 
+@pytest.mark.slow  # the integration lane (make test-slow): keeps the main suite within its budget
 def test_overhead_breakdown(tmp_path):
     res = _run("overhead_breakdown", ["--model", "test_vit", "--batch-size", "8", "--attack-steps", "1",
                                       "--reps", "1"] + QUICK, tmp_path)
@@ -131,6 +134,7 @@ def test_readme_speed_table_is_what_the_committed_results_say(tmp_path):
     assert bare.read_text() == "# no markers\n"
 
 
+@pytest.mark.slow  # the integration lane (make test-slow): keeps the main suite within its budget
 def test_throughput_counts_the_attack_work_and_reports_peak_fractions(tmp_path):
     res = _run("throughput", ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch-size", "4",
                               "--num-classes", "10", "--precision", "fp32", "--steps", "1", "2", "--steps-per-call", "1",
@@ -194,6 +198,7 @@ def test_summary_reads_the_variant_names_the_peer_benchmark_writes():
     assert (summarize.FAST, summarize.CL) == (peer_torchattacks.FAST, peer_torchattacks.CL)
 
 
+@pytest.mark.slow  # the integration lane (make test-slow): keeps the main suite within its budget
 def test_loader_overhead_reads_a_jpeg_folder_through_train_py_code(tmp_path):
     res = _run("loader_overhead", ["--model", "test_vit", "--input-size", "32", "--disk-size", "40", "--images",
                                    "16", "--batch-size", "4", "--e2e-steps", "2", "--e2e-workers", "1", "--reps", "1"]

@@ -37,6 +37,7 @@ def train_cli(argv, capsys):
     return rc, capsys.readouterr().err
 
 
+@pytest.mark.slow  # the integration lane (make test-slow): keeps the main suite within its budget
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_recovery_and_exits_nonzero(digits_dir, tmp_path, sig):
     argv = base_argv(digits_dir, tmp_path, "run", epochs=3)

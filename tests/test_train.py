@@ -129,6 +129,7 @@ def _torchrun(args, nproc):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow  # the integration lane (make test-slow): keeps the main suite within its budget
 def test_two_process_gloo_matches_single_process(tmp_path):
     # lr 0 keeps the weights fixed, so every reduced metric must equal the single-process one exactly
     common = TINY_TRAIN + ["--epochs", "1", "--lr", "0", "--warmup-lr", "0", "--min-lr", "0",

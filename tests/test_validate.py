@@ -146,6 +146,7 @@ def test_num_examples_full_batches_and_reported(adv_ckpt, capsys):
     assert rc == 2 and "less than one full batch" in err
 
 
+@pytest.mark.slow  # the integration lane (make test-slow): keeps the main suite within its budget
 def test_apgd_ce_matches_direct_pyautoattack(adv_ckpt, capsys):
     from pyautoattack import AutoAttack
 
@@ -590,6 +591,7 @@ def test_log_wandb_offline_into_the_training_run(adv_ckpt, tmp_path, capsys, mon
     assert rc == 2 and "no args.yaml" in err
 
 
+@pytest.mark.slow  # the integration lane (make test-slow): keeps the main suite within its budget
 def test_torchrun_two_processes_exact_clean_metrics(adv_ckpt, tmp_path, capsys):
     single = str(tmp_path / "single.json")
     common = EVAL + ["--checkpoint", adv_ckpt, "--no-normalize", "--num-examples", "100", "--attack", "pgd",
