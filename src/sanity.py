@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -183,12 +183,17 @@ def _changed_state(model: torch.nn.Module, before: Tuple[dict, torch.Tensor]) ->
     return changed
 
 
-def _restore_buffers(model: torch.nn.Module, buffers: dict) -> None:
+def _restore_state(model: torch.nn.Module, buffers: dict, params: dict, changed: Sequence[str]) -> None:
+    """Put back every buffer, and the parameters among ``changed`` (from their host copies in ``params``)."""
     now = dict(model.named_buffers())
+    now_params = dict(model.named_parameters())
     with torch.no_grad():
         for name, old in buffers.items():
             if name in now and now[name] is not None:
                 now[name].copy_(old)
+        for name in changed:
+            if name in params and name in now_params:
+                now_params[name].copy_(params[name])
 
 
 def probe_model_outputs(model: torch.nn.Module, input_size: Any, num_classes: Optional[int], device: Any,
@@ -205,7 +210,7 @@ def probe_model_outputs(model: torch.nn.Module, input_size: Any, num_classes: Op
       order, and the attack perturbs every example of the batch at once;
     * buffers or parameters changed by the forwards: a stateful model (BatchNorm running statistics
       updated in eval mode, a defense that adapts to its inputs), whose numbers depend on what it saw
-      before -- the attack's queries included; the probe puts the buffers back;
+      before -- the attack's queries included; the probe puts the buffers and parameters back;
     * probabilities (non-negative rows summing to 1): the report's losses are not cross-entropies and
       softmax saturation weakens gradient attacks.
 
@@ -215,16 +220,24 @@ def probe_model_outputs(model: torch.nn.Module, input_size: Any, num_classes: Op
     x = torch.rand(4, *tuple(input_size), generator=g).to(device)
     ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
     before = _state_snapshot(model)
+    # host copies of the weights, so that a model that changes them when it runs (a defense that trains at test
+    # time) is evaluated from its own weights, not from what the probe's random images made of them
+    params_before = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
     changed: List[str] = []
 
     def forward(inputs: torch.Tensor) -> torch.Tensor:
-        """One forward from the model's initial buffers (a stateful model is judged on its state alone)."""
+        """One forward from the model's initial state (a stateful model is judged on its state alone)."""
+        now_changed: List[str] = []
         try:
             with torch.no_grad(), ctx:
                 out = check_logits(model(inputs), inputs.shape[0], num_classes).float()
-            changed.extend(n for n in _changed_state(model, before) if n not in changed)
+            now_changed = _changed_state(model, before)
+            changed.extend(n for n in now_changed if n not in changed)
+        except BaseException:
+            now_changed = list(params_before)  # an error part-way: put every weight back
+            raise
         finally:
-            _restore_buffers(model, before[0])
+            _restore_state(model, before[0], params_before, now_changed)
         return out
 
     a, b = forward(x), forward(x)

@@ -292,6 +292,31 @@ class _Adaptive(nn.Module):
             torch.zeros(x.shape[0], dtype=torch.long, device=x.device), 10)
 
 
+class _TestTimeTrained(nn.Module):
+    """A defense that trains at test time: every forward moves its last layer's bias towards the classes it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyCNN()
+
+    def forward(self, x):
+        out = self.net(x)
+        last = [p for p in self.net.parameters()][-1]
+        with torch.no_grad():
+            last.add_(0.5 * out.softmax(-1).mean(0))
+        return out
+
+
+def test_a_model_that_changes_its_weights_is_flagged_and_given_back_its_own_weights():
+    """The probe put back the buffers of a model that changes its state, not its parameters: a defense that trains
+    at test time was then evaluated with weights its four random probe images had moved."""
+    model = _TestTimeTrained().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    notes = probe_model_outputs(model, (3, 32, 32), 10, "cpu")
+    assert len(notes) == 1 and "changes its own state" in notes[0], notes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_batch_dependent_and_stateful_models_are_flagged(bare_ckpt, capsys):
     """BatchNorm left in train mode (batch statistics, running statistics updated by every forward) passed the
     probe -- the same batch twice gives the same logits -- and validate reported its accuracies (here far from
