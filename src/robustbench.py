@@ -220,11 +220,16 @@ def build_report(*, merged, examples: ExampleSet, fingerprint: Dict[str, Any], a
 
     ``warnings`` holds ``notes`` (what the model probe and the setup found: a randomized, batch-dependent
     or stateful model, normalized inputs), the attack-setting warnings and, when some of AutoAttack's
-    adversarial examples lie outside the threat model, that count (chunks recorded before it was
-    counted add nothing).
+    adversarial examples lie outside the threat model, that count; chunks recorded by a version that did not
+    count them are reported as ``outside_threat_model_unchecked`` examples, with a warning (never as inside).
     """
     n = merged.n_examples
     outside = sum(int(res.info.get("outside_threat_model", 0)) for res in merged.chunks.values())
+    unchecked = sum(res.end - res.start for res in merged.chunks.values() if "outside_threat_model" not in res.info)
+    unchecked_warnings = [] if not unchecked else [
+        f"{unchecked} of the {n} examples come from state chunks written by an earlier robust-vits that did not "
+        f"check AutoAttack's adversarial examples against the threat model (eps-ball, [0, 1] box): whether those "
+        f"lie inside it is unknown; evaluate them again (a new --state-dir) to check"]
     clean = merged.values["clean"]
     robust = merged.values["robust"]
     n_clean, n_robust = int(sum(clean)), int(sum(robust))
@@ -263,13 +268,13 @@ def build_report(*, merged, examples: ExampleSet, fingerprint: Dict[str, Any], a
         "autoattack": {"version": AUTOATTACK_VERSION, "norm": threat_model, "eps": eps_255 / 255.0,
                        "eps_cli_255": eps_255, "seed": seed, "chunk_seed": "seed + index of the chunk's first example",
                        "chunk_size": chunk_size, "batch_size": batch_size, "flags": _count_flags(merged),
-                       "outside_threat_model": outside},
+                       "outside_threat_model": outside, "outside_threat_model_unchecked": unchecked},
         "model": args_summary,
         # what makes the number mean something else than it seems: the model (randomized, batch-dependent,
         # stateful), the settings (an L2 radius in the wrong units), examples outside the threat model
         "warnings": list(dict.fromkeys(list(notes) + attack_setting_warnings("autoattack", threat_model, eps_255)
                                        + threat_model_warnings(outside, n, (threat_model, eps_255 / 255.0,
-                                                                            (0.0, 1.0))))),
+                                                                            (0.0, 1.0))) + unchecked_warnings)),
         "config_fingerprint": fingerprint,
         "shards": {
             "state_dir": state_dir,

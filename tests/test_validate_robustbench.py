@@ -242,6 +242,29 @@ def test_killed_run_resumes_without_redoing_examples(baseline, cifar, tmp_path, 
     assert _protocol(_read(out)) == _protocol(baseline[0])
 
 
+def test_chunks_from_before_the_threat_model_check_are_unknown_not_inside(cifar, tmp_path, capsys):
+    """State chunks written before the evaluation counted examples outside the threat model added 0 to
+    autoattack.outside_threat_model: a resumed or merged report said 'all inside' for examples never checked."""
+    out = tmp_path / "report.json"
+    assert validate_robustbench.main(_cifar_args(cifar, out)) == 0
+    capsys.readouterr()
+    first = _read(out)
+    assert first["autoattack"]["outside_threat_model_unchecked"] == 0 and first["warnings"] == []
+    state_file = tmp_path / "report.state" / "shard-0-of-1.json"
+    state = _read(state_file)
+    chunk = state["chunks"]["0"]
+    del chunk["info"]["outside_threat_model"]  # as an earlier robust-vits wrote it
+    state_file.write_text(json.dumps(state))
+    assert validate_robustbench.main(_cifar_args(cifar, out)) == 0
+    assert _processed_chunks(capsys.readouterr().err) == []  # nothing evaluated again: the report is rebuilt
+    report = _read(out)
+    n_old = chunk["end"]  # chunk [0, end)
+    assert report["autoattack"]["outside_threat_model_unchecked"] == n_old
+    assert any(w.startswith(f"{n_old} of the {N} examples come from state chunks written by an earlier") and
+               "unknown" in w for w in report["warnings"]), report["warnings"]
+    assert report["robust_accuracy"] == first["robust_accuracy"]
+
+
 def test_two_shard_jobs_merge_equal_one_shard(baseline, cifar, tmp_path, capsys):
     out = tmp_path / "report.json"
     assert validate_robustbench.main(_cifar_args(cifar, out, "--num-shards", "2", "--shard-id", "1")) == 0
