@@ -153,12 +153,24 @@ def create_optimizer(args: argparse.Namespace, model: nn.Module, lr: Optional[fl
 
 def create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
     """timm's scheduler factory; returns ``(scheduler, num_epochs)`` (cosine: epochs + cooldown)."""
+    import warnings
+
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
     try:
-        return create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
+        with warnings.catch_warnings():
+            # timm's deprecation note says a plateau schedule's state is not saved in checkpoints and a resumed
+            # run restarts it: not so here (scheduler_state / restore_scheduler_state keep it), so it is replaced
+            # by a true line below
+            warnings.filterwarnings("ignore", message="PlateauLRScheduler is deprecated", category=FutureWarning)
+            created = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
     except (AssertionError, ValueError) as e:
         raise UsageError(f"cannot create scheduler '{args.sched}': {e}") from None
+    if _plateau(created[0]) is not None:
+        _logger.info("--sched plateau: timm deprecates its plateau scheduler (a future timm may drop it); its "
+                     "state (best metric, patience and cooldown counters) is saved in this project's checkpoints, "
+                     "so a resumed run continues the plateau logic")
+    return created
 
 
 def schedule_warnings(args: argparse.Namespace) -> List[str]:

@@ -164,6 +164,29 @@ def test_plateau_state_survives_a_checkpoint(tmp_path):
     assert [g["lr"] for g in s.optimizer.param_groups] == [g["lr"] for g in t.optimizer.param_groups] == [0.05]
 
 
+def test_plateau_schedule_gets_a_true_note_not_timms_resume_warning(caplog):
+    """timm 1.0.31 warns that a plateau schedule's state is not saved in checkpoints and a resumed run restarts
+    it: wrong for this project (test above), and every --sched plateau run printed it as a FutureWarning."""
+    import argparse
+    import logging
+    import warnings
+
+    from src.setup_task import create_scheduler
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    args = argparse.Namespace(sched="plateau", epochs=10, warmup_epochs=0, patience_epochs=2, decay_rate=0.5,
+                              min_lr=0.0, cooldown_epochs=0, eval_metric="loss", seed=0)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="robust_vits"):
+        warnings.simplefilter("always")
+        create_scheduler(args, opt, updates_per_epoch=1)
+    assert not [w for w in caught if "PlateauLRScheduler" in str(w.message)], [str(w.message) for w in caught]
+    assert "--sched plateau" in caplog.text and "continues the plateau logic" in caplog.text
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="robust_vits"):
+        create_scheduler(argparse.Namespace(**{**vars(args), "sched": "cosine"}), opt, updates_per_epoch=1)
+    assert "plateau" not in caplog.text
+
+
 @pytest.fixture(scope="module")
 def stopped_mid_epoch(tmp_path_factory):
     """A 2-epoch run stopped 2 batches into epoch 1 (recovery-6), with its last.pth.tar of epoch 0."""
