@@ -53,23 +53,30 @@ def import_tfds():
     return tfds
 
 
-def built_versions(name: str, data_dir: Optional[str]) -> Optional[List[str]]:
-    """``[config/]version`` of every build of ``name`` in ``data_dir`` (folders with a dataset_info.json),
-    sorted; None when the data dir cannot be listed."""
+def _builds(name: str, data_dir: Optional[str], suffix: str) -> Optional[List[str]]:
+    """``[config/]version`` of every folder ``<version><suffix>`` of ``name`` in ``data_dir`` holding a
+    dataset_info.json, sorted; None when the data dir cannot be listed."""
     import_tfds()
     import tensorflow as tf
     from tensorflow_datasets.core import constants
 
     root = f"{str(data_dir or constants.DATA_DIR).rstrip('/')}/{name}"
+    tail = f"{suffix}/dataset_info.json"
     found = []
     try:
-        for pattern in (f"{root}/*/dataset_info.json", f"{root}/*/*/dataset_info.json"):
-            found += [path[len(root) + 1:-len("/dataset_info.json")] for path in tf.io.gfile.glob(pattern)]
+        for pattern in (f"{root}/*{tail}", f"{root}/*/*{tail}"):
+            found += [path[len(root) + 1:-len(tail)] for path in tf.io.gfile.glob(pattern)]
     except (tf.errors.OpError, OSError, ValueError):
         return None
-    # only folders TFDS reads as versions (x.y.z): not datasets/build.py's '<version>.replaced-by-overwrite' or
-    # TFDS's own temporary '<version>.incomplete*' folders
+    # only versions as TFDS writes them (x.y.z): with no suffix, not datasets/build.py's
+    # '<version>.replaced-by-overwrite' or TFDS's own temporary '<version>.incomplete*' folders
     return sorted(b for b in found if re.fullmatch(r"\d+\.\d+\.\d+", b.split("/")[-1]))
+
+
+def built_versions(name: str, data_dir: Optional[str]) -> Optional[List[str]]:
+    """``[config/]version`` of every build of ``name`` in ``data_dir`` (folders with a dataset_info.json),
+    sorted; None when the data dir cannot be listed."""
+    return _builds(name, data_dir, "")
 
 
 REPLACED_SUFFIX = ".replaced-by-overwrite"  # datasets/build.py --overwrite: the previous build until the new one completes
@@ -78,19 +85,7 @@ REPLACED_SUFFIX = ".replaced-by-overwrite"  # datasets/build.py --overwrite: the
 def set_aside_builds(name: str, data_dir: Optional[str]) -> Optional[List[str]]:
     """``[config/]version`` of every build of ``name`` that ``datasets/build.py --overwrite`` moved aside and did not
     put back (the process was killed): ``<version>.replaced-by-overwrite`` folders with a dataset_info.json."""
-    import tensorflow as tf
-    from tensorflow_datasets.core import constants
-
-    root = f"{str(data_dir or constants.DATA_DIR).rstrip('/')}/{name}"
-    found = []
-    try:
-        for pattern in (f"{root}/*{REPLACED_SUFFIX}/dataset_info.json",
-                        f"{root}/*/*{REPLACED_SUFFIX}/dataset_info.json"):
-            found += [path[len(root) + 1:-len(REPLACED_SUFFIX + "/dataset_info.json")]
-                      for path in tf.io.gfile.glob(pattern)]
-    except (tf.errors.OpError, OSError, ValueError):
-        return None
-    return sorted(b for b in found if re.fullmatch(r"\d+\.\d+\.\d+", b.split("/")[-1]))
+    return _builds(name, data_dir, REPLACED_SUFFIX)
 
 
 def _matches(build: str, config: Optional[str], version: Optional[str]) -> bool:
