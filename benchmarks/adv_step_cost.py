@@ -141,10 +141,10 @@ def main(argv=None) -> int:
                    help=f"timm names or presets {sorted(bc.MODEL_PRESETS)}")
     p.add_argument("--img-size", type=bc.COUNT, default=32)
     p.add_argument("--batch-size", type=bc.COUNT, default=64)
-    p.add_argument("--steps", type=bc.STEPS, nargs="+", default=[1, 2, 10], help="PGD steps k")
+    p.add_argument("--steps", type=bc.ATTACK_STEPS, nargs="+", default=[1, 2, 10], help="PGD steps k")
     p.add_argument("--modes", nargs="+", default=["train", "skip"], choices=["train", "nograd", "skip"],
                    help="--adv-clean-logits modes: train (faithful), skip (efficient), nograd")
-    p.add_argument("--trades-steps", type=bc.STEPS, nargs="*", default=[10])
+    p.add_argument("--trades-steps", type=bc.ATTACK_STEPS, nargs="*", default=[10])
     bc.add_common_args(p)
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)

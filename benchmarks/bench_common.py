@@ -237,7 +237,8 @@ def peak_rss_bytes() -> int:
 
 # value rules of the scripts' numeric flags (src.arg_parser.values: the same rules and messages as the CLIs)
 COUNT = positive_int()  # sizes, rounds, repetitions, threads
-STEPS = nonneg_int()  # attack steps, warm-up calls (0: none)
+STEPS = nonneg_int()  # warm-up calls, end-to-end steps, workers (0: none)
+ATTACK_STEPS = positive_int()  # PGD / TRADES steps k: a benchmark of an adversarial step needs at least one
 
 
 class BenchParser(CliParser):

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["resnet18"], help=f"timm names or presets {sorted(bc.MODEL_PRESETS)}")
     p.add_argument("--img-size", type=bc.COUNT, default=32)
     p.add_argument("--batch-size", type=bc.COUNT, default=32)
-    p.add_argument("--k", type=bc.STEPS, default=2, help="PGD steps of the adversarial step")
+    p.add_argument("--k", type=bc.ATTACK_STEPS, default=2, help="PGD steps of the adversarial step")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: a quick smoke run)")
     p.add_argument("--bf16", action="store_true", help="train.py's --amp --amp-dtype bfloat16 --channels-last")
     bc.add_common_args(p, rounds=3, reps=2, warmup=1)

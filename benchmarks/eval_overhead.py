@@ -163,7 +163,7 @@ def summarize(title: str, t: "bc.Timings", clock: str, got: Dict[str, List[float
 def main(argv=None) -> int:
     p = bc.cli_parser(__doc__, __file__)
     p.add_argument("--pgd-model", default="resnet18")
-    p.add_argument("--pgd-steps", type=bc.STEPS, default=10)
+    p.add_argument("--pgd-steps", type=bc.ATTACK_STEPS, default=10)
     p.add_argument("--aa-model", default="test_vit")
     p.add_argument("--aa-examples", type=bc.COUNT, default=4, help="first N validation images for AutoAttack")
     p.add_argument("--aa-untrained", action="store_true",

@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--disk-size", type=bc.COUNT, default=320, help="side of the JPEG files on disk (px)")
     p.add_argument("--images", type=bc.COUNT, default=256)
     p.add_argument("--batch-size", type=bc.COUNT, default=32)
-    p.add_argument("--attack-steps", type=bc.STEPS, default=2)
+    p.add_argument("--attack-steps", type=bc.ATTACK_STEPS, default=2)
     p.add_argument("--e2e-steps", type=bc.STEPS, default=4, help="steps per end-to-end round (0: skip that part)")
     p.add_argument("--e2e-workers", type=bc.STEPS, default=1)
     bc.add_common_args(p, rounds=3, reps=2, warmup=1, device=False)

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p = bc.cli_parser(__doc__, __file__)
     p.add_argument("--model", default="resnet18")
     p.add_argument("--batch-size", type=bc.COUNT, default=64)
-    p.add_argument("--attack-steps", type=bc.STEPS, default=2)
+    p.add_argument("--attack-steps", type=bc.ATTACK_STEPS, default=2)
     bc.add_common_args(p, rounds=3, reps=5, warmup=1, device=False)
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)

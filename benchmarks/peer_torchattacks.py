@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="resnet18", help=f"timm name or preset {sorted(bc.MODEL_PRESETS)}")
     p.add_argument("--img-size", type=bc.COUNT, default=32)
     p.add_argument("--batch-size", type=bc.COUNT, default=64)
-    p.add_argument("--steps", type=bc.STEPS, nargs="+", default=[1, 2], help="PGD steps k")
+    p.add_argument("--steps", type=bc.ATTACK_STEPS, nargs="+", default=[1, 2], help="PGD steps k")
     p.add_argument("--channels-last", action="store_true", help="add the variant with train.py's --channels-last")
     p.add_argument("--bf16", action="store_true", help="add the variant with train.py's --amp --amp-dtype bfloat16 --channels-last")
     bc.add_common_args(p, rounds=3, reps=3, warmup=1)

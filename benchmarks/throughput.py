@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--img-size", type=bc.COUNT, default=224)
     p.add_argument("--batch-size", type=bc.COUNT, default=128)
     p.add_argument("--num-classes", type=bc.COUNT, default=1000)
-    p.add_argument("--steps", type=bc.STEPS, nargs="+", default=[1, 2], help="PGD steps k (efficient mode)")
+    p.add_argument("--steps", type=bc.ATTACK_STEPS, nargs="+", default=[1, 2], help="PGD steps k (efficient mode)")
     p.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS),
                    help="bf16 / fp16: train.py's --amp --amp-dtype bfloat16 / float16 (fp16 with its grad scaler)")
     p.add_argument("--no-channels-last", action="store_true", help="without train.py's --channels-last")
@@ -133,11 +133,6 @@ def main(argv=None) -> int:
     p.add_argument("--peak-size", type=bc.COUNT, default=8192, help="matmul size of the measured peak")
     bc.add_common_args(p, rounds=3, reps=1, warmup=1, clock=False)
     ns = p.parse_args(argv)
-    for name in ("img_size", "batch_size", "num_classes", "steps_per_call", "peak_size"):
-        if getattr(ns, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if any(k < 1 for k in ns.steps):
-        p.error("--steps must be >= 1")
     logging.getLogger("robust_vits").setLevel(logging.WARNING)  # the epoch loop's info lines
     torch.set_num_threads(ns.threads)
     device = bc.resolve_device(ns.device)

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--batch-size", type=bc.COUNT, default=64)
     p.add_argument("--eval-batch-size", type=bc.COUNT, default=99, help="99 divides the 297 validation images")
-    p.add_argument("--attack-steps", type=bc.STEPS, default=2)
+    p.add_argument("--attack-steps", type=bc.ATTACK_STEPS, default=2)
     p.add_argument("--eps", type=bc.nonneg_float(), default=8, help="/255 units")
     p.add_argument("--lr", type=bc.positive_float(), default=0.05)
     p.add_argument("--clean-logits", default="train", choices=["train", "skip"],

@@ -224,7 +224,20 @@ def _bench_module(name: str):
 @pytest.mark.parametrize("script, argv, needle", [
     ("peer_torchattacks", ["--batch-size", "0"], "--batch-size: must be an integer >= 1, got '0'"),
     ("peer_torchattacks", ["--threads", "0"], "--threads: must be an integer >= 1"),
-    ("adv_step_cost", ["--steps", "1", "-1"], "--steps: must be an integer >= 0, got '-1'"),
+    ("adv_step_cost", ["--steps", "1", "-1"], "--steps: must be an integer >= 1, got '-1'"),
+    # zero attack steps: a PGD-0 "adversarial step" is not one (and was a ZeroDivisionError traceback in the
+    # attack's step size 1.5 eps / k, or a run timing no attack); every script's attack-step flag
+    ("adv_step_cost", ["--steps", "0"], "--steps: must be an integer >= 1, got '0'"),
+    ("adv_step_cost", ["--trades-steps", "0"], "--trades-steps: must be an integer >= 1, got '0'"),
+    ("compile_check", ["--k", "0"], "--k: must be an integer >= 1, got '0'"),
+    ("eval_overhead", ["--pgd-steps", "0"], "--pgd-steps: must be an integer >= 1, got '0'"),
+    ("loader_overhead", ["--attack-steps", "0"], "--attack-steps: must be an integer >= 1, got '0'"),
+    ("memory", ["--steps", "0"], "--steps: must be an integer >= 1, got '0'"),
+    ("memory", ["--trades-steps", "0"], "--trades-steps: must be an integer >= 1, got '0'"),
+    ("overhead_breakdown", ["--attack-steps", "0"], "--attack-steps: must be an integer >= 1, got '0'"),
+    ("peer_torchattacks", ["--steps", "0"], "--steps: must be an integer >= 1, got '0'"),
+    ("throughput", ["--steps", "0"], "--steps: must be an integer >= 1, got '0'"),
+    ("train_overhead", ["--attack-steps", "0"], "--attack-steps: must be an integer >= 1, got '0'"),
     ("memory", ["--iters", "x"], "--iters: must be an integer >= 1, got 'x'"),
     ("train_overhead", ["--eps", "nan"], "--eps: must be a finite number >= 0"),
     ("loader_overhead", ["--e2e-workers", "-1"], "--e2e-workers: must be an integer >= 0"),
