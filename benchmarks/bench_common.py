@@ -7,6 +7,7 @@ The absolute seconds are printed too, but only the ratios are meant to be compar
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -28,7 +29,7 @@ PEER_DIR = Path(__file__).resolve().parent / ".peer"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 from src.arg_parser.analysis import check_compile_backend, check_device  # noqa: E402,F401 - needs ROOT on sys.path
-from src.arg_parser.common import CliParser  # noqa: E402
+from src.arg_parser.common import CliParser, check_batch_fits  # noqa: E402
 from src.arg_parser.values import nonneg_float, nonneg_int, positive_float, positive_int  # noqa: E402,F401
 from src.errors import UsageError, first_line, run_cli  # noqa: E402,F401 - run_cli: the scripts' entry point
 
@@ -243,18 +244,35 @@ ATTACK_STEPS = positive_int()  # PGD / TRADES steps k: a benchmark of an adversa
 
 class BenchParser(CliParser):
     """A benchmark script's parser: also checks, before anything is measured, that ``--json`` names a file
-    whose folder can be written (not a folder, not after minutes of timing)."""
+    whose folder can be written (not a folder, not after minutes of timing), and that one batch of the
+    images it will build (``--batch-size`` at ``--img-size`` / ``--input-size``, 32 px where the script has
+    no size flag; one ``--disk-size`` JPEG) fits in the memory available (was an allocator traceback)."""
 
     def parse_args(self, *args: Any, **kwargs: Any) -> Any:
         ns = super().parse_args(*args, **kwargs)
-        if getattr(ns, "json", None):
-            from src.storage import check_output_file
+        try:
+            if getattr(ns, "json", None):
+                from src.storage import check_output_file
 
-            try:
                 check_output_file(ns.json, "--json")
-            except UsageError as e:
-                raise UsageError(f"{self.prog}: {e}") from None
+            self._check_memory(ns)
+        except UsageError as e:
+            raise UsageError(f"{self.prog}: {e}") from None
         return ns
+
+    @staticmethod
+    def _check_memory(ns: argparse.Namespace) -> None:
+        batch = getattr(ns, "batch_size", None)
+        if batch:
+            flag = next((f for f in ("img_size", "input_size") if isinstance(getattr(ns, f, None), int)), None)
+            side = getattr(ns, flag) if flag else 32
+            what = f"--batch-size {batch} with --{flag.replace('_', '-')} {side}" if flag else \
+                f"--batch-size {batch} (3x32x32 px images)"
+            check_batch_fits(what, (3, side, side), batch, advice="use a smaller size or --batch-size")
+        disk = getattr(ns, "disk_size", None)
+        if disk:
+            check_batch_fits(f"--disk-size {disk}", (disk, disk, 3), 1, bytes_per_value=1,
+                             advice="use a smaller --disk-size")
 
 
 def cli_parser(doc: str, script: str) -> CliParser:

@@ -244,6 +244,16 @@ def _bench_module(name: str):
     ("throughput", ["--device", "tpu"], "--device"),
     ("compile_check", ["--models", "no_such_model"], "unknown model 'no_such_model'"),
     ("peer_torchattacks", ["--json", "."], "--json: . is a folder"),
+    # a batch that cannot fit in memory: was the allocator's RuntimeError traceback at the first timed step
+    ("adv_step_cost", ["--models", "test_vit", "--batch-size", "100000000"],
+     "--batch-size 100000000 with --img-size 32: one batch of 100000000 such images takes 1144.4 GiB as float32"),
+    ("peer_torchattacks", ["--batch-size", "2", "--img-size", "1000000"],
+     "--batch-size 2 with --img-size 1000000: one batch of 2 such images takes 22351.7 GiB"),
+    ("overhead_breakdown", ["--batch-size", "1000000000"], "--batch-size 1000000000 (3x32x32 px images): one batch"),
+    ("loader_overhead", ["--input-size", "1000000"], "--batch-size 32 with --input-size 1000000: one batch"),
+    ("loader_overhead", ["--disk-size", "1000000"],
+     "--disk-size 1000000: one such image takes 2794.0 GiB as 8-bit pixels, more than the"),
+    ("throughput", ["--img-size", "10000000"], "use a smaller size or --batch-size"),
     # a size the model cannot take, a torch.compile backend typo: were tracebacks from the first timed step
     ("adv_step_cost", ["--models", "test_vit", "--img-size", "33", "--batch-size", "2", "--steps", "1", "--device",
                        "cpu"], "model test_vit cannot take 33x33 px inputs: Input height (33) should be divisible"),

@@ -156,15 +156,30 @@ def check_input_size(args: argparse.Namespace) -> None:
     size = tuple(args.input_size) if args.input_size is not None else \
         (3, args.img_size, args.img_size) if args.img_size is not None else None
     batch = getattr(args, "batch_size", None)
-    available = available_memory_bytes()
-    if size is None or not batch or available is None:
+    if size is None or not batch:
         return
-    need = int(batch) * size[0] * size[1] * size[2] * 4
+    flag = "--input-size" if args.input_size is not None else "--img-size"
+    check_batch_fits(f"{flag} {' '.join(map(str, size if args.input_size is not None else size[1:2]))}", size,
+                     int(batch))
+
+
+def check_batch_fits(what: str, size: Sequence[int], batch: int, bytes_per_value: int = 4,
+                     items: str = "images", advice: str = "use a smaller size or -b") -> None:
+    """One batch of ``batch`` arrays of shape ``size`` fits in the memory this machine has available, or a
+    :class:`UsageError` naming ``what`` (the flag and value that set the size): refused before a model is
+    built, instead of an allocator traceback or an out-of-memory kill (exit 137) later."""
+    available = available_memory_bytes()
+    if available is None:
+        return
+    need = int(batch) * bytes_per_value
+    for side in size:
+        need *= int(side)
     if need > available:
-        flag = "--input-size" if args.input_size is not None else "--img-size"
-        raise UsageError(f"{flag} {' '.join(map(str, size if args.input_size is not None else size[1:2]))}: one "
-                         f"batch of {batch} such images takes {need / 2 ** 30:.1f} GiB as float32, more than the "
-                         f"{available / 2 ** 30:.1f} GiB of memory available here; use a smaller size or -b")
+        kind = "float32" if bytes_per_value == 4 else "8-bit pixels" if bytes_per_value == 1 else \
+            f"{bytes_per_value} bytes per value"
+        one = f"one such {items.rstrip('s')}" if batch == 1 else f"one batch of {batch} such {items}"
+        raise UsageError(f"{what}: {one} takes {need / 2 ** 30:.1f} GiB as {kind}, more "
+                         f"than the {available / 2 ** 30:.1f} GiB of memory available here; {advice}")
 
 
 def flag_name(action: argparse.Action) -> str:
