@@ -110,6 +110,25 @@ def _architecture(model_name: str, state_dict: Mapping[str, torch.Tensor], sourc
     return net
 
 
+# class counts of the datasets a release is commonly named after (the name goes into the file name and the
+# .safetensors metadata, which RobustBench-style users read as "trained on"); spelled without '-' / '_'
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "imagenet1k": 1000, "ilsvrc2012": 1000,
+                   "svhn": 10, "mnist": 10, "stl10": 10, "oxfordflowers102": 102, "flowers102": 102,
+                   "oxfordiiitpet": 37, "tinyimagenet": 200}
+
+
+def _check_dataset_name(dataset: str, record: Mapping[str, Any]) -> None:
+    """A release named after a known dataset must have that dataset's class count (a 10-class model exported
+    as ``-imagenet`` would be described as an ImageNet model by its file name and metadata)."""
+    from .errors import UsageError
+
+    key = dataset.lower().replace("-", "").replace("_", "")
+    expected, classes = DATASET_CLASSES.get(key), record.get("num_classes")
+    if expected is not None and isinstance(classes, int) and classes != expected:
+        raise UsageError(f"--dataset {dataset} has {expected} classes, but the model has {classes}: name the "
+                         f"dataset it was trained on (the name goes into the file name and the metadata)")
+
+
 def _check_record_fits(record: Mapping[str, Any], net: nn.Module, source: str, verify: bool, recorded: Any,
                        overrides: Mapping[str, Any]) -> None:
     """The record must describe these weights: a release whose record contradicts them fails (or, for a patch
@@ -170,6 +189,7 @@ def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, da
         _logger.warning("checkpoint %s was trained as '%s' and is exported as '%s'", source, arch, model_name)
     record = complete_record(recorded, model_name, net, eval_overrides)
     _check_record_fits(record, net, source, verify, recorded, eval_overrides or {})
+    _check_dataset_name(dataset, record)
     _logger.info("evaluation record: %s", json.dumps(record))
 
     storage.check_output_folder(output_dir, "--output-dir")  # everything checked: create it now

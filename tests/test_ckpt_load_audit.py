@@ -202,6 +202,24 @@ def test_export_refuses_a_record_that_contradicts_the_weights(run, tmp_path, cap
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.parametrize("dataset, needle", [
+    ("imagenet", "--dataset imagenet has 1000 classes, but the model has 10"),
+    ("CIFAR-100", "--dataset CIFAR-100 has 100 classes, but the model has 10"),
+])
+def test_export_refuses_a_dataset_name_with_another_class_count(run, tmp_path, capsys, dataset, needle):
+    """The dataset name goes into the file name and the metadata: a 10-class model is not an ImageNet release."""
+    out = tmp_path / "released"
+    rc, _, err = _cli(prepare_checkpoint.main, ["--checkpoint", f"{run}/last.pth.tar", "--model", "test_vit",
+                                                "--dataset", dataset, "--eps", "4", "--output-dir", out], capsys)
+    _assert_one_error(rc, err, needle)
+    assert not out.exists() or not any(out.iterdir())
+    rc, _, err = _cli(prepare_checkpoint.main, ["--checkpoint", f"{run}/last.pth.tar", "--model", "test_vit",
+                                                "--dataset", "cifar10", "--eps", "4", "--output-dir", out], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["test_vit-cifar10-eps-4.pth.tar",
+                                                    "test_vit-cifar10-eps-4.safetensors"]
+
+
 # ---------------------------------------------------------------------------- --initial-checkpoint
 
 
