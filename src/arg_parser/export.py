@@ -18,7 +18,9 @@ def build_export_parser() -> CliParser:
     p.add_argument("--checkpoint", required=True, type=REQUIRED_INPUT_PATH, metavar="PATH",
                    help="training checkpoint (e.g. <run>/best.pth.tar), local, gs:// or any fsspec URL")
     p.add_argument("--model", required=True, metavar="NAME", help="model name the weights belong to")
-    p.add_argument("--dataset", required=True, metavar="NAME", help="dataset name used in the file name and metadata (a known dataset, e.g. cifar10, must match the model's class count)")
+    p.add_argument("--dataset", required=True, metavar="NAME",
+                   help="dataset name used in the file name and metadata (a known dataset, e.g. cifar10, must "
+                        "match the model's class count)")
     p.add_argument("--eps", default=None, type=nonneg_float(), metavar="N",
                    help="training epsilon in /255 units, added to the file name as -eps-N")
     p.add_argument("--use-ema", action="store_true", help="export the EMA weights (model_ema)")
