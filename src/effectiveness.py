@@ -398,6 +398,13 @@ def _evaluate_checkpoint(args: argparse.Namespace, base: argparse.Namespace, dat
     return written
 
 
+def _refuse_checkpoints_dir(checkpoints_dir: str) -> None:
+    if storage.exists(checkpoints_dir):
+        raise UsageError(f"--checkpoints-dir {checkpoints_dir} is a file: pass the training run's folder "
+                         f"(it holds checkpoint-<epoch>.pth.tar)")
+    raise UsageError(f"--checkpoints-dir {checkpoints_dir} does not exist")
+
+
 def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
     """Evaluate every pending row of the sweep on ``dev_env``; returns what was done.
 
@@ -412,6 +419,10 @@ def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
                               inputs=[checkpoint_path(args.checkpoints_dir, e) for e in args.epochs_to_try])
     results = ResultsCsv(path).load()
     settings = settings_of(args, dev_env.world_size)
+    if not storage.isdir(args.checkpoints_dir):  # a typo is named as one, not as rows of "other settings"
+        theirs = results.read_settings() if results.rows else None
+        if theirs is None or theirs.get("checkpoints_dir") != settings["checkpoints_dir"]:
+            _refuse_checkpoints_dir(args.checkpoints_dir)
     results.check_settings(settings)
     jobs = plan_jobs(args.epochs_to_try, args.seeds, args.steps_to_try, args.run_apgd_ce, args.validate_standard)
     done = results.keys()
@@ -419,10 +430,7 @@ def run_effectiveness(args: argparse.Namespace, dev_env) -> EffectivenessRun:
     skipped = len(jobs) - len(pending)
     labels = list(dict.fromkeys(j.epoch for j in pending))
     if labels and not storage.isdir(args.checkpoints_dir):
-        if storage.exists(args.checkpoints_dir):
-            raise UsageError(f"--checkpoints-dir {args.checkpoints_dir} is a file: pass the training run's folder "
-                             f"(it holds checkpoint-<epoch>.pth.tar)")
-        raise UsageError(f"--checkpoints-dir {args.checkpoints_dir} does not exist")
+        _refuse_checkpoints_dir(args.checkpoints_dir)
     missing = [e for e in labels if not storage.exists(checkpoint_path(args.checkpoints_dir, e))]
     if missing:
         raise UsageError(_missing_checkpoints_message(args.checkpoints_dir, missing))

@@ -354,6 +354,28 @@ def test_missing_checkpoint_fails_before_any_work(run_dir, tmp_path, capsys, cou
     assert not os.path.exists(out) and not count_evals
 
 
+def test_mistyped_checkpoints_dir_is_named_before_the_rows_of_the_output(sweep, run_dir, tmp_path, capsys,
+                                                                         count_evals):
+    """With an output file of an earlier sweep, a mistyped --checkpoints-dir was reported as rows "computed with
+    other settings" (checkpoints_dir differs); the folder that does not exist is the error."""
+    out = str(tmp_path / "earlier.csv")
+    shutil.copy(sweep["path"], out)
+    shutil.copy(sweep["path"] + ".settings.json", out + ".settings.json")
+    typo = str(tmp_path / "no_such_run")
+    rc, _, err = cli(sweep_args(typo, extra=["--output-file", out]), capsys)
+    assert rc == 2 and err.strip() == f"error: --checkpoints-dir {typo} does not exist"
+    assert open(out).read() == sweep["text"] and not count_evals
+    # the run folder moved away after a finished sweep: its rows are still reported, nothing to compute
+    moved, kept = str(tmp_path / "moved"), str(tmp_path / "kept.csv")
+    shutil.copytree(run_dir, moved)
+    assert run_cli(ae_cli.main, sweep_args(moved, epochs=(1,), seeds=(0,), extra=["--output-file", kept])) == 0
+    evals = len(count_evals)
+    shutil.rmtree(moved)
+    rc, _, err = cli(sweep_args(moved, epochs=(1,), seeds=(0,), extra=["--output-file", kept]), capsys)
+    assert rc == 0, err
+    assert len(count_evals) == evals > 0
+
+
 def test_checkpoints_dir_that_is_a_file_says_so(run_dir, tmp_path, capsys, count_evals):
     ckpt = os.path.join(run_dir, "checkpoint-0.pth.tar")
     rc, _, err = cli(sweep_args(ckpt, epochs=(0,), extra=["--output-file", str(tmp_path / "x.csv")]), capsys)
