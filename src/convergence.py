@@ -242,6 +242,10 @@ class ConvergenceRun:
 def _open_state(args: argparse.Namespace, path: str, dev_env) -> EvalState:
     state_dir = path + STATE_SUFFIX
     storage.check_output_file(path, "--output-file", inputs=(args.checkpoint,))
+    if args.checkpoint and not storage.exists(args.checkpoint):  # a typo is named as one, not as "another
+        from src.errors import CheckpointError  # configuration" of an earlier run's state
+
+        raise CheckpointError(f"checkpoint {args.checkpoint} not found")
     if storage.exists(path) and not storage.isdir(state_dir):
         raise UsageError(f"{path} exists but has no {storage.basename(state_dir)}/ folder to resume from; refusing "
                          f"to overwrite it: pass another --output-file, or delete it")

@@ -164,6 +164,16 @@ def test_foreign_file_and_other_settings_are_refused(study, checkpoint, tmp_path
     assert study.read_text() == before
 
 
+def test_a_mistyped_checkpoint_is_named_before_an_earlier_state(study, checkpoint, tmp_path, capsys):
+    """With the output of an earlier study, a mistyped --checkpoint was reported as its state belonging to
+    "another configuration" (the checkpoint path differs); the missing file is the error."""
+    before = study.read_text()
+    typo = tmp_path / "no_such.pth.tar"
+    assert run_cli(ac_cli.main, study_args(str(typo), study)) == 2
+    assert capsys.readouterr().err.strip() == f"error: checkpoint {typo} not found"
+    assert study.read_text() == before
+
+
 def test_parser_reuses_validate_flags():
     args = C.parse_args(["--num-examples", "6", "-b", "3", "--attack-steps", "5"])
     assert args.n_points == 6 and args.attack_steps == [5] and args.runs == 20
