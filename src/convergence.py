@@ -242,8 +242,9 @@ class ConvergenceRun:
 def _open_state(args: argparse.Namespace, path: str, dev_env) -> EvalState:
     state_dir = path + STATE_SUFFIX
     storage.check_output_file(path, "--output-file", inputs=(args.checkpoint,))
-    if args.checkpoint and not storage.exists(args.checkpoint):  # a typo is named as one, not as "another
-        from src.errors import CheckpointError  # configuration" of an earlier run's state
+    # a mistyped checkpoint is named as such, not as an earlier study's state "of another configuration"
+    if args.checkpoint and not storage.exists(args.checkpoint):
+        from src.errors import CheckpointError
 
         raise CheckpointError(f"checkpoint {args.checkpoint} not found")
     if storage.exists(path) and not storage.isdir(state_dir):
