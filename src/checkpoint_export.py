@@ -129,6 +129,37 @@ def _check_dataset_name(dataset: str, record: Mapping[str, Any]) -> None:
                          f"dataset it was trained on (the name goes into the file name and the metadata)")
 
 
+def _is_our_release(safetensors_path: str) -> bool:
+    """True for a ``.safetensors`` file this exporter wrote (its header metadata holds ``arch`` and
+    ``eval_config``); reads only the header."""
+    import struct
+
+    try:
+        with storage.open_file(safetensors_path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if not 0 < length <= 1 << 26:
+                return False
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error, UnicodeDecodeError):
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and {"arch", "eval_config"} <= set(meta)
+
+
+def _check_replaceable(paths: Mapping[str, str]) -> None:
+    """Existing targets are replaced only when they are an earlier export of this tool (its ``.safetensors``
+    twin says so): a file of the same name that is anything else (a training checkpoint, a download) is kept."""
+    from .errors import UsageError
+
+    existing = [p for p in paths.values() if storage.exists(p)]
+    if not existing:
+        return
+    if not _is_our_release(paths["safetensors"]):
+        raise UsageError(f"--output-dir: {existing[0]} exists and is not a release prepare_checkpoint.py wrote; it "
+                         f"is not replaced: choose another --output-dir, or move it away")
+    _logger.warning("replacing the earlier export %s", " and ".join(existing))
+
+
 def _check_record_fits(record: Mapping[str, Any], net: nn.Module, source: str, verify: bool, recorded: Any,
                        overrides: Mapping[str, Any]) -> None:
     """The record must describe these weights: a release whose record contradicts them fails (or, for a patch
@@ -174,6 +205,7 @@ def export_released_checkpoint(checkpoint: PathOrCheckpoint, model_name: str, da
     source_path = [str(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else []
     for path in paths.values():
         storage.check_output_file(path, "--output-dir", inputs=source_path, create=False)
+    _check_replaceable(paths)
     ckpt, source = resolve_checkpoint(checkpoint, trust)
     state_dict, meta = extract_state_dict(ckpt, use_ema=use_ema, source=source)
     if use_ema and meta["state_key"] not in EMA_KEYS:

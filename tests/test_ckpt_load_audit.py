@@ -220,6 +220,37 @@ def test_export_refuses_a_dataset_name_with_another_class_count(run, tmp_path, c
                                                     "test_vit-cifar10-eps-4.safetensors"]
 
 
+def test_export_replaces_only_its_own_earlier_release(run, tmp_path, capsys, caplog):
+    """A file of the release's name that this tool did not write (here a training checkpoint copied there) was
+    overwritten without a word; an earlier export is replaced with a warning."""
+    out = tmp_path / "released"
+    out.mkdir()
+    argv = ["--checkpoint", f"{run}/last.pth.tar", "--model", "test_vit", "--dataset", "cifar10", "--output-dir", out]
+    foreign = out / "test_vit-cifar10.pth.tar"
+    foreign.write_bytes(open(f"{run}/checkpoint-0.pth.tar", "rb").read())
+    before = foreign.read_bytes()
+    rc, _, err = _cli(prepare_checkpoint.main, argv, capsys)
+    _assert_one_error(rc, err, f"{foreign} exists and is not a release prepare_checkpoint.py wrote")
+    assert foreign.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [foreign.name]
+    foreign.unlink()
+    rc, _, err = _cli(prepare_checkpoint.main, argv, capsys)
+    assert rc == 0, err
+    from safetensors import safe_open
+
+    def release():  # metadata and tensors (safetensors orders its header keys differently from run to run)
+        with safe_open(str(out / "test_vit-cifar10.safetensors"), "pt") as f:
+            return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+    first_meta, first_tensors = release()
+    with caplog.at_level("WARNING", logger="robust_vits"):
+        rc, _, err = _cli(prepare_checkpoint.main, argv, capsys)
+    assert rc == 0, err
+    assert "replacing the earlier export" in caplog.text + err
+    meta, tensors = release()
+    assert meta == first_meta and tensors.keys() == first_tensors.keys()
+    assert all(torch.equal(tensors[k], first_tensors[k]) for k in tensors)
+
+
 # ---------------------------------------------------------------------------- --initial-checkpoint
 
 
