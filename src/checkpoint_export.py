@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import struct
 from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -132,8 +133,6 @@ def _check_dataset_name(dataset: str, record: Mapping[str, Any]) -> None:
 def _is_our_release(safetensors_path: str) -> bool:
     """True for a ``.safetensors`` file this exporter wrote (its header metadata holds ``arch`` and
     ``eval_config``); reads only the header."""
-    import struct
-
     try:
         with storage.open_file(safetensors_path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))

@@ -164,7 +164,7 @@ def check_input_size(args: argparse.Namespace) -> None:
 
 
 def check_batch_fits(what: str, size: Sequence[int], batch: int, bytes_per_value: int = 4,
-                     items: str = "images", advice: str = "use a smaller size or -b") -> None:
+                     advice: str = "use a smaller size or -b") -> None:
     """One batch of ``batch`` arrays of shape ``size`` fits in the memory this machine has available, or a
     :class:`UsageError` naming ``what`` (the flag and value that set the size): refused before a model is
     built, instead of an allocator traceback or an out-of-memory kill (exit 137) later."""
@@ -175,9 +175,8 @@ def check_batch_fits(what: str, size: Sequence[int], batch: int, bytes_per_value
     for side in size:
         need *= int(side)
     if need > available:
-        kind = "float32" if bytes_per_value == 4 else "8-bit pixels" if bytes_per_value == 1 else \
-            f"{bytes_per_value} bytes per value"
-        one = f"one such {items.rstrip('s')}" if batch == 1 else f"one batch of {batch} such {items}"
+        kind = {4: "float32", 1: "8-bit pixels"}.get(bytes_per_value, f"{bytes_per_value} bytes per value")
+        one = "one such image" if batch == 1 else f"one batch of {batch} such images"
         raise UsageError(f"{what}: {one} takes {need / 2 ** 30:.1f} GiB as {kind}, more "
                          f"than the {available / 2 ** 30:.1f} GiB of memory available here; {advice}")
 
